@@ -1,0 +1,1 @@
+"""Performance harnesses whose numbers the README quotes."""

@@ -1,0 +1,92 @@
+"""The ``medrl`` command: LightningCLI's ``fit|validate|test|predict`` plus the study's own verbs.
+
+Kept apart from the modules that define LightningModules so that class paths in configs resolve the same
+way in the main process, in spawned DDP workers and in vLLM's engine process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+
+
+def _data_verbs() -> dict[str, Callable[..., int]]:
+    from medrl.data import commands
+
+    return {"verify": commands.verify, "synth": commands.synth, "fetch": commands.fetch}
+
+
+# verb -> (one-line help, factory of {sub-verb: function}); each function's signature and docstring
+# are its command line (jsonargparse), so `medrl data verify --help` explains every flag.
+STUDY_VERBS: dict[str, tuple[str, Callable[[], dict[str, Callable[..., int]]]]] = {
+    "data": ("MedMNIST files: verify against the official MD5s, synthesise, fetch", _data_verbs),
+}
+
+
+class MedRLCLI(LightningCLI):
+    """LightningCLI with medrl's defaults: any LightningModule and DataModule by class path, configs saved."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+
+def _overview() -> str:
+    lines = [
+        "usage: medrl VERB [options]",
+        "",
+        "When does RL help medical VLMs? Probes, Pass@K, SFT and GRPO on MedMNIST and PMC-VQA.",
+        "",
+        "Training and evaluation (LightningCLI; combine several --config files, later ones win):",
+        "  fit        train a model:            medrl fit --config configs/probe.yaml",
+        "  validate   run the validation loop:  medrl validate --config configs/... --ckpt_path ...",
+        "  test       run the test loop",
+        "  predict    run the predict loop",
+        "",
+        "Study verbs:",
+        *(f"  {verb:<10} {doc}" for verb, (doc, _) in STUDY_VERBS.items()),
+        "",
+        "`medrl VERB --help` explains a verb's options; `medrl fit --print_config --config X` shows a full config.",
+    ]
+    return "\n".join(lines)
+
+
+def _run_study_verb(verb: str, argv: list[str]) -> int:
+    from jsonargparse import auto_cli
+
+    _, factory = STUDY_VERBS[verb]
+    result = auto_cli(factory(), args=argv, as_positional=False, prog=f"medrl {verb}")
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medrl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return 0
+    if argv[0] in STUDY_VERBS:
+        return _run_study_verb(argv[0], argv[1:])
+    if argv[0] not in LIGHTNING_VERBS:
+        print(f"medrl: unknown verb {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
+        return 2
+    # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    MedRLCLI(args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

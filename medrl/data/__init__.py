@@ -1,0 +1,1 @@
+"""Data: MedMNIST (image and VQA modes), VQA construction, PMC-VQA and the benchmark suite."""

@@ -1,0 +1,1 @@
+"""Models: the offline tiny VLM, loading from a hub id or a folder, frozen image encoders."""

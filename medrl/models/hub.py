@@ -1,0 +1,98 @@
+"""Load a VLM and its processor from ``tiny``, a local folder, or a Hugging Face id.
+
+Every model argument in medrl goes through :func:`resolve_model`, so each accepts the same three forms:
+``tiny`` (or ``tiny:SEED``), a directory holding ``config.json``, or a hub id such as
+``Qwen/Qwen2.5-VL-3B-Instruct`` or ``OctoMed/OctoMed-7B``. A hub id that is neither cached nor reachable
+fails at once with the ways to point medrl at a local copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from medrl.models.tiny import tiny_dir
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model argument could not be resolved to files on disk; the message says how to fix it."""
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def resolve_model(name: str | os.PathLike) -> Path:
+    """The local folder for a model argument (building ``tiny`` or fetching a hub id if needed)."""
+    text = str(name)
+    if text == "tiny" or text.startswith("tiny:"):
+        seed = int(text.partition(":")[2] or 0)
+        return tiny_dir(seed)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json: it is not a saved model")
+        return path
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelNotFoundError(f"model {text!r}: no such folder, and it is not a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception as cached_error:  # noqa: BLE001 - any miss here means "not in the local cache"
+        hint = (
+            f"model {text!r} is not in the local Hugging Face cache{' and offline mode is set' if _offline() else ''}. "
+            f"Either download it where the hub is reachable (`huggingface-cli download {text} --local-dir DIR`) "
+            f"and pass --model DIR, or set HF_HOME to a cache that holds it, or use `tiny` for a quick offline run."
+        )
+        if _offline():
+            raise ModelNotFoundError(hint) from cached_error
+    try:
+        return Path(snapshot_download(text, etag_timeout=10))
+    except Exception as exc:  # noqa: BLE001 - network errors come in many types; the hint is what matters
+        raise ModelNotFoundError(f"{hint} (download failed: {type(exc).__name__}: {exc})") from exc
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU: CPUs without bf16 units run bf16 4-20x slower than fp32."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_processor(name: str | os.PathLike):
+    """The processor (tokenizer + image processor + chat template) of a model argument."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(resolve_model(name))
+    processor.tokenizer.padding_side = "left"  # batched generation needs left padding
+    return processor
+
+
+def load_vlm(
+    name: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+):
+    """``(model, processor)`` for a Qwen2-VL / Qwen2.5-VL model argument, on ``device`` in eval mode."""
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_model(name)
+    kwargs = {"dtype": dtype or default_dtype(device)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
+    return model, load_processor(path)
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The vision transformer of a Qwen2(.5)-VL model (``model.model.visual`` in transformers 5.x)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "visual"):
+        return inner.visual
+    if hasattr(model, "visual"):
+        return model.visual
+    raise TypeError(f"{type(model).__name__} has no vision tower (expected a Qwen2-VL / Qwen2.5-VL model)")

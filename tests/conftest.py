@@ -1,0 +1,58 @@
+"""Shared fixtures: the real-data directory, a scratch data root, and the offline tiny VLM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from medrl.data.medmnist_files import DATA_DIR_ENV
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Nothing in the suite may touch the network: hub lookups must fail fast and locally.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("MEDRL_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Two cores on CI: more intra-op threads than cores only adds contention.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The directory of real MedMNIST files ($MEDRL_DATA_DIR); tests needing it skip when it is unset."""
+    value = os.environ.get(DATA_DIR_ENV)
+    if not value:
+        pytest.skip(f"{DATA_DIR_ENV} is not set: point it at a folder of official MedMNIST files to run this test")
+    path = Path(value)
+    if not (path / "pneumoniamnist.npz").is_file() or not (path / "breastmnist.npz").is_file():
+        pytest.fail(f"{DATA_DIR_ENV}={path} lacks pneumoniamnist.npz / breastmnist.npz")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL saved to disk once per session (an isolated cache, built offline)."""
+    from medrl.models.tiny import tiny_dir as build
+
+    return build(seed=0, root=tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path):
+    """``(model, processor)`` of the tiny VLM, loaded from its saved folder, fp32, CPU, eval mode."""
+    from medrl.models.hub import load_vlm
+
+    return load_vlm(str(tiny_dir))
