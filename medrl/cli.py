@@ -43,6 +43,29 @@ class MedRLCLI(LightningCLI):
         )
 
 
+class _ParseOnlyCLI(MedRLCLI):
+    """Parses and type-checks configs against the code, but builds and runs nothing."""
+
+    def instantiate_classes(self) -> None:
+        """Skip building the trainer, model and data."""
+
+    def after_instantiate_classes(self) -> None:
+        """Nothing was built."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run nothing."""
+
+
+def check_configs(paths: list[str], subcommand: str = "fit"):
+    """Parse ``--config`` files in order (as ``medrl SUBCOMMAND --config A --config B``) without building anything.
+
+    Raises on an unknown key, a class path that does not import, or a value of the wrong type; returns the
+    merged config namespace.
+    """
+    args = [subcommand, *(arg for path in paths for arg in ("--config", str(path)))]
+    return _ParseOnlyCLI(args=args).config
+
+
 def _overview() -> str:
     lines = [
         "usage: medrl VERB [options]",

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,10 @@ Split = Literal["train", "val", "test"]
 DATA_DIR_ENV = "MEDRL_DATA_DIR"
 # Written into every synthetic file so that no tool can take it for the official release.
 SYNTHETIC_KEY = "medrl_synthetic"
+
+
+# What reading a damaged .npz can raise: a bad zip directory, a CRC mismatch, a corrupt deflate stream, EOF.
+_READ_ERRORS = (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
 
 class MedMNISTFileError(RuntimeError):
@@ -143,7 +148,7 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     # allow_pickle=False: a user's file is data, never code.
     try:
         return np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except _READ_ERRORS as exc:
         raise MedMNISTFileError(
             f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc}). The file is truncated or "
             f"corrupt: delete it and download it again (`medrl data fetch`)."
@@ -205,7 +210,7 @@ def _read_arrays(npz: np.lib.npyio.NpzFile) -> tuple[dict[str, np.ndarray], list
                 continue
             try:
                 arrays[key] = npz[key]
-            except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+            except _READ_ERRORS as exc:
                 problems.append(f"{key} cannot be read ({exc}); the file is truncated or corrupt")
     return arrays, problems
 

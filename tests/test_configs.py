@@ -1,0 +1,52 @@
+"""Every YAML under configs/ and callbacks/ parses against the code, so no config can drift from it.
+
+Full experiment configs (configs/*.yaml) parse alone; fragments (configs/strategy/*.yaml, callbacks/*.yaml)
+parse when added after a full config, which is how users combine them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medrl.cli import check_configs
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = sorted((REPO / "configs").glob("*.yaml"))
+FRAGMENTS = sorted((REPO / "configs").glob("*/*.yaml")) + sorted((REPO / "callbacks").glob("*.yaml"))
+# The config fragments are checked on top of; the SFT config is the most general (a VLM, VQA data).
+BASE = next((p for p in FULL if p.name == "sft.yaml"), FULL[0] if FULL else None)
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def test_there_are_configs() -> None:
+    assert FULL, "configs/ holds no experiment config"
+
+
+@pytest.mark.parametrize("path", FULL, ids=_id)
+def test_full_config_parses(path: Path) -> None:
+    config = check_configs([str(path)])
+    assert config.fit.model is not None and config.fit.data is not None
+    assert yaml.safe_load(path.read_text())  # and it is not empty
+
+
+@pytest.mark.parametrize("path", FRAGMENTS, ids=_id)
+def test_fragment_parses_on_top_of_a_full_config(path: Path) -> None:
+    config = check_configs([str(BASE), str(path)])
+    fragment = yaml.safe_load(path.read_text())
+    assert fragment, f"{path} is empty"
+    if "trainer" in fragment and "callbacks" in fragment["trainer"]:
+        paths = {c.class_path for c in config.fit.trainer.callbacks}
+        assert {c["class_path"] for c in fragment["trainer"]["callbacks"]} <= paths
+
+
+def test_a_bad_key_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.read_text() + "\ntrainer:\n  max_epochz: 3\n")
+    with pytest.raises(SystemExit):
+        check_configs([str(bad)])
