@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from medrl.io import atomic_write_bytes
 
 FLAGS_2D: tuple[str, ...] = (
     "pathmnist",
@@ -273,21 +274,6 @@ def load_file(path: Path, flag: str, size: int) -> MedMNISTArrays:
         labels={s: arrays[f"{s}_labels"].astype(np.int64) for s in SPLITS},
         synthetic=synthetic,
     )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that it either appears whole or not at all (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def synthesize(
