@@ -1,0 +1,1 @@
+"""The whole study as narrated, resumable stages (`make reproduce`)."""

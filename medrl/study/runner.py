@@ -1,0 +1,116 @@
+"""Narrated, resumable stages: each says what it is for, what it writes and how long it took.
+
+A stage is done when its outputs exist and its ``check`` accepts them (outputs are checked, not assumed),
+so a rerun skips finished stages. A failing stage leaves every earlier output intact, is recorded in
+``stages.json`` with its error, and the runner says how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from medrl.io import atomic_write_json
+
+
+def outputs_exist(paths: Sequence[Path]) -> bool:
+    """The default check: every output is a non-empty file or a non-empty folder."""
+    for path in paths:
+        if path.is_dir():
+            if not any(path.iterdir()):
+                return False
+        elif not path.is_file() or path.stat().st_size == 0:
+            return False
+    return True
+
+
+def json_has_keys(*keys: str) -> Callable[[Sequence[Path]], bool]:
+    """A check that every output is a JSON object holding ``keys`` (a truncated or stale file fails it)."""
+
+    def check(paths: Sequence[Path]) -> bool:
+        try:
+            return all(isinstance(d := json.loads(p.read_text()), dict) and all(k in d for k in keys) for p in paths)
+        except (OSError, ValueError):
+            return False
+
+    return check
+
+
+@dataclass
+class Stage:
+    """One step of the study.
+
+    Args:
+        name: short identifier, e.g. ``support``.
+        purpose: one sentence: what the stage is for.
+        outputs: files or folders it writes; the stage is done when they pass ``check``.
+        run: does the work; must write ``outputs`` atomically.
+        check: accepts finished outputs (default: all exist and are non-empty).
+    """
+
+    name: str
+    purpose: str
+    outputs: list[Path]
+    run: Callable[[], None]
+    check: Callable[[Sequence[Path]], bool] = outputs_exist
+
+    def done(self) -> bool:
+        """True when the outputs exist and pass the check."""
+        return bool(self.outputs) and outputs_exist(self.outputs) and self.check(self.outputs)
+
+
+@dataclass
+class StageRunner:
+    """Runs stages in order, narrating each and recording timings and failures in ``<out>/stages.json``."""
+
+    out: Path
+    resume_hint: str = "make reproduce"
+    console: Console = field(default_factory=lambda: Console(highlight=False))
+
+    def _record(self, records: dict) -> None:
+        atomic_write_json(self.out / "stages.json", records)
+
+    def run(self, stages: Sequence[Stage], force: Sequence[str] = ()) -> dict:
+        """Run (or skip) every stage; stop at the first failure. Returns the per-stage records."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "stages.json"
+        records: dict = json.loads(path.read_text()) if path.is_file() else {}
+        total = time.perf_counter()
+        for i, stage in enumerate(stages, 1):
+            head = f"[bold]{i}/{len(stages)} {stage.name}[/]: {stage.purpose}"
+            outputs = ", ".join(
+                str(p.relative_to(self.out)) if p.is_relative_to(self.out) else str(p) for p in stage.outputs
+            )
+            if stage.name not in force and stage.done():
+                self.console.print(f"{head}\n    [green]done already[/] ({outputs}); skipping")
+                continue
+            self.console.print(f"{head}\n    writes: {outputs}")
+            start = time.perf_counter()
+            try:
+                stage.run()
+                if not stage.done():
+                    raise RuntimeError(f"stage {stage.name} finished but its outputs fail their check: {outputs}")
+            except BaseException as exc:
+                seconds = time.perf_counter() - start
+                records[stage.name] = {"status": "failed", "seconds": round(seconds, 2), "error": repr(exc)}
+                self._record(records)
+                self.console.print(f"    [red]failed after {seconds:.1f}s[/]: {exc!r}")
+                if not isinstance(exc, KeyboardInterrupt):
+                    self.console.print(traceback.format_exc(limit=-3), markup=False)
+                self.console.print(
+                    f"    Earlier outputs in {self.out} are intact. Fix the cause and rerun `{self.resume_hint}`: "
+                    f"finished stages are skipped and it resumes at {stage.name}."
+                )
+                raise
+            seconds = time.perf_counter() - start
+            records[stage.name] = {"status": "done", "seconds": round(seconds, 2), "outputs": outputs}
+            self._record(records)
+            self.console.print(f"    [green]done in {seconds:.1f}s[/]")
+        self.console.print(f"all {len(stages)} stages finished; this run took {time.perf_counter() - total:.1f}s")
+        return records
