@@ -1,0 +1,167 @@
+"""The boundary-aware recipe: measure support, bridge it with SFT while it is low, sharpen with RL once high.
+
+Support is Pass@K (S_k) on a small validation set of the target task; Acc@1 (A) is greedy accuracy. If
+``S_k < tau`` the recipe runs SFT on the bridging data and measures again (up to ``max_sft_rounds``
+times); once ``S_k >= tau`` it runs RL and measures again. The paper leaves ``tau`` open, so it is a
+parameter, and every measurement and decision is recorded with its reason (JSON and markdown).
+
+The measuring and training steps are passed in as callables, so the same logic drives the CLI (which
+runs ``medrl fit`` and the evaluator) and the tests (which run the real tiny model on real data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from medrl.io import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Acc@1 and Pass@k of one model on the target's validation set.
+
+    Args:
+        label: when it was taken (``base``, ``after_sft_1``, ``after_rl``).
+        model: the model argument measured.
+        acc1: greedy accuracy in [0, 1].
+        pass_at_k: unbiased Pass@k in [0, 1] per k.
+        n_questions: validation questions scored.
+    """
+
+    label: str
+    model: str
+    acc1: float
+    pass_at_k: dict[int, float]
+    n_questions: int
+
+    def support(self, k: int) -> float:
+        """S_k, with a clear error when k was not measured."""
+        if k not in self.pass_at_k:
+            raise KeyError(f"Pass@{k} was not measured (have k in {sorted(self.pass_at_k)}); add it to the ks")
+        return self.pass_at_k[k]
+
+    def gap(self, k: int) -> float:
+        """G_k = Pass@k - Acc@1: how much of the support greedy decoding leaves unused."""
+        return self.support(k) - self.acc1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the recipe does next and why."""
+
+    action: Literal["sft", "rl", "stop"]
+    reason: str
+
+
+def decide(measurement: Measurement, tau: float, k: int) -> Decision:
+    """SFT when support is below ``tau``, RL once it is at or above.
+
+    >>> m = Measurement("base", "tiny", acc1=0.40, pass_at_k={8: 0.55}, n_questions=100)
+    >>> decide(m, tau=0.7, k=8).action
+    'sft'
+    >>> decide(m, tau=0.5, k=8).reason
+    'Pass@8 = 0.550 >= tau = 0.500: support is there; RL to sharpen (Acc@1 0.400, gap G_8 = 0.150)'
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau is a pass rate and must be in [0, 1], got {tau}")
+    s = measurement.support(k)
+    if s < tau:
+        return Decision("sft", f"Pass@{k} = {s:.3f} < tau = {tau:.3f}: support is low; SFT to bridge it")
+    return Decision(
+        "rl",
+        f"Pass@{k} = {s:.3f} >= tau = {tau:.3f}: support is there; RL to sharpen "
+        f"(Acc@1 {measurement.acc1:.3f}, gap G_{k} = {measurement.gap(k):.3f})",
+    )
+
+
+@dataclass
+class RecipeRecord:
+    """Every measurement and decision of one recipe run, in order."""
+
+    target: str
+    tau: float
+    k: int
+    measurements: list[Measurement] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    final_model: str = ""
+
+    def to_markdown(self) -> str:
+        """A short human-readable account of the run."""
+        lines = [
+            f"# Boundary-aware recipe: {self.target}",
+            "",
+            f"tau = {self.tau}, K = {self.k}",
+            "",
+            f"| step | model | Acc@1 | Pass@{self.k} | G_{self.k} | questions |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in self.measurements:
+            lines.append(
+                f"| {m.label} | `{m.model}` | {m.acc1:.3f} | {m.support(self.k):.3f} | {m.gap(self.k):+.3f} "
+                f"| {m.n_questions} |"
+            )
+        lines += ["", "Decisions:", ""] + [f"{i}. **{d.action}**: {d.reason}" for i, d in enumerate(self.decisions, 1)]
+        return "\n".join(lines) + f"\n\nFinal model: `{self.final_model}`\n"
+
+    def save(self, out: Path) -> None:
+        """Write ``recipe.json`` and ``recipe.md`` atomically."""
+        atomic_write_json(out / "recipe.json", asdict(self))
+        atomic_write_text(out / "recipe.md", self.to_markdown())
+
+
+def run_recipe(
+    target: str,
+    model: str,
+    measure: Callable[[str, str], Measurement],
+    sft: Callable[[str, int], str],
+    rl: Callable[[str], str],
+    tau: float,
+    k: int,
+    out: Path,
+    max_sft_rounds: int = 1,
+) -> RecipeRecord:
+    """Run the recipe from ``model`` and record it under ``out`` (saved after every step).
+
+    Args:
+        target: what is being adapted to (a MedMNIST flag or a PMC-VQA subset), for the record.
+        model: the starting model argument.
+        measure: ``(model, label) -> Measurement`` on the target's validation set.
+        sft: ``(model, round) -> new model`` fine-tunes on the bridging data.
+        rl: ``model -> new model`` runs GRPO on the target.
+        tau: support threshold on Pass@k.
+        k: the k of Pass@k compared with tau.
+        out: folder for ``recipe.json`` / ``recipe.md``.
+        max_sft_rounds: SFT rounds allowed before the recipe gives up on reaching tau.
+    """
+    record = RecipeRecord(target=target, tau=tau, k=k)
+    current = model
+    measurement = measure(current, "base")
+    record.measurements.append(measurement)
+    rounds = 0
+    while True:
+        decision = decide(measurement, tau, k)
+        if decision.action == "sft" and rounds >= max_sft_rounds:
+            decision = Decision(
+                "stop",
+                f"{decision.reason}, but {rounds} SFT round(s) did not reach tau: RL on weak support gains "
+                f"little, so the recipe stops here (raise max_sft_rounds or widen the bridging data)",
+            )
+        record.decisions.append(decision)
+        record.save(out)
+        if decision.action == "stop":
+            break
+        if decision.action == "sft":
+            rounds += 1
+            current = sft(current, rounds)
+            measurement = measure(current, f"after_sft_{rounds}")
+            record.measurements.append(measurement)
+            continue
+        current = rl(current)
+        record.measurements.append(measure(current, "after_rl"))
+        break
+    record.final_model = current
+    record.save(out)
+    return record
