@@ -84,3 +84,13 @@ def test_seeded_subsets(real_data_dir: Path) -> None:
     assert len(dm.dataset("train")) == 100 and len(dm.dataset("val")) == 50
     again = MedMNISTDataModule(flag="pneumoniamnist", root=str(real_data_dir), train_samples=100)
     assert (again.dataset("train").indices == dm.dataset("train").indices).all()
+
+
+def test_modality_presets_set_their_flag(real_data_dir: Path) -> None:
+    from medrl.data.medmnist_files import FLAGS_2D
+    from medrl.data.modalities import MODALITIES, PneumoniaMNIST
+
+    assert sorted(MODALITIES) == sorted(FLAGS_2D)
+    dm = PneumoniaMNIST(root=str(real_data_dir), mode="vqa", val_samples=8)
+    assert dm.flag == "pneumoniamnist" and len(dm.dataset("val")) == 8
+    assert dm.dataset("val")[0]["flag"] == "pneumoniamnist"
