@@ -31,6 +31,7 @@ from medrl.data.medmnist_files import (
     resolve_root,
     synthesize,
 )
+from medrl.data.resumable import ResumableLoader
 
 log = logging.getLogger(__name__)
 Mode = Literal["image", "vqa"]
@@ -258,7 +259,15 @@ class MedMNISTDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # A seeded order per epoch that Lightning can checkpoint: a mid-epoch resume continues exactly.
+        return ResumableLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            collate_fn=vqa_collate if self.mode == "vqa" else None,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -1,0 +1,1 @@
+"""Lightning callbacks: Hugging Face checkpoint export, Pass@K during validation, and more."""

@@ -1,0 +1,1 @@
+"""The study's LightningModules, one per file: probe, SFT, GRPO."""

@@ -1,0 +1,185 @@
+"""LoRA (through PEFT) on a VLM's language model, what else trains, and saving in Hugging Face formats.
+
+Qwen2.5-VL's vision tower has ``gate_proj``/``up_proj``/``down_proj`` layers of its own, so the usual list of
+module names would put adapters on the vision tower too. Targets here are a regex over module paths that
+matches only the decoder layers outside the vision tower. The vision tower and its projector (Qwen's
+``merger``) stay frozen unless asked; when asked, they train fully (PEFT ``modules_to_save``) and their weights
+travel in the adapter folder.
+
+Everything written here (adapter, merged or fully fine-tuned model) is a plain ``save_pretrained`` folder: it
+loads with ``PeftModel.from_pretrained`` / ``AutoModelForImageTextToText.from_pretrained`` without medrl.
+Folders appear atomically: written under a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VisionTraining = Literal["frozen", "projector", "all"]
+# Where Qwen2-VL / Qwen2.5-VL keep the vision side: the tower is `visual`, its projector `visual.merger`.
+_VISION_MODULE = "visual"
+_PROJECTOR_MODULE = "merger"
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings for the language model.
+
+    Args:
+        r: rank of the update matrices.
+        alpha: scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter's input.
+        target_modules: names of the language model's linear layers that get adapters.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LANGUAGE_PROJECTIONS))
+
+
+def language_target_regex(names: Sequence[str]) -> str:
+    """A PEFT ``target_modules`` regex: the named projections of decoder layers, never inside the vision tower.
+
+    >>> import re
+    >>> pattern = language_target_regex(["q_proj", "down_proj"])
+    >>> bool(re.fullmatch(pattern, "model.language_model.layers.3.mlp.down_proj"))
+    True
+    >>> bool(re.fullmatch(pattern, "model.visual.blocks.0.mlp.down_proj"))
+    False
+    """
+    if not names:
+        raise ValueError("LoRA needs at least one target module name (e.g. q_proj, v_proj)")
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf"^(?!.*(?:visual|vision)).*\blayers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})$"
+
+
+def _vision_modules_to_save(vision: VisionTraining) -> list[str] | None:
+    if vision not in ("frozen", "projector", "all"):
+        raise ValueError(f"vision must be 'frozen', 'projector' or 'all', got {vision!r}")
+    return {"frozen": None, "projector": [_PROJECTOR_MODULE], "all": [_VISION_MODULE]}[vision]
+
+
+def apply_lora(model: torch.nn.Module, config: LoRAConfig, vision: VisionTraining = "frozen"):
+    """Wrap ``model`` in a ``PeftModel`` whose only trainable weights are the adapters (plus vision, if asked).
+
+    Raises a ``ValueError`` naming the missing layers when a target name matches nothing in the language model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    pattern = language_target_regex(config.target_modules)
+    matched = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if re.fullmatch(pattern, name)}
+    missing = sorted(set(config.target_modules) - matched)
+    if missing:
+        raise ValueError(
+            f"LoRA target modules {missing} match no language-model layer of {type(model).__name__}; "
+            f"the language model's projections are named {LANGUAGE_PROJECTIONS}"
+        )
+    peft_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=pattern,
+        modules_to_save=_vision_modules_to_save(vision),
+        bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def set_full_finetune(model: torch.nn.Module, vision: VisionTraining = "frozen") -> torch.nn.Module:
+    """Make every language-model weight trainable; the vision tower and projector only as ``vision`` asks."""
+    _vision_modules_to_save(vision)
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        in_vision = _VISION_MODULE in parts
+        in_projector = in_vision and _PROJECTOR_MODULE in parts
+        param.requires_grad_(not in_vision or vision == "all" or (vision == "projector" and in_projector))
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    """True for a PEFT-wrapped model."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a sibling temp folder, then put it at ``target`` (replacing an older copy)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+            target.rename(old / target.name)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, processor=None) -> Path:
+    """``model.save_pretrained`` (adapter only for a PEFT model) plus the processor, written atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+
+    return _write_dir(out_dir, write)
+
+
+def save_merged(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Merge a saved adapter into a fresh copy of its base model and ``save_pretrained`` the result.
+
+    The base is loaded again (on CPU) instead of merging the live training model, whose weights a merge
+    and unmerge in bf16 would perturb.
+
+    Args:
+        adapter_dir: a PEFT adapter folder (as written by :func:`save_pretrained`).
+        out_dir: where the merged model goes.
+        base: the base model (any medrl model argument); default: the one recorded in the adapter config.
+        dtype: weight dtype to load and save in; default: the base model's own.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from medrl.models.hub import resolve_model
+
+    adapter_dir = Path(adapter_dir)
+    base_name = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    if not base_name:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass base=...")
+    base_path = resolve_model(base_name)
+    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype or "auto")
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    has_processor = (adapter_dir / "preprocessor_config.json").is_file()
+    processor = AutoProcessor.from_pretrained(adapter_dir if has_processor else base_path)
+    return save_pretrained(merged, out_dir, processor)
