@@ -1,0 +1,231 @@
+"""``vllm``: vLLM's offline ``LLM``, colocated with training, with the policy's weights pushed in place.
+
+vLLM runs in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its engine core and its single
+worker are plain objects here, so :meth:`VLLMEngine.load_weights` hands the policy's tensors straight to
+the vLLM model's own ``load_weights`` through ``LLM.apply_model`` -- no disk, no pickling, no second copy
+in another process. With multiprocessing on (vLLM's default), the model lives in a spawned engine
+process and every push would serialise the full weights through a socket, and ``apply_model`` would
+need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` to ship the loading function at all.
+
+Each question is one request with ``SamplingParams(n=...)``: vLLM processes the image and the prompt
+once and forks the ``n`` samples from the cached prefix. The greedy completion is a second request in
+the same ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medrl.rollout.base import (
+    Engine,
+    Item,
+    PromptResult,
+    SamplingParams,
+    banned_token_ids,
+    end_token_ids,
+    finish_completion,
+    prompt_texts,
+)
+
+
+def _request_seed(seed: int, index: int) -> int:
+    """A seed per prompt: vLLM gives the i-th of n samples ``seed + i``, so prompts need spread-out seeds,
+    or sample j of every question would share one random stream."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x3FFFFFFF
+
+
+def _save_skeleton(model: torch.nn.Module, processor: Any, folder: Path) -> None:
+    """Config, generation config and processor of an in-memory model: what vLLM needs to build it empty."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(folder)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+class VLLMEngine(Engine):
+    """vLLM offline inference in this process, with in-place weight updates from the training policy.
+
+    Args:
+        model: a model argument (``tiny``, a folder, a hub id) to load from disk, or the in-memory policy
+            (full or PEFT): vLLM is then built empty from its config and receives its weights directly.
+        processor: the model's processor; required with an in-memory model, else loaded from the folder.
+        dtype: weight dtype in vLLM (``auto``: the policy's dtype, else fp32 on CPU and bf16 on GPU).
+        max_model_len: longest prompt + completion in tokens.
+        kv_cache_gib: KV-cache size on CPU, in GiB (vLLM's ``kv_cache_memory_bytes``).
+        gpu_memory_utilization: share of GPU memory vLLM may take on GPU (leave room for training).
+        max_num_seqs: most sequences decoded together.
+        enforce_eager: skip graph capture/compilation (faster start; required on CPU without Triton).
+        seed: vLLM's engine seed.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module = "tiny",
+        processor: Any = None,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.3,
+        max_num_seqs: int = 256,
+        enforce_eager: bool = True,
+        seed: int = 0,
+    ) -> None:
+        from medrl.models.hub import load_processor, resolve_model
+
+        self._tmp: Path | None = None
+        policy = model if isinstance(model, torch.nn.Module) else None
+        if policy is not None:
+            if processor is None:
+                raise ValueError("VLLMEngine(model=<in-memory model>) needs its processor")
+            self._tmp = Path(tempfile.mkdtemp(prefix="medrl-vllm-"))
+            _save_skeleton(policy, processor, self._tmp)
+            path, load_format = self._tmp, "dummy"  # random init; the real weights are pushed below
+            param_dtype = next(policy.parameters()).dtype
+        else:
+            path, load_format = resolve_model(model), "auto"
+            processor = processor or load_processor(path)
+            param_dtype = None
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.end_ids = end_token_ids(self.tokenizer)
+        self.banned = banned_token_ids(self.tokenizer)
+        on_gpu = torch.cuda.is_available()
+        if dtype == "auto":
+            dtype = str(param_dtype or (torch.bfloat16 if on_gpu else torch.float32)).removeprefix("torch.")
+        kwargs: dict[str, Any] = dict(
+            model=str(path),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            limit_mm_per_prompt={"image": 1},
+            enforce_eager=enforce_eager,
+            load_format=load_format,
+            max_num_seqs=max_num_seqs,
+            seed=seed,
+            disable_log_stats=True,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 1024**3)
+        self.llm = self._start(kwargs)
+        if policy is not None:
+            self.sync(policy)
+
+    @staticmethod
+    def _start(kwargs: dict[str, Any]):
+        from vllm import LLM
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live here for in-place pushes
+        # vLLM's CPU worker replaces torch.set_num_threads with a warning for the rest of the process, and
+        # vLLM seeds the global RNGs: both would leak into training code running in this process.
+        set_num_threads = torch.set_num_threads
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def _vllm_params(self, params: SamplingParams, index: int, greedy: bool):
+        from vllm import SamplingParams as VSamplingParams
+
+        common: dict[str, Any] = dict(
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,  # same text convention as the HF engine
+            stop_token_ids=self.end_ids,
+            bad_words=[self.tokenizer.convert_ids_to_tokens(i) for i in self.banned] or None,
+            logprobs=0 if params.logprobs else None,  # 0: only the sampled token's log-prob
+            skip_special_tokens=True,
+        )
+        if greedy:
+            return VSamplingParams(n=1, temperature=0.0, **common)
+        seed = None if params.seed is None else _request_seed(params.seed, index)
+        return VSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed, **common
+        )
+
+    def generate(self, items: Sequence[Item], params: SamplingParams) -> list[PromptResult]:
+        """See :meth:`Engine.generate`. One vLLM ``generate`` call for every prompt, sample and greedy."""
+        items = list(items)
+        texts = prompt_texts(self.processor, items)
+        requests, sampling, owners = [], [], []
+        for i, (text, item) in enumerate(zip(texts, items, strict=True)):
+            image = item.get("image")
+            request: dict[str, Any] = {"prompt": text}
+            if image is not None:
+                request["multi_modal_data"] = {"image": image}
+            if params.n > 0:
+                requests.append(request)
+                sampling.append(self._vllm_params(params, i, greedy=False))
+                owners.append((i, False))
+            if params.greedy:
+                requests.append(request)
+                sampling.append(self._vllm_params(params, i, greedy=True))
+                owners.append((i, True))
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        results = [PromptResult(prompt=t) for t in texts]
+        for (i, is_greedy), output in zip(owners, outputs, strict=True):
+            completions = []
+            for sample in sorted(output.outputs, key=lambda o: o.index):
+                lps = None
+                if params.logprobs and sample.logprobs is not None:
+                    lps = [step[tid].logprob for step, tid in zip(sample.logprobs, sample.token_ids, strict=True)]
+                # Re-decode with the HF tokenizer so both engines produce identical text for identical ids.
+                completions.append(
+                    finish_completion(self.tokenizer, list(sample.token_ids), self.end_ids, params.stop, lps)
+                )
+            if is_greedy:
+                results[i].greedy = completions[0]
+            else:
+                results[i].samples = completions
+        return results
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy a full set of HF-named weights into vLLM's model in place.
+
+        Goes through the worker's ``reload_weights`` rather than the model's ``load_weights``: after the
+        first load vLLM repacks some weights into kernel layouts (on CPU, the linear layers) and drops
+        their loaders, so a second plain ``load_weights`` fails. ``reload_weights`` restores the checkpoint
+        layout, lets the model map HF names (``model.language_model.*``, ``model.visual.*``) and fuse
+        q/k/v and gate/up as it copies, and repacks. It clears only the worker's side of the vision
+        caches, so the scheduler's encoder cache and the front end's multi-modal cache are cleared here
+        too (else the next image request fails with "Encoder cache miss"), and so are the cached KV
+        prefixes, which were computed with the old weights.
+        """
+        batch = list(weights)
+        if not batch:
+            raise ValueError("no weights to load")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": batch, "is_checkpoint_format": True})
+        engine = self.llm.llm_engine
+        engine.reset_encoder_cache()
+        engine.reset_mm_cache()
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut vLLM down and remove the skeleton folder of an in-memory model."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            self.llm = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
