@@ -16,9 +16,14 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
 
 def _data_verbs() -> dict[str, Callable[..., int]]:
-    from medrl.data import commands
+    from medrl.data import commands, pmc_subset
 
-    return {"verify": commands.verify, "synth": commands.synth, "fetch": commands.fetch}
+    return {
+        "verify": commands.verify,
+        "synth": commands.synth,
+        "fetch": commands.fetch,
+        "pmc-subset": pmc_subset.pmc_subset,
+    }
 
 
 # verb -> (one-line help, factory of {sub-verb: function}); each function's signature and docstring
