@@ -1,0 +1,167 @@
+"""Acc@1 / Pass@K evaluation of a VLM on VQA items: sample, score, summarise, write.
+
+Shared by the Pass@K callback (during validation) and ``medrl eval`` (a model, zero-shot). The flow is
+``items -> Engine.generate(n samples + greedy) -> parse_answer -> PassAtK -> files``, where the files of one
+evaluation are, in one folder: ``questions.jsonl`` (one row per question), ``summary.json``, ``summary.md``
+(a table per modality) and ``pass_at_k.png`` (Pass@k against k, Acc@1 as a dashed line), each written
+atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medrl.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
+from medrl.rollout.base import Engine, Item, SamplingParams
+
+ALL = "all"
+
+
+def default_ks(n: int) -> list[int]:
+    """Powers of two up to ``n``, and ``n`` itself: ``16 -> [1, 2, 4, 8, 16]``."""
+    ks = [1 << i for i in range(max(n, 1).bit_length()) if (1 << i) <= n]
+    return sorted(set([*ks, n])) if n >= 1 else [1]
+
+
+def question_id(item: Item, position: int) -> str:
+    """A stable id: ``flag/index`` for MedMNIST items, else the item's ``id`` or its position."""
+    if "flag" in item and "index" in item:
+        return f"{item['flag']}/{item['index']}"
+    return str(item.get("id", position))
+
+
+def sample_and_score(
+    engine: Engine,
+    items: Sequence[Item],
+    params: SamplingParams,
+    batch_size: int = 64,
+    positions: Sequence[int] | None = None,
+    keep_texts: bool = False,
+    progress: bool = True,
+) -> list[tuple[QuestionScore, dict[str, Any]]]:
+    """Generate ``params.n`` samples and a greedy completion per item, parse and score each question.
+
+    Args:
+        engine: the rollout engine.
+        items: VQA items with ``messages``, ``image``, ``answer`` (gold letter) and ``options``.
+        params: sampling parameters; ``greedy`` is forced on (Acc@1 needs it).
+        batch_size: questions per engine call.
+        positions: each item's position in the full evaluation set (for ids); default 0..len-1.
+        keep_texts: store every sampled completion's text in the rows (large).
+        progress: show a progress bar.
+
+    Returns:
+        ``[(score, row)]`` per item, where ``row`` is the question's JSON-ready record.
+    """
+    from tqdm.auto import tqdm
+
+    params = params.with_(greedy=True)
+    positions = list(positions) if positions is not None else list(range(len(items)))
+    out: list[tuple[QuestionScore, dict[str, Any]]] = []
+    with tqdm(total=len(items), desc=f"pass@k ({engine.name})", unit="q", disable=not progress) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            for offset, (item, result) in enumerate(zip(chunk, engine.generate(chunk, params), strict=True)):
+                for key in ("answer", "options"):
+                    if key not in item:
+                        raise KeyError(f"item {positions[start + offset]} has no {key!r}: evaluation needs VQA items")
+                letters = "".join(item["options"])
+                greedy_text = result.greedy.text if result.greedy is not None else None
+                score = score_question(result.texts, item["answer"], letters, greedy_text)
+                row = {
+                    "id": question_id(item, positions[start + offset]),
+                    "group": str(item.get("flag", ALL)),
+                    **score.to_dict(),
+                    "options": dict(item["options"]),
+                    "greedy_text": greedy_text,
+                }
+                if keep_texts:
+                    row["samples"] = result.texts
+                out.append((score, row))
+            bar.update(len(chunk))
+    return out
+
+
+def summarise(
+    scored: Sequence[tuple[QuestionScore, dict[str, Any]]],
+    ks: Sequence[int],
+    groups: Sequence[str] | None = None,
+    device: Any = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Metrics over all questions (``"all"``) and, when there are several groups (modalities), per group.
+
+    Under ``torch.distributed`` every rank must call this with the same ``groups`` (the metric syncs) and a
+    ``device`` its backend can communicate on (the rank's GPU with NCCL).
+    """
+    groups = sorted({row["group"] for _, row in scored}) if groups is None else list(groups)
+    summary = {}
+    for group in [ALL, *groups] if len(groups) > 1 else [ALL]:
+        metric = PassAtK(ks).to(device)
+        metric.update([s for s, row in scored if group == ALL or row["group"] == group])
+        summary[group] = metric.compute()
+    return summary
+
+
+def _table(summary: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
+    columns = ["questions", "acc@1", *[f"pass@{k}" for k in ks], f"gap@{max(ks)}", "majority", "format_fail", "unique"]
+    lines = ["| group | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for group, metrics in summary.items():
+        cells = []
+        for col in columns:
+            value = metrics.get(col, math.nan)
+            cells.append(f"{int(value)}" if col == "questions" else f"{value:.3f}")
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(summary: dict[str, dict[str, float]], ks: Sequence[int], title: str) -> bytes:
+    """PNG bytes of Pass@k against k (log2 axis) per group, with each group's Acc@1 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for i, (group, metrics) in enumerate(summary.items()):
+        xs = [k for k in ks if f"pass@{k}" in metrics]
+        line = ax.plot(xs, [metrics[f"pass@{k}"] for k in xs], marker="o", label=f"{group} pass@k", color=f"C{i}")
+        if not math.isnan(metrics.get("acc@1", math.nan)):
+            ax.axhline(metrics["acc@1"], linestyle="--", color=line[0].get_color(), label=f"{group} acc@1")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ks), [str(k) for k in ks])
+    ax.set_xlabel("k (samples)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_outputs(
+    folder: str | Path,
+    rows: Sequence[dict[str, Any]],
+    summary: dict[str, dict[str, float]],
+    ks: Sequence[int],
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``questions.jsonl``, ``summary.json``, ``summary.md`` and ``pass_at_k.png`` into ``folder``.
+
+    The summary goes last: its presence marks a complete evaluation folder.
+    """
+    folder = Path(folder)
+    atomic_write_jsonl(folder / "questions.jsonl", list(rows))
+    title = " / ".join(str(v) for v in (meta or {}).values() if isinstance(v, str))[:80] or "Pass@k"
+    atomic_write_bytes(folder / "pass_at_k.png", plot_curve(summary, ks, title))
+    atomic_write_text(folder / "summary.md", _table(summary, ks))
+    atomic_write_json(folder / "summary.json", {"meta": meta or {}, "ks": list(ks), "metrics": summary})
+    return folder

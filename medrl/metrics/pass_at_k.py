@@ -1,0 +1,202 @@
+"""Pass@K, Acc@1 and the gap between them: the study's measure of support versus sampling efficiency.
+
+``pass@k`` is the unbiased estimator of Chen et al. (2021): with ``n`` samples of which ``c`` are right,
+the chance that a random ``k``-subset holds at least one right answer, ``1 - C(n-c, k) / C(n, k)``.
+Acc@1 is the greedy completion's accuracy; ``G_k = pass@k - acc@1`` is what sampling finds that greedy
+decoding misses. :class:`PassAtK` accumulates per-question counts across batches and processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from medrl.metrics.answers import UNPARSEABLE, parse_answer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``c`` correct out of ``n`` samples.
+
+    Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``, a product of numbers in [0, 1] that never forms
+    the huge binomials, so it stays exact to rounding for any ``n``.
+
+    >>> pass_at_k(4, 1, 2)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    0.5
+    >>> pass_at_k(16, 0, 8), pass_at_k(16, 9, 8), pass_at_k(16, 1, 16)
+    (0.0, 1.0, 1.0)
+    """
+    _check(n, c, k)
+    if c == 0:
+        return 0.0
+    if n - c < k:  # every k-subset must contain a correct sample
+        return 1.0
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+def _check(n: int, c: int, k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per question, got n={n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"the correct count must be in [0, n={n}], got {c}")
+
+
+def pass_at_k_tensor(n: torch.Tensor, c: torch.Tensor, k: int) -> torch.Tensor:
+    """Vectorised pass@k over questions: ``n``, ``c`` ``[Q]`` integer tensors -> ``[Q]`` float64.
+
+    Uses ``log C(n-c,k) - log C(n,k)`` through ``lgamma`` and ``-expm1`` (accurate when the ratio is
+    near 1); the edge cases ``c = 0`` (0) and ``n - c < k`` (1) are set exactly.
+    """
+    n64, c64 = n.to(torch.float64), c.to(torch.float64)
+    if n.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if bool((n < k).any()):
+        worst = int(n.min())
+        raise ValueError(f"pass@{k} needs at least {k} samples per question; a question has n={worst}")
+    if bool(((c < 0) | (c > n)).any()):
+        raise ValueError("every correct count must be in [0, n]")
+    m = n64 - c64  # wrong samples
+    log_ratio = (
+        torch.lgamma(m + 1) + torch.lgamma(n64 - k + 1) - torch.lgamma((m - k).clamp(min=0) + 1) - torch.lgamma(n64 + 1)
+    )
+    out = -torch.expm1(log_ratio)
+    out = torch.where(m < k, torch.ones_like(out), out)
+    return torch.where(c == 0, torch.zeros_like(out), out)
+
+
+@dataclass
+class QuestionScore:
+    """One question's parsed samples.
+
+    Attributes:
+        gold: the gold letter.
+        answers: ``[n]`` parsed letters of the samples (``unparseable`` on a format failure).
+        correct: how many samples are right.
+        greedy: parsed letter of the greedy completion, None when there was none.
+        majority: the most frequent parsed answer (ties: the first reached), ``unparseable`` if none parsed.
+        unique: number of distinct parsed answers (format failures not counted).
+        format_failures: samples with no parseable answer.
+    """
+
+    gold: str
+    answers: list[str]
+    correct: int
+    greedy: str | None
+    majority: str
+    unique: int
+    format_failures: int
+
+    @property
+    def n(self) -> int:
+        return len(self.answers)
+
+    @property
+    def greedy_correct(self) -> bool | None:
+        return None if self.greedy is None else self.greedy == self.gold
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields, plus ``n`` and ``greedy_correct``."""
+        return {**asdict(self), "n": self.n, "greedy_correct": self.greedy_correct}
+
+
+def score_question(
+    samples: Sequence[str], gold: str, letters: str = "ABCD", greedy: str | None = None
+) -> QuestionScore:
+    """Parse a question's sampled completions (and greedy one) with :func:`parse_answer` and count.
+
+    >>> s = score_question(["<answer>A</answer>", "<answer>B</answer>", "no idea", "B"], "B", greedy="A")
+    >>> s.correct, s.majority, s.unique, s.format_failures, s.greedy_correct
+    (2, 'B', 2, 1, False)
+    """
+    gold = gold.upper()
+    answers = [parse_answer(t, letters) for t in samples]
+    parsed = [a for a in answers if a != UNPARSEABLE]
+    counts = Counter(parsed)
+    majority = max(counts, key=lambda a: (counts[a], -parsed.index(a))) if counts else UNPARSEABLE
+    return QuestionScore(
+        gold=gold,
+        answers=answers,
+        correct=sum(a == gold for a in answers),
+        greedy=None if greedy is None else parse_answer(greedy, letters),
+        majority=majority,
+        unique=len(counts),
+        format_failures=len(answers) - len(parsed),
+    )
+
+
+class PassAtK(Metric):
+    """Acc@1, Pass@k for several k, the gaps, majority vote, format failures and answer diversity.
+
+    ``update`` takes :class:`QuestionScore` objects (see :func:`score_question`); per-question counts are
+    kept and concatenated across processes on ``compute``, so every rank reports the global values as
+    long as each question is scored on exactly one rank.
+
+    ``compute`` returns ``acc@1`` (greedy; NaN when no greedy completions were scored), ``pass@k`` and
+    ``gap@k`` (pass@k - acc@1) for each k not above the smallest n, ``majority`` (majority-vote accuracy),
+    ``format_fail`` (share of samples without a parseable answer), ``unique`` (mean distinct answers per
+    question) and ``questions``.
+
+    Args:
+        ks: the k values to report.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: Sequence[int] = (1, 2, 4, 8, 16), **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError(f"ks must be positive integers, got {list(ks)}")
+        self.ks = sorted(set(int(k) for k in ks))
+        for name in ("n", "correct", "failures", "unique"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        for name in ("greedy", "majority"):  # 1.0 / 0.0, NaN for "no greedy"
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: Sequence[QuestionScore]) -> None:
+        """Add scored questions."""
+        if not scores:
+            return
+        if any(s.n == 0 for s in scores):
+            raise ValueError("a question has no samples; pass@k needs n >= 1")
+        self.n.append(torch.tensor([s.n for s in scores], dtype=torch.long, device=self.device))
+        self.correct.append(torch.tensor([s.correct for s in scores], dtype=torch.long, device=self.device))
+        self.failures.append(torch.tensor([s.format_failures for s in scores], dtype=torch.long, device=self.device))
+        self.unique.append(torch.tensor([s.unique for s in scores], dtype=torch.long, device=self.device))
+        greedy = [math.nan if s.greedy is None else float(s.greedy == s.gold) for s in scores]
+        self.greedy.append(torch.tensor(greedy, dtype=torch.float64, device=self.device))
+        majority = [float(s.majority == s.gold) for s in scores]
+        self.majority.append(torch.tensor(majority, dtype=torch.float64, device=self.device))
+
+    def compute(self) -> dict[str, float]:
+        """The summary over every question seen (on every process)."""
+        if not self.n or (isinstance(self.n, torch.Tensor) and self.n.numel() == 0):
+            return {"questions": 0.0}
+        n = dim_zero_cat(self.n).cpu()
+        c = dim_zero_cat(self.correct).cpu()
+        greedy = dim_zero_cat(self.greedy).cpu()
+        out: dict[str, float] = {"questions": float(n.numel())}
+        acc1 = float(greedy.mean()) if not bool(greedy.isnan().any()) else math.nan
+        out["acc@1"] = acc1
+        for k in self.ks:
+            if k <= int(n.min()):
+                out[f"pass@{k}"] = float(pass_at_k_tensor(n, c, k).mean())
+                out[f"gap@{k}"] = out[f"pass@{k}"] - acc1
+        out["majority"] = float(dim_zero_cat(self.majority).cpu().mean())
+        out["format_fail"] = float(dim_zero_cat(self.failures).cpu().sum() / n.sum())
+        out["unique"] = float(dim_zero_cat(self.unique).cpu().to(torch.float64).mean())
+        return out
