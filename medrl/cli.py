@@ -26,10 +26,17 @@ def _data_verbs() -> dict[str, Callable[..., int]]:
     }
 
 
+def _probe_table_verb() -> Callable[..., int]:
+    from medrl.probe_table import probe_table
+
+    return probe_table  # a single command: `medrl probe-table --encoders [...] --flags [...]`
+
+
 # verb -> (one-line help, factory of {sub-verb: function}); each function's signature and docstring
 # are its command line (jsonargparse), so `medrl data verify --help` explains every flag.
 STUDY_VERBS: dict[str, tuple[str, Callable[[], dict[str, Callable[..., int]]]]] = {
     "data": ("MedMNIST files: verify against the official MD5s, synthesise, fetch", _data_verbs),
+    "probe-table": ("linear probes: encoders x flags x sizes -> CSV, markdown and chart", _probe_table_verb),
 }
 
 

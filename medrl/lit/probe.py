@@ -1,0 +1,296 @@
+"""Linear probes on cached, frozen encoder features (the study's vision axis).
+
+Three ways to fit the same head, ``BatchNorm1d(affine=False)`` (optional) then ``Linear``:
+
+- ``sgd`` (default): the authors' probe. SGD with momentum 0.9, lr 0.1, cosine over the epochs (20 epochs,
+  batch 1024 in ``configs/probe.yaml``).
+- ``adamw``: the MedMNIST+ style. AdamW, lr 1e-4; pair it with early stopping on ``val/loss``
+  (``configs/probe_medmnist_plus.yaml``).
+- ``lbfgs``: L-BFGS logistic regression on standardised features, one fit per inverse regularisation
+  strength C, keeping the C with the best validation ACC (ties: lower validation loss), as in the CLIP and
+  DINOv2 linear evaluations.
+
+Multi-label data (ChestMNIST) gets one sigmoid output per label and binary cross-entropy; every other task a
+softmax and cross-entropy. Validation and test report ACC/AUC exactly as the ``medmnist`` Evaluator
+(:mod:`medrl.metrics.medmnist_eval`); the test loop also writes one prediction row per image and a metrics
+JSON that records the encoder (including whether its weights were pretrained) and the data file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch import nn
+
+from medrl.data.medmnist_files import atomic_write_bytes
+from medrl.metrics import medmnist_eval as me
+
+DEFAULT_C = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+
+
+class LinearProbe(L.LightningModule):
+    """A linear head trained on cached features; sizes and task come from the DataModule unless given.
+
+    Args:
+        optimizer: ``sgd`` (the authors'), ``adamw`` (MedMNIST+) or ``lbfgs`` (logistic regression, C on val).
+        lr: learning rate; None means 0.1 for sgd and 1e-4 for adamw.
+        momentum: SGD momentum.
+        weight_decay: weight decay for sgd and adamw.
+        batchnorm: put ``BatchNorm1d(affine=False)`` before the linear layer (standardises the features).
+        cosine: cosine-anneal the learning rate over ``trainer.max_epochs`` (sgd and adamw).
+        c_values: inverse regularisation strengths that ``lbfgs`` tries (sklearn's C).
+        lbfgs_max_iter: L-BFGS iterations per C.
+        in_features: feature width (None: from the DataModule).
+        num_classes: outputs (None: from the DataModule).
+        task: medmnist task string (None: from the DataModule).
+        output_dir: where test predictions and metrics go (None: the logger's folder).
+    """
+
+    def __init__(
+        self,
+        optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd",
+        lr: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batchnorm: bool = True,
+        cosine: bool = True,
+        c_values: list[float] | None = None,
+        lbfgs_max_iter: int = 500,
+        in_features: int | None = None,
+        num_classes: int | None = None,
+        task: str | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("sgd", "adamw", "lbfgs"):
+            raise ValueError(f"optimizer must be sgd, adamw or lbfgs, got {optimizer!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = optimizer != "lbfgs"
+        self.head: nn.Sequential | None = None
+        self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {"val": [], "test": []}
+        self.last_metrics: dict[str, dict[str, Any]] = {}
+        if None not in (in_features, num_classes, task):
+            self._build(in_features, num_classes, task)
+
+    # ---- model ---------------------------------------------------------------------------------------------
+    def _build(self, in_features: int, num_classes: int, task: str) -> None:
+        self.hparams.update(in_features=in_features, num_classes=num_classes, task=task)
+        self.task, self.multilabel = task, task == me.MULTI_LABEL
+        # momentum=None: running statistics are the exact average over all batches, so eval-mode
+        # normalisation is right even when an epoch is a single batch of 1024.
+        norm = [nn.BatchNorm1d(in_features, affine=False, momentum=None)] if self.hparams.batchnorm else []
+        self.head = nn.Sequential(*norm, nn.Linear(in_features, num_classes))
+
+    def setup(self, stage: str) -> None:
+        if self.head is not None:
+            return
+        dm = self.trainer.datamodule
+        missing = [a for a in ("in_features", "num_classes", "task") if not hasattr(dm, a)]
+        if missing:
+            raise TypeError(f"{type(dm).__name__} lacks {missing}: pass them to LinearProbe or use FeatureDataModule")
+        self._build(dm.in_features, dm.num_classes, dm.task)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C]`` of features ``[B, D]``."""
+        assert self.head is not None, "the head is built in setup() or from in_features/num_classes/task"
+        return self.head(features.float())
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BCE over labels ``[B, L]`` for multi-label tasks, cross-entropy on ``labels[:, 0]`` otherwise."""
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels[:, 0].long())
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the medmnist metrics take: sigmoid (multi-label) or softmax probabilities."""
+        return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
+
+    # ---- loops ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if not self.automatic_optimization:
+            return None  # lbfgs fits in on_train_start; the epoch loop only runs validation
+        loss = self.loss(self(batch["features"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["label"]))
+        return loss
+
+    def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        logits = self(batch["features"])
+        loss = self.loss(logits, batch["label"])
+        self.log(f"{split}/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["label"]), sync_dist=True)
+        self._outputs[split].append(
+            {"prob": self.probabilities(logits), "label": batch["label"], "index": batch["index"]}
+        )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _gathered(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        outputs, self._outputs[split] = self._outputs[split], []
+        prob, label, index = (torch.cat([o[k] for o in outputs]) for k in ("prob", "label", "index"))
+        if self.trainer.world_size > 1:
+            prob, label, index = (self.all_gather(t).flatten(0, 1) for t in (prob, label, index))
+            # DistributedSampler pads with repeats: keep each image once.
+            _, first = np.unique(index.cpu().numpy(), return_index=True)
+            keep = torch.from_numpy(first).to(prob.device)
+            prob, label, index = prob[keep], label[keep], index[keep]
+        return prob.float().cpu().numpy(), label.cpu().numpy(), index.cpu().numpy()
+
+    def _epoch_end(self, split: str) -> None:
+        if self.trainer.sanity_checking:
+            self._outputs[split].clear()
+            return
+        prob, label, index = self._gathered(split)
+        metrics = me.evaluate(label, prob, self.task)
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in ("acc", "auc"))
+        predicted = me.predicted_labels(prob, self.task)
+        collapsed = not self.multilabel and len(np.unique(predicted)) == 1
+        if collapsed:
+            rank_zero_warn(f"{split}: the probe predicts one class for every image (ACC = the majority rate)")
+        self.last_metrics[split] = {
+            **metrics,
+            "n": len(label),
+            "majority_rate": me.majority_rate(label, self.task),
+            "collapsed": collapsed,
+        }
+        if split == "test":
+            self._write_test_outputs(prob, label, index)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ---- outputs -------------------------------------------------------------------------------------------
+    def output_folder(self) -> Path:
+        """Where test outputs go: ``output_dir``, else the logger's folder, else the trainer's root."""
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @rank_zero_only
+    def _write_test_outputs(self, prob: np.ndarray, label: np.ndarray, index: np.ndarray) -> None:
+        folder = self.output_folder()
+        label = label.reshape(len(label), -1)
+        label_cols = ["label"] if label.shape[1] == 1 else [f"label_{i}" for i in range(label.shape[1])]
+        header = ",".join(["index", *label_cols, *(f"prob_{i}" for i in range(prob.shape[1]))])
+        rows = [
+            ",".join([str(int(i)), *(str(int(v)) for v in lab), *(f"{p:.8g}" for p in pr)])
+            for i, lab, pr in zip(index, label, prob, strict=True)
+        ]
+        atomic_write_bytes(folder / "predictions_test.csv", ("\n".join([header, *rows]) + "\n").encode())
+        dm = self.trainer.datamodule
+        record = {
+            "split": "test",
+            "metrics": self.last_metrics["test"],
+            "data": dm.describe() if hasattr(dm, "describe") else None,
+            "probe": dict(self.hparams),
+            "predictions": "predictions_test.csv",
+        }
+        text = json.dumps(record, indent=2, default=str, allow_nan=True)
+        atomic_write_bytes(folder / "metrics_test.json", text.encode())
+        encoder = (record["data"] or {}).get("encoder", {})
+        m = self.last_metrics["test"]
+        print(
+            f"test ACC {m['acc']:.4f} AUC {m['auc']:.4f} (n={m['n']}, majority {m['majority_rate']:.4f}) | "
+            f"encoder {encoder.get('name')} pretrained={encoder.get('pretrained')} | {folder / 'metrics_test.json'}"
+        )
+
+    @rank_zero_only
+    def on_fit_end(self) -> None:
+        if "val" in self.last_metrics:
+            m, dm = self.last_metrics["val"], self.trainer.datamodule
+            encoder = dm.describe()["encoder"] if hasattr(dm, "describe") else {}
+            print(
+                f"val ACC {m['acc']:.4f} AUC {m['auc']:.4f} (n={m['n']}, majority {m['majority_rate']:.4f}) | "
+                f"encoder {encoder.get('name')} pretrained={encoder.get('pretrained')}"
+            )
+
+    # ---- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        assert self.head is not None
+        if hp.optimizer == "lbfgs":
+            return None  # fitted in closed loop by on_train_start
+        params = self.head.parameters()
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr or 0.1, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr or 1e-4, weight_decay=hp.weight_decay)
+        if not hp.cosine:
+            return opt
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
+
+    def on_train_start(self) -> None:
+        if self.hparams.optimizer == "lbfgs":
+            self._fit_lbfgs()
+
+    def _collect(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = list(loader)
+        return (torch.cat([b["features"] for b in batches]).float().to(self.device),
+                torch.cat([b["label"] for b in batches]).to(self.device))  # fmt: skip
+
+    @torch.no_grad()
+    def _fit_lbfgs(self) -> None:
+        """Fit one logistic regression per C on the whole training split; keep the best on validation."""
+        assert self.head is not None
+        dm = self.trainer.datamodule
+        x, y = self._collect(dm.train_dataloader())
+        xv, yv = self._collect(dm.val_dataloader())
+        linear = self.head[-1]
+        if self.hparams.batchnorm:  # standardise with the training split's statistics, as a fixed transform
+            norm = self.head[0]
+            norm.running_mean.copy_(x.mean(0))
+            norm.running_var.copy_(x.var(0, unbiased=False))
+            norm.eval()
+            x, xv = norm(x), norm(xv)
+        best: tuple[float, float, float, dict[str, torch.Tensor]] | None = None
+        for c in sorted(self.hparams.c_values or DEFAULT_C):  # weak to strong: each fit warm-starts the next
+            with torch.enable_grad():
+                fit_logistic_regression(linear, x, y, c, self.loss, self.hparams.lbfgs_max_iter)
+            logits = linear(xv)
+            acc = me.get_acc(yv.cpu().numpy(), self.probabilities(logits).cpu().numpy(), self.task)
+            val_loss = float(self.loss(logits, yv))
+            if best is None or (acc, -val_loss) > (best[1], -best[2]):
+                best = (c, acc, val_loss, {k: v.clone() for k, v in linear.state_dict().items()})
+        assert best is not None
+        linear.load_state_dict(best[3])
+        self.hparams["chosen_c"] = best[0]
+        self.log("lbfgs/chosen_c", best[0])
+        print(f"lbfgs: chose C={best[0]:g} (val ACC {best[1]:.4f}, val loss {best[2]:.4f})")
+
+
+def fit_logistic_regression(
+    linear: nn.Linear, x: torch.Tensor, y: torch.Tensor, c: float, loss_fn, max_iter: int = 500
+) -> float:
+    """Minimise ``loss_fn(linear(x), y) + ||W||^2 / (2 C N)`` with L-BFGS, in place; returns the final objective.
+
+    This is sklearn's ``C * sum(loss) + ||W||^2 / 2`` divided by ``C * N`` (same minimiser; the bias is not
+    penalised), so C means what it means in sklearn's ``LogisticRegression``.
+    """
+    penalty = 1.0 / (2.0 * c * len(x))
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        objective = loss_fn(linear(x), y) + penalty * linear.weight.pow(2).sum()
+        objective.backward()
+        return objective
+
+    value = float(opt.step(closure))
+    if not math.isfinite(value):
+        raise FloatingPointError(f"L-BFGS diverged at C={c}; standardise the features (batchnorm: true)")
+    return value
