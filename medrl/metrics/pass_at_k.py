@@ -162,33 +162,35 @@ class PassAtK(Metric):
         if not ks or any(k < 1 for k in ks):
             raise ValueError(f"ks must be positive integers, got {list(ks)}")
         self.ks = sorted(set(int(k) for k in ks))
-        for name in ("n", "correct", "failures", "unique"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-        for name in ("greedy", "majority"):  # 1.0 / 0.0, NaN for "no greedy"
+        # Per question: sample count, correct count, format failures, distinct answers, greedy right (1/0,
+        # NaN when there was no greedy completion), majority vote right (1/0).
+        for name in ("n", "correct", "failures", "unique", "greedy", "majority"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, scores: Sequence[QuestionScore]) -> None:
-        """Add scored questions."""
+        """Add scored questions (an empty list is fine: a rank may hold no question of some group)."""
         if not scores:
             return
         if any(s.n == 0 for s in scores):
             raise ValueError("a question has no samples; pass@k needs n >= 1")
-        self.n.append(torch.tensor([s.n for s in scores], dtype=torch.long, device=self.device))
-        self.correct.append(torch.tensor([s.correct for s in scores], dtype=torch.long, device=self.device))
-        self.failures.append(torch.tensor([s.format_failures for s in scores], dtype=torch.long, device=self.device))
-        self.unique.append(torch.tensor([s.unique for s in scores], dtype=torch.long, device=self.device))
-        greedy = [math.nan if s.greedy is None else float(s.greedy == s.gold) for s in scores]
-        self.greedy.append(torch.tensor(greedy, dtype=torch.float64, device=self.device))
-        majority = [float(s.majority == s.gold) for s in scores]
-        self.majority.append(torch.tensor(majority, dtype=torch.float64, device=self.device))
+        # Every state in the metric's float dtype: a rank without data syncs an empty tensor of that dtype,
+        # and gloo aborts on mixed dtypes. Counts stay exact in float32 up to 2**24.
+        columns = {
+            "n": [s.n for s in scores],
+            "correct": [s.correct for s in scores],
+            "failures": [s.format_failures for s in scores],
+            "unique": [s.unique for s in scores],
+            "greedy": [math.nan if s.greedy is None else float(s.greedy == s.gold) for s in scores],
+            "majority": [float(s.majority == s.gold) for s in scores],
+        }
+        for name, values in columns.items():
+            getattr(self, name).append(torch.tensor(values, dtype=self.dtype, device=self.device))
 
     def compute(self) -> dict[str, float]:
         """The summary over every question seen (on every process)."""
-        if not self.n or (isinstance(self.n, torch.Tensor) and self.n.numel() == 0):
+        n, c, greedy = _cat(self.n).long(), _cat(self.correct).long(), _cat(self.greedy).double()
+        if n.numel() == 0:
             return {"questions": 0.0}
-        n = dim_zero_cat(self.n).cpu()
-        c = dim_zero_cat(self.correct).cpu()
-        greedy = dim_zero_cat(self.greedy).cpu()
         out: dict[str, float] = {"questions": float(n.numel())}
         acc1 = float(greedy.mean()) if not bool(greedy.isnan().any()) else math.nan
         out["acc@1"] = acc1
@@ -196,7 +198,14 @@ class PassAtK(Metric):
             if k <= int(n.min()):
                 out[f"pass@{k}"] = float(pass_at_k_tensor(n, c, k).mean())
                 out[f"gap@{k}"] = out[f"pass@{k}"] - acc1
-        out["majority"] = float(dim_zero_cat(self.majority).cpu().mean())
-        out["format_fail"] = float(dim_zero_cat(self.failures).cpu().sum() / n.sum())
-        out["unique"] = float(dim_zero_cat(self.unique).cpu().to(torch.float64).mean())
+        out["majority"] = float(_cat(self.majority).double().mean())
+        out["format_fail"] = float(_cat(self.failures).double().sum() / n.sum())
+        out["unique"] = float(_cat(self.unique).double().mean())
         return out
+
+
+def _cat(state: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """A list state as one CPU tensor (after a sync it is already one; before any update it is empty)."""
+    if isinstance(state, list) and not state:
+        return torch.zeros(0)
+    return dim_zero_cat(state).cpu()

@@ -1,0 +1,171 @@
+"""Pass@k estimator (hand-worked, brute force, vectorised), the PassAtK metric, and its DDP sync."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from medrl.metrics.pass_at_k import PassAtK, pass_at_k, pass_at_k_tensor, score_question
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (10, 3, 1, 0.3),  # pass@1 is the fraction correct, c/n
+        (16, 0, 8, 0.0),  # no correct sample: never passes
+        (4, 3, 2, 1.0),  # n - c = 1 < k = 2: every pair holds a correct sample
+        (8, 1, 8, 1.0),  # k = n: passes iff c > 0
+        (8, 0, 8, 0.0),
+        (1000, 1, 500, 0.5),  # C(999,500)/C(1000,500) = 500/1000: huge binomials, exact ratio
+        (2000, 1, 1, 1 / 2000),
+    ],
+)
+def test_hand_worked_values(n: int, c: int, k: int, expected: float) -> None:
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+    vectorised = pass_at_k_tensor(torch.tensor([n]), torch.tensor([c]), k)
+    assert float(vectorised[0]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_matches_brute_force_over_all_k_subsets() -> None:
+    # The definition: the share of k-subsets of the n samples that contain at least one correct sample.
+    for n in range(1, 8):
+        for c in range(n + 1):
+            samples = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(samples, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_vectorised_equals_the_scalar_loop() -> None:
+    generator = torch.Generator().manual_seed(0)
+    n = torch.randint(16, 2049, (300,), generator=generator)
+    c = (torch.rand(300, generator=generator) * (n + 1)).long().clamp(max=n)
+    c[:10] = 0
+    c[10:20] = n[10:20]
+    for k in (1, 2, 8, 16):
+        vectorised = pass_at_k_tensor(n, c, k)
+        loop = torch.tensor([pass_at_k(int(a), int(b), k) for a, b in zip(n, c, strict=True)], dtype=torch.float64)
+        assert torch.allclose(vectorised, loop, atol=1e-9, rtol=0)
+        assert bool(((vectorised >= 0) & (vectorised <= 1)).all())
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(4, 1, 5), (4, 5, 2), (4, -1, 2), (4, 1, 0), (0, 0, 1)])
+def test_bad_input_is_refused(n: int, c: int, k: int) -> None:
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_vectorised_refuses_k_above_n() -> None:
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        pass_at_k_tensor(torch.tensor([16, 4]), torch.tensor([1, 1]), 8)
+
+
+def _scores():
+    """Three questions whose parsed answers are worked out by hand in the comments."""
+    return [
+        # gold A: A, B, A, failure -> c=2 of 4; majority A; unique {A, B}; greedy A (right)
+        score_question(
+            ["<answer>A</answer>", "<answer>B</answer>", "<answer>A</answer>", "garbage"],
+            "A",
+            "AB",
+            "<answer>A</answer>",
+        ),
+        # gold B: C x4 -> c=0; majority C (wrong); unique {C}; greedy C (wrong)
+        score_question(["<answer>C</answer>"] * 4, "B", "ABCD", "<answer>C</answer>"),
+        # gold C: C, empty block (failure), "answer: D", two letters (failure) -> c=1; C and D tie, C came
+        # first so the majority is C (right); unique {C, D}; greedy "The answer is C" (right)
+        score_question(
+            ["<answer>C</answer>", "<answer></answer>", "answer: D", "<answer>A, C</answer>"],
+            "C",
+            "ABCD",
+            "The answer is C",
+        ),
+    ]
+
+
+# The three questions above: acc@1 = 2/3; pass@1 = mean(2/4, 0, 1/4) = 1/4;
+# pass@2 = mean(1 - C(2,2)/C(4,2), 0, 1 - C(3,2)/C(4,2)) = mean(5/6, 0, 1/2) = 4/9; pass@4 = mean(1, 0, 1) = 2/3;
+# majority = 2/3; format failures = (1 + 0 + 2) / 12 = 1/4; unique = (2 + 1 + 2) / 3 = 5/3.
+EXPECTED = {
+    "questions": 3.0,
+    "acc@1": 2 / 3,
+    "pass@1": 1 / 4,
+    "pass@2": 4 / 9,
+    "pass@4": 2 / 3,
+    "gap@1": 1 / 4 - 2 / 3,
+    "gap@2": 4 / 9 - 2 / 3,
+    "gap@4": 0.0,
+    "majority": 2 / 3,
+    "format_fail": 1 / 4,
+    "unique": 5 / 3,
+}
+
+
+def test_answer_parsing_feeds_the_counts() -> None:
+    first, second, third = _scores()
+    assert (first.correct, first.majority, first.unique, first.format_failures) == (2, "A", 2, 1)
+    assert (second.correct, second.greedy_correct, second.majority) == (0, False, "C")
+    assert third.answers == ["C", "unparseable", "D", "unparseable"]
+    assert (third.majority, third.greedy) == ("C", "C")
+
+
+def test_metric_hand_worked() -> None:
+    metric = PassAtK(ks=[1, 2, 4, 8])
+    scores = _scores()
+    metric.update(scores[:1])  # across two updates, as across validation batches
+    metric.update(scores[1:])
+    result = metric.compute()
+    assert "pass@8" not in result  # k above the samples per question is not reported
+    assert result.keys() == EXPECTED.keys()
+    for key, value in EXPECTED.items():
+        assert result[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_acc_at_1_is_nan_without_greedy_completions() -> None:
+    metric = PassAtK(ks=[1])
+    metric.update([score_question(["<answer>A</answer>"], "A")])
+    result = metric.compute()
+    assert math.isnan(result["acc@1"]) and result["pass@1"] == 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        scores = _scores()
+        mine = scores[:2] if rank == 0 else scores[2:]  # uneven shards: 2 questions and 1
+        metric = PassAtK(ks=[1, 2, 4])
+        metric.update(mine)
+        # A group present on one rank only: rank 1 has nothing to add and must still take part in the sync.
+        lonely = PassAtK(ks=[1])
+        lonely.update(scores[:1] if rank == 0 else [])
+        result = {"all": metric.compute(), "lonely": lonely.compute()}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_metric_syncs_across_two_processes(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for key, value in EXPECTED.items():
+            if key in result["all"]:
+                assert result["all"][key] == pytest.approx(value, abs=1e-12), (rank, key)
+        assert result["all"]["questions"] == 3.0
+        assert result["lonely"]["questions"] == 1.0 and result["lonely"]["pass@1"] == 0.5
