@@ -26,6 +26,12 @@ def _data_verbs() -> dict[str, Callable[..., int]]:
     }
 
 
+def _bench_eval_verb() -> Callable[..., int]:
+    from medrl.bench_eval import bench_eval
+
+    return bench_eval  # a single command: `medrl bench-eval --model M --suite DIR`
+
+
 def _probe_table_verb() -> Callable[..., int]:
     from medrl.probe_table import probe_table
 
@@ -36,6 +42,7 @@ def _probe_table_verb() -> Callable[..., int]:
 # are its command line (jsonargparse), so `medrl data verify --help` explains every flag.
 STUDY_VERBS: dict[str, tuple[str, Callable[[], dict[str, Callable[..., int]]]]] = {
     "data": ("MedMNIST files: verify against the official MD5s, synthesise, fetch", _data_verbs),
+    "bench-eval": ("a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark", _bench_eval_verb),
     "probe-table": ("linear probes: encoders x flags x sizes -> CSV, markdown and chart", _probe_table_verb),
 }
 

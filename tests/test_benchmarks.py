@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from medrl.bench_eval import evaluate_items
+from medrl.cli import main
 from medrl.data.benchmarks import (
     BENCHMARKS,
     BenchmarkSuiteDataModule,
@@ -17,6 +19,8 @@ from medrl.data.benchmarks import (
     parse_options,
 )
 from medrl.data.vqa import INSTRUCTION, format_prompt
+from medrl.metrics.benchmark_table import score, table_rows
+from medrl.rollout.base import Completion, Engine, PromptResult, SamplingParams
 
 ABCD = {"A": "CT", "B": "MRI", "C": "X-ray", "D": "ultrasound"}
 
@@ -209,3 +213,93 @@ def test_parse_options_refuses_nonsense() -> None:
         parse_options({"AA": "x"})
     with pytest.raises(ValueError, match="neither JSON"):
         parse_options("just text")
+
+
+class ScriptedEngine(Engine):
+    """Known predictions: greedy and sampled answers per question, set by the test (no model involved)."""
+
+    name = "scripted"
+
+    def __init__(self, script: dict[str, tuple[str, list[str]]]) -> None:
+        self.script, self.calls = script, 0
+
+    def generate(self, items, params: SamplingParams) -> list[PromptResult]:
+        self.calls += 1
+        results = []
+        for item in items:
+            greedy, samples = self.script[item["prompt"].split("\n")[0]]
+            completion = lambda text: Completion(text=text, token_ids=[1], finish_reason="stop")  # noqa: E731
+            results.append(PromptResult("", [completion(t) for t in samples[: params.n]], completion(greedy)))
+        return results
+
+    def load_weights(self, weights) -> None:
+        raise NotImplementedError("a scripted engine has no weights")
+
+
+def _script(dataset) -> dict[str, tuple[str, list[str]]]:
+    """Greedy right on 3/4 PMC, 1/2 MMMU, 0/2 MedX-M, 3/3 PathVQA, 1/2 SLAKE, 2/3 VQA-RAD; one of 4 samples right."""
+    wrong = {("PMC", 3), ("MMMU", 5), ("MedX-M", 6), ("MedX-M", 7), ("SLAKE", 14), ("VQA-RAD", 13)}
+    script = {}
+    for item in dataset.items:
+        gold = item.answer_label
+        other = next(letter for letter in item.options if letter != gold)
+        key = (item.benchmark, item.dataset_index)
+        greedy = f"<think>...</think><answer>{other if key in wrong else gold}</answer>"
+        if key == ("SLAKE", 14):  # a wrong answer that is a format failure (no letter at all) counts as wrong
+            greedy = "I am not sure"
+        samples = [f"<answer>{gold}</answer>"] + [f"<answer>{other}</answer>"] * 3
+        script[item.question] = (greedy, samples)
+    return script
+
+
+def test_known_predictions_score_to_known_accuracies(suite: Path, tmp_path: Path) -> None:
+    dataset = BenchmarkSuiteDataModule(str(suite)).dataset()
+    engine = ScriptedEngine(_script(dataset))
+    rows = evaluate_items(engine, dataset, SamplingParams(n=4, greedy=True), tmp_path, batch_size=5)
+    scores = score(rows, ks=[1, 2, 4])
+    acc = {b: s["acc@1"] for b, s in scores["per_benchmark"].items()}
+    assert acc == pytest.approx({"PMC": 3 / 4, "MMMU": 1 / 2, "MedX-M": 0.0, "PathVQA": 1.0, "SLAKE": 1 / 2,
+                                 "VQA-RAD": 2 / 3})  # fmt: skip
+    # the mean is over benchmarks, not items: (75 + 50 + 0 + 100 + 50 + 66.67) / 6
+    assert scores["mean"]["acc@1"] == pytest.approx((0.75 + 0.5 + 0 + 1 + 0.5 + 2 / 3) / 6)
+    # one right sample in four everywhere: pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1/2, pass@4 = 1
+    for s in scores["per_benchmark"].values():
+        assert (s["pass@1"], s["pass@2"], s["pass@4"]) == pytest.approx((0.25, 0.5, 1.0))
+    assert scores["per_benchmark"]["SLAKE"]["format_failures"] == 0.5
+    header, table = table_rows({"scripted": scores}, published=True)
+    assert header == ["model", "metric", "PMC (n=4)", "MMMU (n=2)", "MedX-M (n=2)", "PathVQA (n=3)", "SLAKE (n=2)",
+                      "VQA-RAD (n=3)", "mean"]  # fmt: skip
+    assert table[0] == ["scripted", "acc@1", "75.00", "50.00", "0.00", "100.00", "50.00", "66.67", "56.94"]
+    assert table[-1][-1] == "53.50"  # Qwen2.5-VL-7B's published mean over the six
+    rows_on_disk = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows_on_disk] == [f"{it.benchmark}/{it.dataset_index}" for it in dataset.items]
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_rows(suite: Path, tmp_path: Path, tiny) -> None:
+    from medrl.rollout.hf import HFEngine
+
+    dataset = BenchmarkSuiteDataModule(str(suite), benchmarks=["PMC", "SLAKE"]).dataset()
+    engine = HFEngine(*tiny)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=5, greedy=True)
+    whole = evaluate_items(engine, dataset, params, tmp_path / "whole", batch_size=2, keep_texts=True)
+    # the run died after 3 rows (in the middle of batch 2 of 3), halfway through writing the 4th
+    lines = (tmp_path / "whole" / "items.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "items.jsonl").write_text("".join(lines[:3]) + lines[3][:30])
+    resumed = evaluate_items(engine, dataset, params, tmp_path / "cut", batch_size=2, keep_texts=True)
+    assert len(whole) == 6 and resumed == whole  # sampled texts included: the same seeds were used
+
+
+def test_bench_eval_command(suite: Path, tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench-eval", "--model", str(tiny_dir), "--suite", str(suite), "--out", str(tmp_path), "--n", "2",
+            "--max_new_tokens", "8", "--batch_size", "8", "--benchmarks", "[PMC, SLAKE]"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "PMC (n=4)" in out and "SLAKE (n=2)" in out and "pass@2" in out
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert saved["benchmarks"] == ["PMC", "SLAKE"] and saved["ks"] == [1, 2]
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| model | metric | PMC (n=4) | SLAKE (n=2) | mean |")
+    assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 6
+    with pytest.raises(SystemExit, match="other settings"):  # same folder, other settings: refused
+        main([*args, "--n", "4"])

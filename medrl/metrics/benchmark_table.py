@@ -1,0 +1,109 @@
+"""Per-benchmark scores of an evaluation run and the table the paper reports.
+
+Input: one result per item (the rows of ``items.jsonl`` written by ``medrl bench-eval``) with its
+benchmark, whether the greedy answer was right (Acc@1) and, when samples were drawn, ``n`` and the number
+correct ``c`` (Pass@k through the unbiased estimator). Each benchmark's score is the mean over its items;
+the ``mean`` column is the unweighted mean over benchmarks, as in the paper. Columns follow the paper's
+order: PMC, MMMU, MedX-M, PathVQA, SLAKE, VQA-RAD.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from medrl.data.benchmarks import benchmark_order
+from medrl.metrics.answers import UNPARSEABLE
+from medrl.metrics.pass_at_k import pass_at_k
+
+# Published Acc@1 (%) on the same suite, for comparison rows (facts from the paper and its baselines).
+PUBLISHED: dict[str, dict[str, float]] = {
+    "paper: OctoMed-7B + RL (published)": {"PMC": 59.0, "MMMU": 62.94, "MedX-M": 34.5, "PathVQA": 65.5,
+                                           "SLAKE": 88.0, "VQA-RAD": 79.0},
+    "Qwen2.5-VL-7B (published)": {"PMC": 49.30, "MMMU": 52.94, "MedX-M": 18.89, "PathVQA": 65.39,
+                                  "SLAKE": 65.71, "VQA-RAD": 68.75},
+}  # fmt: skip
+
+
+def metric_names(ks: Sequence[int]) -> list[str]:
+    """The metrics a run reports: ``acc@1``, then ``pass@k`` for each k."""
+    return ["acc@1", *(f"pass@{k}" for k in sorted(set(ks)))]
+
+
+def score(results: Iterable[Mapping[str, Any]], ks: Sequence[int] = ()) -> dict[str, Any]:
+    """Scores per benchmark and their mean.
+
+    Args:
+        results: per-item rows as :func:`medrl.evaluation.sample_and_score` makes them, plus ``benchmark``:
+            ``greedy_correct`` (Acc@1), ``greedy`` (the parsed letter; ``unparseable`` is a format failure)
+            and, for Pass@k, ``n`` samples of which ``correct`` were right.
+        ks: the k of each Pass@k to report (each must be at most every item's ``n``).
+
+    Returns:
+        ``{"benchmarks": [...], "per_benchmark": {name: {"n_items", "acc@1", "pass@k"..., "format_failures"}},
+        "mean": {metric: value}}``; values are fractions in [0, 1].
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in results:
+        groups.setdefault(str(row["benchmark"]), []).append(row)
+    names = benchmark_order(groups)
+    metrics = metric_names(ks)
+    per: dict[str, dict[str, float]] = {}
+    for name in names:
+        rows = groups[name]
+        entry: dict[str, float] = {
+            "n_items": len(rows),
+            "acc@1": sum(bool(r["greedy_correct"]) for r in rows) / len(rows),
+            "format_failures": sum(r.get("greedy") == UNPARSEABLE for r in rows) / len(rows),
+        }
+        if ks:
+            for k in sorted(set(ks)):
+                entry[f"pass@{k}"] = sum(pass_at_k(int(r["n"]), int(r["correct"]), k) for r in rows) / len(rows)
+        per[name] = entry
+    mean = {m: sum(per[b][m] for b in names) / len(names) for m in [*metrics, "format_failures"]} if names else {}
+    return {"benchmarks": names, "per_benchmark": per, "mean": mean}
+
+
+def table_rows(scores: Mapping[str, Mapping[str, Any]], published: bool = False) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of the report: one row per (run, metric), one column per benchmark, then the mean.
+
+    Args:
+        scores: run name -> the output of :func:`score`.
+        published: add the published Acc@1 rows of the paper's model and Qwen2.5-VL-7B.
+    """
+    names = benchmark_order(b for s in scores.values() for b in s["benchmarks"])
+    counts = {
+        b: next(s["per_benchmark"][b]["n_items"] for s in scores.values() if b in s["per_benchmark"]) for b in names
+    }
+    header = ["model", "metric", *(f"{b} (n={counts[b]})" for b in names), "mean"]
+    rows = []
+    for run, s in scores.items():
+        metrics = [m for m in s["mean"] if m != "format_failures"]
+        for metric in metrics:
+            cells = [f"{100 * s['per_benchmark'][b][metric]:.2f}" if b in s["per_benchmark"] else "-" for b in names]
+            rows.append([run, metric, *cells, f"{100 * s['mean'][metric]:.2f}"])
+    if published:
+        for run, values in PUBLISHED.items():
+            cells = [f"{values[b]:.2f}" if b in values else "-" for b in names]
+            # The published mean is over the six benchmarks; over a subset it would not be comparable.
+            mean = f"{sum(values.values()) / len(values):.2f}" if set(names) == set(values) else "-"
+            rows.append([run, "acc@1", *cells, mean])
+    return header, rows
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: list[str], rows: list[list[str]]) -> str:
+    """The same table as CSV."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
