@@ -1,0 +1,142 @@
+"""Assemble ``report.md`` and ``figures/*.png`` from a run directory (``medrl report RUN_DIR``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from medrl.io import atomic_write_bytes, atomic_write_text
+from medrl.report import figures
+from medrl.report.load import RunResults, load_run
+
+ILLUSTRATIVE = (
+    "**Illustrative numbers.** This run used the CPU scale: small models trained from scratch on small files. "
+    "The numbers exercise every stage of the study; they are not the paper's results."
+)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _vision(results: RunResults, figs: dict[str, bytes]) -> list[str]:
+    lines = ["## 1. Vision: can the model's eyes see it?", ""]
+    if not results.probe_rows:
+        return lines + ["Not run.", ""]
+    cols = ["encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "majority"]
+    rows = [
+        [r.get(c, "") if c not in ("acc", "auc", "majority") else _fmt(float(r[c])) for c in cols]
+        for r in results.probe_rows
+    ]
+    figs["probes.png"] = figures.probe_chart(results)
+    lines += _table(cols, rows)
+    lines += ["", "Test-split ACC/AUC exactly as the medmnist Evaluator; `majority` is the test-set majority rate.", ""]
+    return lines + ["![probes](figures/probes.png)", ""]
+
+
+def _support_row(results: RunResults, stage: str, flag: str, ks: list[int], k: int) -> list[str] | None:
+    label = figures.model_label(stage, flag)
+    if flag not in results.evals.get(label, {}):
+        return None
+    acc, sup = results.metric(label, flag, "acc@1"), results.metric(label, flag, f"pass@{k}")
+    gap = None if acc is None or sup is None else sup - acc
+    return [
+        figures.STAGE_NAMES[stage],
+        f"{int(results.metric(label, flag, 'questions') or 0)}",
+        _fmt(acc),
+        *[_fmt(results.metric(label, flag, f"pass@{j}")) for j in ks],
+        _fmt(gap),
+        _fmt(results.metric(label, flag, "majority")),
+        _fmt(results.metric(label, flag, "format_fail")),
+    ]
+
+
+def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
+    lines = ["## 2-4. Support and sampling efficiency, before and after SFT and RL", ""]
+    if not results.flags:
+        return lines + ["Not run.", ""]
+    for flag in results.flags:
+        ks = results.ks("base", flag) or next((results.ks(m, flag) for m in results.evals if results.ks(m, flag)), [])
+        header = ["model", "questions", "acc@1", *[f"pass@{j}" for j in ks], f"G_{k}", "majority", "format fail"]
+        rows = [_support_row(results, stage, flag, ks, k) for stage in figures.STAGE_MODELS]
+        rows = [r for r in rows if r is not None]
+        figs[f"support_{flag}.png"] = figures.support_curves(results, flag)
+        lines += [f"### {flag}", "", *_table(header, rows), "", f"![support {flag}](figures/support_{flag}.png)", ""]
+    figs["acc_gap.png"] = figures.acc_gap_bars(results, k)
+    return lines + [f"Acc@1 and the gap G_{k} per modality:", "", "![acc and gap](figures/acc_gap.png)", ""]
+
+
+def _transfer(results: RunResults, figs: dict[str, bytes]) -> list[str]:
+    lines = ["## 5. Transfer across modalities", ""]
+    rows, cols, deltas = figures.transfer_matrix(results)
+    if not rows or "base" not in results.evals:
+        return lines + ["Not run.", ""]
+    figs["transfer.png"] = figures.transfer_heatmap(results)
+    body = [[r, *[("n/a" if math.isnan(v) else f"{v:+.3f}") for v in d]] for r, d in zip(rows, deltas, strict=True)]
+    lines += ["Change in Acc@1 against the base model (rows: trained model; columns: evaluated modality).", ""]
+    return lines + _table(["model", *cols], body) + ["", "![transfer](figures/transfer.png)", ""]
+
+
+def _recipe(results: RunResults) -> list[str]:
+    lines = ["## 6. The boundary-aware recipe", ""]
+    if not results.recipes:
+        return lines + ["Not run.", ""]
+    rows = []
+    for flag, rec in results.recipes.items():
+        k = rec["k"]
+        path = " -> ".join(
+            f"{m['label']} (A {m['acc1']:.3f}, S_{k} {m['pass_at_k'][str(k)]:.3f})" for m in rec["measurements"]
+        )
+        decisions = "; ".join(f"**{d['action']}**: {d['reason']}" for d in rec["decisions"])
+        rows.append([flag, str(rec["tau"]), path, decisions])
+    return lines + _table(["target", "tau", "measurements", "decisions"], rows) + [""]
+
+
+def _runcard(results: RunResults) -> list[str]:
+    lines = ["## 7. Run card", ""]
+    card = results.runcard
+    if card:
+        versions = ", ".join(f"{k} {v}" for k, v in card.get("versions", {}).items())
+        hw = card.get("hardware", {})
+        lines += [f"- code: `{card.get('code') or 'unknown'}`", f"- versions: {versions}",
+                  f"- hardware: {hw.get('cpu', '?')} ({hw.get('cpus', '?')} cores, {hw.get('memory_gib', '?')} GiB), "
+                  f"GPUs: {', '.join(hw.get('gpus', [])) or 'none'}"]  # fmt: skip
+        for key in ("seed", "scale", "data"):
+            if key in card:
+                lines.append(f"- {key}: `{card[key]}`")
+    if results.stages:
+        rows = [[name, rec.get("status", "?"), f"{rec.get('seconds', 0):.1f}"] for name, rec in results.stages.items()]
+        total = sum(rec.get("seconds", 0) for rec in results.stages.values())
+        lines += ["", *_table(["stage", "status", "seconds"], rows), "", f"Total wall time of stages: {total:.0f} s"]
+    return lines + [""]
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``RUN/report.md`` and ``RUN/figures/*.png`` from the run's own outputs; returns the report path."""
+    results = load_run(run_dir)
+    k = int(results.plan.get("support", {}).get("k", 0)) or max(
+        (max(results.ks(m, f)) for m in results.evals for f in results.evals[m] if results.ks(m, f)), default=1
+    )
+    figs: dict[str, bytes] = {}
+    lines = [ILLUSTRATIVE, ""] if results.plan.get("illustrative", False) else []
+    lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""]
+    lines += _vision(results, figs) + _support(results, figs, k) + _transfer(results, figs)
+    lines += _recipe(results) + _runcard(results)
+    for name, data in figs.items():
+        atomic_write_bytes(results.root / "figures" / name, data)
+    return atomic_write_text(results.root / "report.md", "\n".join(lines))
+
+
+def report(run_dir: str) -> int:
+    """Build report.md and its figures from a study run directory.
+
+    Args:
+        run_dir: the run directory (written by `medrl reproduce`).
+    """
+    path = build_report(run_dir)
+    print(f"wrote {path} and {path.parent / 'figures'}/")
+    return 0

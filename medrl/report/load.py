@@ -1,0 +1,78 @@
+"""Read a study run directory into plain Python values; nothing here computes a new number."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunResults:
+    """Everything the report shows, as read from disk.
+
+    Attributes:
+        plan: the study plan (empty when absent).
+        runcard: versions, hardware, seeds.
+        stages: per-stage status and seconds.
+        probe_rows: rows of the probe table.
+        evals: ``evals[model][flag]`` is the ``summary.json`` of that evaluation.
+        recipes: ``recipes[flag]`` is that flag's ``recipe.json``.
+    """
+
+    root: Path
+    plan: dict[str, Any] = field(default_factory=dict)
+    runcard: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
+    probe_rows: list[dict[str, str]] = field(default_factory=list)
+    evals: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def flags(self) -> list[str]:
+        """Every flag evaluated, in plan order when the plan lists them."""
+        seen = {flag for by_flag in self.evals.values() for flag in by_flag}
+        ordered = [f for f in self.plan.get("flags", []) if f in seen]
+        return ordered + sorted(seen - set(ordered))
+
+    def metric(self, model: str, flag: str, name: str) -> float | None:
+        """One number of one evaluation (over all its questions), or None when it was not run."""
+        summary = self.evals.get(model, {}).get(flag)
+        if summary is None:
+            return None
+        value = summary["metrics"]["all"].get(name)
+        return None if value is None else float(value)
+
+    def ks(self, model: str, flag: str) -> list[int]:
+        """The k values an evaluation measured."""
+        return list(self.evals.get(model, {}).get(flag, {}).get("ks", []))
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage that writes it") from exc
+
+
+def load_run(root: str | Path) -> RunResults:
+    """Read a run directory (see the package docstring for the layout)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such run directory")
+    results = RunResults(root=root)
+    for name in ("plan", "runcard", "stages"):
+        if (root / f"{name}.json").is_file():
+            setattr(results, name, _json(root / f"{name}.json"))
+    probe_csv = root / "vision" / "results.csv"
+    if probe_csv.is_file():
+        with open(probe_csv, newline="") as fh:
+            results.probe_rows = list(csv.DictReader(fh))
+    for summary in sorted((root / "eval").glob("*/*/summary.json")):
+        model, flag = summary.parent.parent.name, summary.parent.name
+        results.evals.setdefault(model, {})[flag] = _json(summary)
+    for recipe in sorted((root / "recipe").glob("*/recipe.json")):
+        results.recipes[recipe.parent.name] = _json(recipe)
+    return results

@@ -1,0 +1,105 @@
+"""The report from a hand-written run directory: every section renders, numbers come only from the inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from medrl.report import build_report
+from medrl.report.figures import transfer_matrix
+from medrl.report.load import load_run
+
+FLAGS = ["breastmnist", "pneumoniamnist"]
+# acc@1 and pass@4 per (model, flag), chosen by hand so every delta below is easy to check.
+SCORES = {
+    ("base", "breastmnist"): (0.50, 0.70),
+    ("base", "pneumoniamnist"): (0.40, 0.60),
+    ("sft_breastmnist", "breastmnist"): (0.75, 0.90),
+    ("sft_breastmnist", "pneumoniamnist"): (0.45, 0.65),
+    ("rl_base_breastmnist", "breastmnist"): (0.55, 0.68),
+    ("rl_sft_breastmnist", "breastmnist"): (0.85, 0.90),
+}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    _write(tmp_path / "plan.json", {"name": "unit", "illustrative": True, "flags": FLAGS, "support": {"k": 4}})
+    _write(
+        tmp_path / "runcard.json",
+        {"code": "abc123", "versions": {"torch": "2.13.0"}, "hardware": {"cpus": 2}, "seed": 0},
+    )
+    _write(
+        tmp_path / "stages.json",
+        {"vision": {"status": "done", "seconds": 12.5}, "support": {"status": "done", "seconds": 30}},
+    )
+    for (model, flag), (acc, p4) in SCORES.items():
+        metrics = {"questions": 32, "acc@1": acc, "pass@1": acc - 0.05, "pass@2": (acc + p4) / 2, "pass@4": p4,
+                   "majority": acc, "format_fail": 0.1, "unique": 1.5}  # fmt: skip
+        _write(
+            tmp_path / "eval" / model / flag / "summary.json",
+            {"meta": {}, "ks": [1, 2, 4], "metrics": {"all": metrics}},
+        )
+    _write(tmp_path / "recipe" / "breastmnist" / "recipe.json", {
+        "target": "breastmnist", "tau": 0.8, "k": 4, "final_model": "m",
+        "measurements": [{"label": "base", "model": "tiny", "acc1": 0.5, "pass_at_k": {"4": 0.7}, "n_questions": 32}],
+        "decisions": [{"action": "sft", "reason": "Pass@4 = 0.700 < tau = 0.800"}],
+    })  # fmt: skip
+    (tmp_path / "vision").mkdir()
+    with open(tmp_path / "vision" / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(
+            fh, fieldnames=["encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "majority"]
+        )
+        writer.writeheader()
+        writer.writerow({"encoder": "timm:resnet18", "pretrained": "False", "flag": "breastmnist", "size": 28,
+                         "image_size": 224, "probe": "sgd", "acc": 0.8123, "auc": 0.85,
+                         "majority": 0.7308})  # fmt: skip
+    return tmp_path
+
+
+def test_every_section_renders(run_dir: Path) -> None:
+    text = build_report(run_dir).read_text()
+    assert text.startswith("**Illustrative numbers.**")
+    for heading in (
+        "## 1. Vision",
+        "## 2-4. Support",
+        "## 5. Transfer",
+        "## 6. The boundary-aware recipe",
+        "## 7. Run card",
+    ):
+        assert heading in text
+    assert "Not run." not in text
+    assert "| timm:resnet18 | False | breastmnist | 28 | 224 | sgd | 0.812 | 0.850 | 0.731 |" in text
+    # SFT on breast: acc 0.75, pass@4 0.90 -> G_4 = 0.150.
+    assert "| SFT | 32 | 0.750 | 0.700 | 0.825 | 0.900 | 0.150 | 0.750 | 0.100 |" in text
+    assert "**sft**: Pass@4 = 0.700 < tau = 0.800" in text and "`abc123`" in text
+    for fig in ("probes", "support_breastmnist", "support_pneumoniamnist", "acc_gap", "transfer"):
+        png = run_dir / "figures" / f"{fig}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+
+
+def test_transfer_deltas_are_against_base(run_dir: Path) -> None:
+    rows, cols, deltas = transfer_matrix(load_run(run_dir))
+    assert cols == FLAGS
+    sft = deltas[rows.index("sft_breastmnist")]
+    assert sft == pytest.approx([0.25, 0.05])  # 0.75 - 0.50 on breast, 0.45 - 0.40 on pneumonia
+    rl = deltas[rows.index("rl_base_breastmnist")]
+    assert rl[0] == pytest.approx(0.05) and rl[1] != rl[1]  # not measured on pneumonia: NaN, shown as n/a
+
+
+def test_empty_run_says_not_run(tmp_path: Path) -> None:
+    text = build_report(tmp_path).read_text()
+    assert text.count("Not run.") == 4 and not text.startswith("**Illustrative")
+
+
+def test_corrupt_json_names_the_file(run_dir: Path) -> None:
+    (run_dir / "eval" / "base" / "breastmnist" / "summary.json").write_text("{")
+    with pytest.raises(ValueError, match="base/breastmnist/summary.json"):
+        build_report(run_dir)
