@@ -1,8 +1,12 @@
 """The trajectory: everything one GRPO step knows about its sampled completions, with every shape written down.
 
-Conventions: ``B`` prompts, ``G`` completions per prompt, ``N = B * G`` rows, prompt rows repeated ``G`` times
-in a row (rows ``g*G .. g*G+G-1`` are group ``g``), ``P`` prompt tokens (left-padded), ``L`` completion tokens
-(right-padded; the mask covers tokens up to and including the first end-of-sequence token).
+Conventions: ``B`` prompts, ``G`` completions per prompt, ``N = B * G`` rows, each prompt's rows adjacent
+(rows ``b*G .. b*G+G-1`` are group ``b``); ``T`` tokens per full sequence, ``L`` completion columns.
+
+Sequences are left-padded as a whole (``medrl.data.collate.encode_chat``'s layout: prompt, then the sampled
+completion, ending in the last column), so every row's completion lies inside the last ``L`` columns, aligned
+to the right; ``completion_mask`` marks which of those columns are completion tokens. All per-token tensors
+(``completion_mask``, log-probs) use that ``[N, L]`` window.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# Vision inputs whose first dimension counts patches, not rows: sliced through ``image_grid_thw``.
+# Vision inputs whose first dimension counts patches, not rows: sliced through their grid's patch counts.
 _PATCH_KEYS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 
@@ -21,78 +25,86 @@ _PATCH_KEYS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_g
 class Trajectory:
     """G sampled completions for each of B prompts, and what the step computed about them.
 
-    Everything is per row (``N = B * G``); the optional fields are filled stage by stage.
+    The optional fields are filled stage by stage (reward, advantage, log-probs).
     """
 
-    prompt_ids: Tensor  # [N, P] int64, left-padded
-    prompt_mask: Tensor  # [N, P] int64, 1 on real prompt tokens
-    completion_ids: Tensor  # [N, L] int64, right-padded
-    completion_mask: Tensor  # [N, L] int64, 1 up to and including the first end-of-sequence token
+    # Model forward kwargs: input_ids [N, T] and attention_mask [N, T] (plus mm_token_type_ids [N, T] where the
+    # processor makes it), pixel_values [sum of patches, D], image_grid_thw [N, 3]
+    inputs: dict[str, Tensor]
+    completion_mask: Tensor  # [N, L] bool, True on completion tokens (the end-of-turn token included)
     group_size: int  # G
-    texts: list[str]  # N decoded completions (special tokens skipped)
-    vision: dict[str, Tensor] = field(default_factory=dict)  # pixel_values [sum of patches, D], image_grid_thw [N, 3]
-    old_logprobs: Tensor | None = None  # [N, L] float, log-probs of the sampling policy (engine or recomputed)
-    ref_logprobs: Tensor | None = None  # [N, L] float, log-probs of the reference model (KL term only)
-    rewards: Tensor | None = None  # [N] float, weighted sum of the reward parts plus the CARE bonus
-    reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N] float, unweighted
-    advantages: Tensor | None = None  # [N] float
+    texts: list[str]  # N decoded completions (special tokens removed)
+    old_logprobs: Tensor | None = None  # [N, L] float32, sampling policy's log-probs (engine or recomputed)
+    ref_logprobs: Tensor | None = None  # [N, L] float32, reference model's log-probs (KL term only)
+    rewards: Tensor | None = None  # [N] float32, weighted sum of the reward parts plus the CARE bonus
+    reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N] float32, unweighted
+    advantages: Tensor | None = None  # [N] float32
 
     def __post_init__(self) -> None:
-        n = self.prompt_ids.shape[0]
-        if self.group_size < 1 or n % self.group_size:
-            raise ValueError(f"{n} rows is not a whole number of groups of {self.group_size}")
-        for name in ("prompt_mask", "completion_ids", "completion_mask"):
-            if getattr(self, name).shape[0] != n:
-                raise ValueError(f"Trajectory.{name} has {getattr(self, name).shape[0]} rows, prompt_ids has {n}")
+        n = self.num_rows
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.completion_mask.shape[0] != n or self.completion_mask.shape[1] > self.inputs["input_ids"].shape[1]:
+            raise ValueError(
+                f"completion_mask {tuple(self.completion_mask.shape)} does not fit input_ids "
+                f"{tuple(self.inputs['input_ids'].shape)}"
+            )
         if len(self.texts) != n:
             raise ValueError(f"Trajectory.texts has {len(self.texts)} entries for {n} rows")
 
     @property
     def num_rows(self) -> int:
         """N = B * G."""
-        return self.prompt_ids.shape[0]
+        return self.inputs["input_ids"].shape[0]
 
     @property
     def num_groups(self) -> int:
-        """B."""
+        """B (the rows must be whole groups)."""
+        if self.num_rows % self.group_size:
+            raise ValueError(f"{self.num_rows} rows is not a whole number of groups of {self.group_size}")
         return self.num_rows // self.group_size
 
-    def input_ids(self) -> Tensor:
-        """Prompt and completion side by side: ``[N, P + L]``."""
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+    @property
+    def completion_length(self) -> int:
+        """L, the width of the completion window."""
+        return self.completion_mask.shape[1]
 
-    def attention_mask(self) -> Tensor:
-        """``[N, P + L]``; padding after the end of a completion is masked out."""
-        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
+    @property
+    def completion_ids(self) -> Tensor:
+        """``[N, L]`` the last L columns of ``input_ids`` (prompt tokens where the mask is False)."""
+        return self.inputs["input_ids"][:, -self.completion_length :]
 
-    def select_rows(self, rows: Tensor | list[int], group_size: int | None = None) -> Trajectory:
-        """The trajectory restricted to ``rows`` (row order kept as given), vision patches included."""
+    def _token_keys(self) -> list[str]:
+        shape = self.inputs["input_ids"].shape
+        return [k for k, v in self.inputs.items() if v.shape == shape]
+
+    def select_rows(self, rows: Tensor | list[int]) -> Trajectory:
+        """The trajectory restricted to ``rows`` (in the order given), vision patches included.
+
+        Rows need not form whole groups (micro-batches do not); ``group_size`` is kept as it is.
+        """
         rows_t = torch.as_tensor(rows, dtype=torch.long)
         rows_l = rows_t.tolist()
 
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[rows_t.to(t.device)]
 
-        vision = {}
-        for key, value in self.vision.items():
+        inputs = {}
+        for key, value in self.inputs.items():
             grid_key = _PATCH_KEYS.get(key)
             if grid_key is None:
-                vision[key] = value[rows_t.to(value.device)]
+                inputs[key] = value[rows_t.to(value.device)]
                 continue
-            counts = self.vision[grid_key].prod(-1).tolist()  # patches per row
+            counts = self.inputs[grid_key].prod(-1).tolist()  # patches of each row's image
             starts = [0]
             for c in counts:
                 starts.append(starts[-1] + c)
-            vision[key] = torch.cat([value[starts[r] : starts[r + 1]] for r in rows_l])
+            inputs[key] = torch.cat([value[starts[r] : starts[r + 1]] for r in rows_l])
         return replace(
             self,
-            prompt_ids=self.prompt_ids[rows_t],
-            prompt_mask=self.prompt_mask[rows_t],
-            completion_ids=self.completion_ids[rows_t],
+            inputs=inputs,
             completion_mask=self.completion_mask[rows_t],
-            group_size=group_size or self.group_size,
             texts=[self.texts[r] for r in rows_l],
-            vision=vision,
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
             rewards=pick(self.rewards),
@@ -108,58 +120,69 @@ class Trajectory:
 
     @staticmethod
     def cat(parts: list[Trajectory], pad_token_id: int) -> Trajectory:
-        """Trajectories one after another, prompts re-padded on the left and completions on the right."""
+        """Trajectories one after another; sequences and completion windows re-padded on the left."""
         if not parts:
             raise ValueError("Trajectory.cat needs at least one trajectory")
         if len({p.group_size for p in parts}) != 1:
             raise ValueError("Trajectory.cat: all parts must have the same group size")
-        p_len = max(p.prompt_ids.shape[1] for p in parts)
-        c_len = max(p.completion_ids.shape[1] for p in parts)
+        keys = set(parts[0].inputs)
+        if any(set(p.inputs) != keys for p in parts):
+            raise ValueError("Trajectory.cat: parts carry different model inputs")
+        token_keys = parts[0]._token_keys()
+        width = max(p.inputs["input_ids"].shape[1] for p in parts)
+        window = max(p.completion_length for p in parts)
 
-        def left(t: Tensor, width: int, value: float) -> Tensor:
-            return F.pad(t, (width - t.shape[1], 0), value=value)
+        def left(t: Tensor, to: int, value: float) -> Tensor:
+            return F.pad(t, (to - t.shape[1], 0), value=value)
 
-        def right(t: Tensor | None, width: int, value: float) -> Tensor | None:
-            return None if t is None else F.pad(t, (0, width - t.shape[1]), value=value)
-
-        def cat_optional(name: str, width: int | None = None) -> Tensor | None:
+        def cat_window(name: str) -> Tensor | None:
             values = [getattr(p, name) for p in parts]
-            if any(v is None for v in values):
-                return None
-            if width is not None:
-                values = [right(v, width, 0.0) for v in values]
-            return torch.cat(values)
+            return None if any(v is None for v in values) else torch.cat([left(v, window, 0.0) for v in values])
 
-        keys = set(parts[0].vision)
-        if any(set(p.vision) != keys for p in parts):
-            raise ValueError("Trajectory.cat: parts carry different vision inputs")
-        reward_keys = set(parts[0].reward_parts)
+        def cat_rows(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        inputs = {}
+        for key in keys:
+            if key in token_keys:
+                fill = pad_token_id if key == "input_ids" else 0
+                inputs[key] = torch.cat([left(p.inputs[key], width, fill) for p in parts])
+            else:
+                inputs[key] = torch.cat([p.inputs[key] for p in parts])
+        shared_parts = set.intersection(*(set(p.reward_parts) for p in parts))
         return Trajectory(
-            prompt_ids=torch.cat([left(p.prompt_ids, p_len, pad_token_id) for p in parts]),
-            prompt_mask=torch.cat([left(p.prompt_mask, p_len, 0) for p in parts]),
-            completion_ids=torch.cat([right(p.completion_ids, c_len, pad_token_id) for p in parts]),
-            completion_mask=torch.cat([right(p.completion_mask, c_len, 0) for p in parts]),
+            inputs=inputs,
+            completion_mask=torch.cat([left(p.completion_mask, window, False) for p in parts]),
             group_size=parts[0].group_size,
             texts=[t for p in parts for t in p.texts],
-            vision={k: torch.cat([p.vision[k] for p in parts]) for k in keys},
-            old_logprobs=cat_optional("old_logprobs", c_len),
-            ref_logprobs=cat_optional("ref_logprobs", c_len),
-            rewards=cat_optional("rewards"),
-            reward_parts={
-                k: torch.cat([p.reward_parts[k] for p in parts])
-                for k in reward_keys
-                if all(k in p.reward_parts for p in parts)
-            },
-            advantages=cat_optional("advantages"),
+            old_logprobs=cat_window("old_logprobs"),
+            ref_logprobs=cat_window("ref_logprobs"),
+            rewards=cat_rows("rewards"),
+            reward_parts={k: torch.cat([p.reward_parts[k] for p in parts]) for k in sorted(shared_parts)},
+            advantages=cat_rows("advantages"),
+        )
+
+    def to(self, device: torch.device | str) -> Trajectory:
+        """The same trajectory with every tensor on ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            inputs={k: v.to(device) for k, v in self.inputs.items()},
+            completion_mask=self.completion_mask.to(device),
+            old_logprobs=move(self.old_logprobs),
+            ref_logprobs=move(self.ref_logprobs),
+            rewards=move(self.rewards),
+            reward_parts={k: v.to(device) for k, v in self.reward_parts.items()},
+            advantages=move(self.advantages),
         )
 
     def state_dict(self) -> dict:
-        """Plain tensors, strings and numbers only, so a checkpoint holding it loads with ``weights_only=True``."""
-        out: dict = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = dict(value) if isinstance(value, dict) else value
-        return out
+        """Tensors, strings and numbers only, so a checkpoint holding it loads with ``weights_only=True``."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Trajectory:

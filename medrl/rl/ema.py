@@ -1,0 +1,90 @@
+"""The CARE reference model: an exponential moving average of the policy, swapped in only to score.
+
+Only the trainable parameters are averaged (with LoRA, the adapter; with full fine-tuning, everything that
+trains): frozen weights are the same in the policy and its average, so no second model is ever held. The
+average is kept in float32 even when the model trains in bf16, where a 0.5 % step would round away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class EMAReference:
+    """EMA shadow of a model's trainable parameters (CARE: decay 0.995 applied every 10 optimizer steps).
+
+    Args:
+        model: the policy; its parameters that require grad are tracked, by name.
+        decay: weight of the old average in each update, ``ema = decay * ema + (1 - decay) * param``.
+        every: apply one update every this many optimizer steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.995, every: int = 10) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if every < 1:
+            raise ValueError(f"EMA update interval must be >= 1 step, got {every}")
+        self.decay, self.every = decay, every
+        self.shadow: dict[str, Tensor] = {
+            name: p.detach().to(torch.float32, copy=True) for name, p in model.named_parameters() if p.requires_grad
+        }
+        if not self.shadow:
+            raise ValueError("EMAReference: the model has no trainable parameters to average")
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self.shadow if n not in params]
+        if missing:
+            raise KeyError(f"EMAReference: the model lacks tracked parameters, e.g. {missing[0]!r}")
+        return {n: params[n] for n in self.shadow}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One EMA update from the model's current weights."""
+        for name, p in self._params(model).items():
+            s = self.shadow[name]
+            s.lerp_(p.detach().to(device=s.device, dtype=s.dtype), 1.0 - self.decay)
+
+    def maybe_update(self, model: nn.Module, step: int) -> bool:
+        """Update when ``step`` (optimizer steps taken so far, counted from 1) is a multiple of ``every``."""
+        if step > 0 and step % self.every == 0:
+            self.update(model)
+            return True
+        return False
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Within the block the model's tracked parameters hold the EMA weights; restored on exit."""
+        params = self._params(model)
+        saved = {}
+        try:
+            for name, p in params.items():
+                saved[name] = p.data
+                p.data = self.shadow[name].to(device=p.device, dtype=p.dtype)
+            yield model
+        finally:
+            for name, data in saved.items():
+                params[name].data = data
+
+    def to(self, device: torch.device | str) -> EMAReference:
+        """Move the shadow weights (e.g. next to the model after Lightning placed it)."""
+        self.shadow = {n: s.to(device) for n, s in self.shadow.items()}
+        return self
+
+    def state_dict(self) -> dict:
+        """Tensors and numbers only: safe to load with ``weights_only=True``."""
+        return {"decay": self.decay, "every": self.every, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the average written by :meth:`state_dict` (names must match the tracked parameters)."""
+        shadow = state["shadow"]
+        if set(shadow) != set(self.shadow):
+            extra = sorted(set(shadow) ^ set(self.shadow))[:3]
+            raise KeyError(f"EMAReference: checkpoint tracks different parameters than the model, e.g. {extra}")
+        self.decay, self.every = float(state["decay"]), int(state["every"])
+        device = next(iter(self.shadow.values())).device
+        self.shadow = {n: t.to(device=device, dtype=torch.float32) for n, t in shadow.items()}

@@ -1,0 +1,119 @@
+"""From an engine's completions to a :class:`Trajectory`, and the policy's forward passes over one.
+
+The engine returns token ids; :func:`medrl.data.collate.encode_chat` appends them to the chat-templated
+prompts exactly as generated (no re-tokenisation, which could merge tokens across the boundary) and pads
+whole sequences on the left, so every completion ends in the last column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medrl.data.collate import encode_chat
+from medrl.rl.logprobs import token_entropy, token_logprobs
+from medrl.rl.rewards import answer_mask, answer_token_span
+from medrl.rl.types import Trajectory
+from medrl.rollout.base import PromptResult
+
+# Item fields that are model inputs, not columns a reward function could use.
+_NOT_COLUMNS = ("image", "messages")
+
+
+def build_trajectory(processor: Any, items: Sequence[Mapping[str, Any]], results: Sequence[PromptResult]) -> Trajectory:
+    """One row per sampled completion (prompt-major), with the engine's log-probs when it returned them."""
+    if len(items) != len(results):
+        raise ValueError(f"{len(items)} prompts but {len(results)} engine results")
+    sizes = {len(r.samples) for r in results}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"every prompt needs the same number (>= 1) of samples, got {sorted(sizes)}")
+    group = sizes.pop()
+    completions = [c for r in results for c in r.samples]
+    messages = [item["messages"] for item in items for _ in range(group)]
+    has_images = all(item.get("image") is not None for item in items)
+    images = [item["image"] for item in items for _ in range(group)] if has_images else None
+    batch = encode_chat(processor, messages, images, completions=[c.token_ids for c in completions])
+    lengths = [len(c.token_ids) for c in completions]
+    window = max(max(lengths), 1)
+    mask = batch.assistant_mask[:, -window:]
+    old = None
+    if all(c.logprobs is not None for c in completions):
+        old = torch.zeros(len(completions), window, dtype=torch.float32)
+        for row, c in enumerate(completions):
+            if c.token_ids:
+                old[row, window - len(c.token_ids) :] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return Trajectory(
+        inputs=batch.inputs,
+        completion_mask=mask,
+        group_size=group,
+        texts=[c.text for c in completions],
+        old_logprobs=old,
+    )
+
+
+def reward_columns(items: Sequence[Mapping[str, Any]], group_size: int) -> dict[str, list[Any]]:
+    """The items' fields (answer, options, prompt, ...) repeated per row, for reward functions."""
+    keys = [k for k in items[0] if k not in _NOT_COLUMNS]
+    return {k: [item.get(k) for item in items for _ in range(group_size)] for k in keys}
+
+
+def answer_window_mask(tokenizer: Any, traj: Trajectory, rows: Sequence[int]) -> Tensor:
+    """``[len(rows), L]`` bool: the answer tokens (inside the last ``<answer>`` block) of the given rows."""
+    window = traj.completion_length
+    out = torch.zeros(len(rows), window, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids = traj.completion_ids[row][traj.completion_mask[row]].tolist()
+        pieces = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=True)
+        span = answer_token_span(pieces)
+        if span is not None:
+            out[i, window - len(ids) :] = answer_mask([span], len(ids))[0]
+    return out
+
+
+def _trim_left(inputs: dict[str, Tensor], keep: int) -> dict[str, Tensor]:
+    """Drop leading columns that are padding in every row (never the last ``keep``)."""
+    attention = inputs["attention_mask"]
+    real = attention.any(0).nonzero()
+    first = int(real[0]) if len(real) else 0
+    first = min(first, attention.shape[1] - keep)
+    if first <= 0:
+        return inputs
+    shape = attention.shape
+    return {k: (v[:, first:] if v.shape == shape else v) for k, v in inputs.items()}
+
+
+def forward_logprobs(
+    model: nn.Module, traj: Trajectory, rows: Sequence[int] | None = None, entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs ``[n, L]`` of the completion tokens of ``rows`` (all rows by default) under ``model``.
+
+    Gradients flow when enabled by the caller. Only the last ``L + 1`` positions' logits are computed
+    (``logits_to_keep``), which is where the completion is. With ``entropy`` also returns the per-token
+    entropy ``[n, L]`` (no gradient), else None.
+    """
+    sub = traj if rows is None else traj.select_rows(list(rows))
+    window = sub.completion_length
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+        for k, v in _trim_left(sub.inputs, window + 1).items()
+    }
+    logits = model(**inputs, logits_to_keep=window + 1, use_cache=False).logits[:, :-1]  # [n, L, V]
+    ids = inputs["input_ids"][:, -window:]
+    logp = token_logprobs(logits, ids)
+    ent = token_entropy(logits) if entropy else None
+    return logp, ent
+
+
+@torch.no_grad()
+def batched_logprobs(model: nn.Module, traj: Trajectory, micro_batch: int, rows: Sequence[int] | None = None) -> Tensor:
+    """``[n, L]`` log-probs without gradients, ``micro_batch`` rows per forward."""
+    rows = list(range(traj.num_rows)) if rows is None else list(rows)
+    out = [forward_logprobs(model, traj, rows[i : i + micro_batch])[0] for i in range(0, len(rows), micro_batch)]
+    if not out:
+        return torch.zeros(0, traj.completion_length)
+    return torch.cat(out)
