@@ -6,6 +6,7 @@ way in the main process, in spawned DDP workers and in vLLM's engine process.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -15,36 +16,34 @@ from lightning.pytorch.cli import LightningCLI
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
 
-def _data_verbs() -> dict[str, Callable[..., int]]:
-    from medrl.data import commands, pmc_subset
-
-    return {
-        "verify": commands.verify,
-        "synth": commands.synth,
-        "fetch": commands.fetch,
-        "pmc-subset": pmc_subset.pmc_subset,
-    }
-
-
-def _bench_eval_verb() -> Callable[..., int]:
-    from medrl.bench_eval import bench_eval
-
-    return bench_eval  # a single command: `medrl bench-eval --model M --suite DIR`
-
-
-def _probe_table_verb() -> Callable[..., int]:
-    from medrl.probe_table import probe_table
-
-    return probe_table  # a single command: `medrl probe-table --encoders [...] --flags [...]`
-
-
-# verb -> (one-line help, factory of {sub-verb: function}); each function's signature and docstring
-# are its command line (jsonargparse), so `medrl data verify --help` explains every flag.
-STUDY_VERBS: dict[str, tuple[str, Callable[[], dict[str, Callable[..., int]]]]] = {
-    "data": ("MedMNIST files: verify against the official MD5s, synthesise, fetch", _data_verbs),
-    "bench-eval": ("a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark", _bench_eval_verb),
-    "probe-table": ("linear probes: encoders x flags x sizes -> CSV, markdown and chart", _probe_table_verb),
+# verb -> (one-line help, "module:function" or {sub-verb: "module:function"}). Each function's signature
+# and docstring are its command line (jsonargparse), so `medrl data verify --help` explains every flag.
+# Targets are imported only when their verb runs, so `medrl --help` stays fast.
+STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
+    "data": (
+        "MedMNIST files: verify against the official MD5s, synthesise, fetch; PMC-VQA balanced subsets",
+        {
+            "verify": "medrl.data.commands:verify",
+            "synth": "medrl.data.commands:synth",
+            "fetch": "medrl.data.commands:fetch",
+            "pmc-subset": "medrl.data.pmc_subset:pmc_subset",
+        },
+    ),
+    "probe-table": (
+        "linear probes: encoders x flags x sizes -> CSV, markdown and chart",
+        "medrl.probe_table:probe_table",
+    ),
+    "bench-eval": (
+        "a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark",
+        "medrl.bench_eval:bench_eval",
+    ),
+    "report": ("report.md and figures from a study run directory", "medrl.report.build:report"),
 }
+
+
+def _load(target: str) -> Callable[..., int]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class MedRLCLI(LightningCLI):
@@ -92,13 +91,13 @@ def _overview() -> str:
         "When does RL help medical VLMs? Probes, Pass@K, SFT and GRPO on MedMNIST and PMC-VQA.",
         "",
         "Training and evaluation (LightningCLI; combine several --config files, later ones win):",
-        "  fit        train a model:            medrl fit --config configs/probe.yaml",
-        "  validate   run the validation loop:  medrl validate --config configs/... --ckpt_path ...",
-        "  test       run the test loop",
-        "  predict    run the predict loop",
+        "  fit          train a model:            medrl fit --config configs/probe.yaml",
+        "  validate     run the validation loop:  medrl validate --config configs/... --ckpt_path ...",
+        "  test         run the test loop",
+        "  predict      run the predict loop",
         "",
         "Study verbs:",
-        *(f"  {verb:<10} {doc}" for verb, (doc, _) in STUDY_VERBS.items()),
+        *(f"  {verb:<12} {doc}" for verb, (doc, _) in STUDY_VERBS.items()),
         "",
         "`medrl VERB --help` explains a verb's options; `medrl fit --print_config --config X` shows a full config.",
     ]
@@ -108,8 +107,9 @@ def _overview() -> str:
 def _run_study_verb(verb: str, argv: list[str]) -> int:
     from jsonargparse import auto_cli
 
-    _, factory = STUDY_VERBS[verb]
-    result = auto_cli(factory(), args=argv, as_positional=False, prog=f"medrl {verb}")
+    _, target = STUDY_VERBS[verb]
+    commands = {sub: _load(t) for sub, t in target.items()} if isinstance(target, dict) else _load(target)
+    result = auto_cli(commands, args=argv, as_positional=False, prog=f"medrl {verb}")
     return int(result or 0)
 
 
