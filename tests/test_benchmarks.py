@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from medrl.bench_eval import evaluate_items
-from medrl.cli import main
+from medrl.cli import MedRLCLI, main
 from medrl.data.benchmarks import (
     BENCHMARKS,
     BenchmarkSuiteDataModule,
@@ -18,6 +18,7 @@ from medrl.data.benchmarks import (
     load_suite,
     parse_options,
 )
+from medrl.data.pmc_vqa import PMCVQADataModule
 from medrl.data.vqa import INSTRUCTION, format_prompt
 from medrl.metrics.benchmark_table import score, table_rows
 from medrl.rollout.base import Completion, Engine, PromptResult, SamplingParams
@@ -303,3 +304,38 @@ def test_bench_eval_command(suite: Path, tiny_dir: Path, tmp_path: Path, capsys:
     assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 6
     with pytest.raises(SystemExit, match="other settings"):  # same folder, other settings: refused
         main([*args, "--n", "4"])
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT_EVAL = ["--trainer.callbacks.max_new_tokens", "8", "--trainer.callbacks.output_dir"]
+
+
+def test_sft_on_pmc_validated_per_benchmark_fast_dev_run(suite: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    from test_pmc_vqa import make_pmc
+
+    root = make_pmc(tmp_path / "pmc")
+    cli = MedRLCLI(args=[
+        "fit", "--config", str(REPO / "configs/sft.yaml"), "--config", str(REPO / "callbacks/pass_at_k.yaml"),
+        "--data", "medrl.data.pmc_vqa.PMCVQADataModule", "--data.root", str(root), "--data.val_suite", str(suite),
+        "--data.batch_size", "4", "--model.model", str(tiny_dir), "--trainer.fast_dev_run", "true",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.callbacks.n", "2",
+        "--trainer.callbacks.ks", "[1, 2]", "--trainer.callbacks.before_training", "false",
+        *SHORT_EVAL, str(tmp_path / "eval"),
+    ])  # fmt: skip
+    assert isinstance(cli.datamodule, PMCVQADataModule) and cli.trainer.global_step == 1
+    metrics = cli.trainer.callback_metrics
+    for bench in BENCHMARKS:
+        assert 0.0 <= float(metrics[f"val/{bench}/pass@2"]) <= 1.0
+    assert float(metrics["val/questions"]) == 16
+
+
+def test_validate_with_the_benchmarks_config(suite: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    cli = MedRLCLI(args=[
+        "validate", "--config", str(REPO / "configs/benchmarks.yaml"), "--data.suite", str(suite),
+        "--model.model", str(tiny_dir), "--trainer.default_root_dir", str(tmp_path), *SHORT_EVAL, str(tmp_path),
+    ])  # fmt: skip
+    metrics = cli.trainer.callback_metrics
+    assert {f"val/{b}/acc@1" for b in BENCHMARKS} <= set(metrics)
+    rows = [json.loads(line) for line in (tmp_path / "validate" / "questions.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(f"{it.benchmark}/{it.dataset_index}" for it in
+                                                   BenchmarkSuiteDataModule(str(suite)).dataset().items)  # fmt: skip

@@ -43,6 +43,7 @@ _ALIASES: tuple[tuple[str, str], ...] = (
     ("vqarad", "VQA-RAD"),
 )
 YES_NO = {"A": "yes", "B": "no"}
+SUITE_SUBDIR = "medvqa_suite"
 
 
 class SuiteError(ValueError):
@@ -172,9 +173,20 @@ def parse_row(row: Any) -> tuple[MCQItem | None, list[tuple[str, str]]]:
     return item, []
 
 
-def suite_files(suite: str | os.PathLike) -> list[Path]:
+def resolve_suite(suite: str | os.PathLike | None) -> Path:
+    """The suite's location: ``suite``, else ``$MEDRL_DATA_DIR/medvqa_suite``."""
+    if suite:
+        return Path(suite).expanduser()
+    if os.environ.get("MEDRL_DATA_DIR"):
+        return Path(os.environ["MEDRL_DATA_DIR"]).expanduser() / SUITE_SUBDIR
+    raise SuiteError(
+        f"no benchmark suite: pass `suite` (--data.suite DIR) or put the export in $MEDRL_DATA_DIR/{SUITE_SUBDIR}"
+    )
+
+
+def suite_files(suite: str | os.PathLike | None) -> list[Path]:
     """The JSONL files of a suite: the file itself, or every ``*.jsonl`` in a folder (sorted)."""
-    path = Path(suite).expanduser()
+    path = resolve_suite(suite)
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -246,7 +258,7 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
     Items carry ``flag`` = the benchmark's short name, so per-modality metrics come out per benchmark.
 
     Args:
-        suite: the export's JSONL file, or a folder of them.
+        suite: the export's JSONL file, or a folder of them (default: $MEDRL_DATA_DIR/medvqa_suite).
         image_root: where image paths are relative to (default: each JSONL file's folder).
         benchmarks: keep only these benchmarks (short names or dataset names; None keeps all).
         samples_per_benchmark: a seeded subset of this many items per benchmark (None: all).
@@ -260,7 +272,7 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        suite: str,
+        suite: str | None = None,
         image_root: str | None = None,
         benchmarks: list[str] | None = None,
         samples_per_benchmark: int | None = None,
@@ -313,7 +325,7 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
 
 
 def load_suite(
-    suite: str,
+    suite: str | None,
     image_root: str | None = None,
     image_check: ImageCheck = "decode",
     benchmarks: list[str] | None = None,

@@ -367,7 +367,7 @@ def pmc_subset(
 
     Args:
         n: items in the subset (a multiple of 4 balances the letters exactly).
-        root: the PMC-VQA folder (default: $MEDRL_PMC_VQA_DIR, else $MEDRL_DATA_DIR/pmc_vqa).
+        root: the PMC-VQA folder (default: $MEDRL_DATA_DIR/pmc_vqa).
         train: the training CSV, relative to root.
         tests: CSVs whose questions and images are excluded (default: test.csv and test_clean.csv).
         images: image folder or zip (default: root/images, else root/images.zip).

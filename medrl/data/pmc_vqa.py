@@ -28,8 +28,8 @@ from medrl.data.medmnist import vqa_collate
 from medrl.data.resumable import ResumableLoader
 from medrl.io import atomic_write_json
 
-PMC_DIR_ENV = "MEDRL_PMC_VQA_DIR"
 DATA_DIR_ENV = "MEDRL_DATA_DIR"
+PMC_SUBDIR = "pmc_vqa"
 PMC_LETTERS = "ABCD"
 REQUIRED_COLUMNS = ("Figure_path", "Question", "Answer", *(f"Choice {c}" for c in PMC_LETTERS), "Answer_label")
 DATASET_NAME = "pmc_vqa"
@@ -43,16 +43,14 @@ class PMCVQAError(ValueError):
 
 
 def resolve_pmc_root(root: str | os.PathLike | None) -> Path:
-    """The PMC-VQA folder: ``root``, else ``$MEDRL_PMC_VQA_DIR``, else ``$MEDRL_DATA_DIR/pmc_vqa``."""
+    """The PMC-VQA folder: ``root``, else ``$MEDRL_DATA_DIR/pmc_vqa``."""
     if root:
         return Path(root).expanduser()
-    if os.environ.get(PMC_DIR_ENV):
-        return Path(os.environ[PMC_DIR_ENV]).expanduser()
     if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]).expanduser() / "pmc_vqa"
+        return Path(os.environ[DATA_DIR_ENV]).expanduser() / PMC_SUBDIR
     raise PMCVQAError(
-        f"no PMC-VQA folder: pass `root` (--data.root DIR) or set {PMC_DIR_ENV}=DIR. The folder holds the official "
-        "train.csv, test.csv, test_clean.csv and images/ (or images.zip) from the PMC-VQA release."
+        f"no PMC-VQA folder: pass `root` (--data.root DIR) or set {DATA_DIR_ENV} and put the files in "
+        f"${DATA_DIR_ENV}/{PMC_SUBDIR}: the official train.csv, test.csv, test_clean.csv and images/ (or images.zip)."
     )
 
 
@@ -178,7 +176,7 @@ class PMCVQADataModule(L.LightningDataModule):
     validated when set up and its report of dropped rows is printed (and written to ``report_dir``).
 
     Args:
-        root: folder of the official files (default: $MEDRL_PMC_VQA_DIR, else $MEDRL_DATA_DIR/pmc_vqa).
+        root: folder of the official files (default: $MEDRL_DATA_DIR/pmc_vqa).
         train_file: training rows: a CSV in the official format or a subset JSONL; relative to ``root``.
         val_file: validation rows (CSV or JSONL), relative to ``root``.
         test_file: test rows (CSV or JSONL), relative to ``root``.
