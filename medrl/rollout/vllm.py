@@ -45,12 +45,17 @@ def _request_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x3FFFFFFF
 
 
-def _save_skeleton(model: torch.nn.Module, processor: Any, folder: Path) -> None:
-    """Config, generation config and processor of an in-memory model: what vLLM needs to build it empty."""
+def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:
+    """Save an in-memory policy (merged, if PEFT) with its processor, for vLLM to start from.
+
+    vLLM's ``load_format="dummy"`` would avoid the write, but it also randomises persistent buffers that
+    no checkpoint carries (Qwen2.5-VL's fused image normalisation), which a later weight push cannot repair.
+    """
+    from medrl.rollout.weights import policy_weights
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config.save_pretrained(folder)
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(folder)
+    state = {name: tensor.detach().contiguous() for name, tensor in policy_weights(model)}
+    base.save_pretrained(folder, state_dict=state)
     processor.save_pretrained(folder)
 
 
@@ -58,8 +63,8 @@ class VLLMEngine(Engine):
     """vLLM offline inference in this process, with in-place weight updates from the training policy.
 
     Args:
-        model: a model argument (``tiny``, a folder, a hub id) to load from disk, or the in-memory policy
-            (full or PEFT): vLLM is then built empty from its config and receives its weights directly.
+        model: a model argument (``tiny``, a folder, a hub id), or the in-memory policy (full or PEFT),
+            which is saved once to a temporary folder for vLLM to start from; later updates go in place.
         processor: the model's processor; required with an in-memory model, else loaded from the folder.
         dtype: weight dtype in vLLM (``auto``: the policy's dtype, else fp32 on CPU and bf16 on GPU).
         max_model_len: longest prompt + completion in tokens.
@@ -92,11 +97,11 @@ class VLLMEngine(Engine):
             if processor is None:
                 raise ValueError("VLLMEngine(model=<in-memory model>) needs its processor")
             self._tmp = Path(tempfile.mkdtemp(prefix="medrl-vllm-"))
-            _save_skeleton(policy, processor, self._tmp)
-            path, load_format = self._tmp, "dummy"  # random init; the real weights are pushed below
+            _save_policy(policy, processor, self._tmp)
+            path = self._tmp
             param_dtype = next(policy.parameters()).dtype
         else:
-            path, load_format = resolve_model(model), "auto"
+            path = resolve_model(model)
             processor = processor or load_processor(path)
             param_dtype = None
         self.processor = processor
@@ -112,7 +117,6 @@ class VLLMEngine(Engine):
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1},
             enforce_eager=enforce_eager,
-            load_format=load_format,
             max_num_seqs=max_num_seqs,
             seed=seed,
             disable_log_stats=True,
@@ -122,8 +126,6 @@ class VLLMEngine(Engine):
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 1024**3)
         self.llm = self._start(kwargs)
-        if policy is not None:
-            self.sync(policy)
 
     @staticmethod
     def _start(kwargs: dict[str, Any]):
