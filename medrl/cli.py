@@ -37,6 +37,7 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
         "a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark",
         "medrl.bench_eval:bench_eval",
     ),
+    "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.evaluation:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.report.build:report"),
 }
 
