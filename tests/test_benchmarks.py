@@ -316,17 +316,18 @@ def test_sft_on_pmc_validated_per_benchmark_fast_dev_run(suite: Path, tiny_dir: 
     root = make_pmc(tmp_path / "pmc")
     cli = MedRLCLI(args=[
         "fit", "--config", str(REPO / "configs/sft.yaml"), "--config", str(REPO / "callbacks/pass_at_k.yaml"),
-        "--data", "medrl.data.pmc_vqa.PMCVQADataModule", "--data.root", str(root), "--data.val_suite", str(suite),
-        "--data.batch_size", "4", "--model.model", str(tiny_dir), "--trainer.fast_dev_run", "true",
-        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.callbacks.n", "2",
-        "--trainer.callbacks.ks", "[1, 2]", "--trainer.callbacks.before_training", "false",
+        "--data", "medrl.data.pmc_vqa.PMCVQADataModule", "--data.root", str(root), "--data.validate_on", "suite",
+        "--data.suite", str(suite), "--data.batch_size", "4", "--data.val_samples", "1",
+        "--model.model", str(tiny_dir), "--trainer.fast_dev_run", "true", "--trainer.default_root_dir",
+        str(tmp_path / "run"), "--trainer.callbacks.n", "2", "--trainer.callbacks.ks", "[1, 2]",
+        "--trainer.callbacks.before_training", "false",
         *SHORT_EVAL, str(tmp_path / "eval"),
     ])  # fmt: skip
     assert isinstance(cli.datamodule, PMCVQADataModule) and cli.trainer.global_step == 1
     metrics = cli.trainer.callback_metrics
     for bench in BENCHMARKS:
         assert 0.0 <= float(metrics[f"val/{bench}/pass@2"]) <= 1.0
-    assert float(metrics["val/questions"]) == 16
+    assert float(metrics["val/questions"]) == 6  # one per benchmark
 
 
 def test_validate_with_the_benchmarks_config(suite: Path, tiny_dir: Path, tmp_path: Path) -> None:
@@ -339,3 +340,24 @@ def test_validate_with_the_benchmarks_config(suite: Path, tiny_dir: Path, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "validate" / "questions.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(f"{it.benchmark}/{it.dataset_index}" for it in
                                                    BenchmarkSuiteDataModule(str(suite)).dataset().items)  # fmt: skip
+
+
+def test_grpo_on_a_pmc_subset_with_the_octomed_config_fast_dev_run(suite: Path, tiny_dir: Path, tmp_path) -> None:
+    """configs/rl_octomed_pmc.yaml end to end on CPU: the subset builder's output trains, the suite validates."""
+    from test_pmc_vqa import make_pmc
+
+    root = make_pmc(tmp_path / "pmc")
+    assert main(["data", "pmc-subset", "--n", "16", "--root", str(root)]) == 0
+    cli = MedRLCLI(args=[
+        "fit", "--config", str(REPO / "configs/rl_octomed_pmc.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.precision", "32-true", "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
+        "--model.model", str(tiny_dir), "--model.engine", "hf", "--model.engine_options", "null",
+        "--model.dtype", "float32", "--model.gradient_checkpointing", "false", "--model.num_generations", "2",
+        "--model.max_completion_length", "8", "--model.val_max_new_tokens", "8",
+        "--data.root", str(root), "--data.train_file", "pmc_vqa_16.jsonl", "--data.suite", str(suite),
+        "--data.batch_size", "4", "--data.val_samples", "1",
+    ])  # fmt: skip
+    assert cli.trainer.global_step == 1
+    assert len(cli.datamodule.dataset("train")) == 16 and len(cli.datamodule.dataset("val")) == 6  # 1 per benchmark
+    metrics = cli.trainer.callback_metrics
+    assert {"reward/accuracy", "time/generate", "val/accuracy"} <= set(metrics)

@@ -311,7 +311,7 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         raise MisconfigurationException(
             "BenchmarkSuiteDataModule is evaluation-only: use `medrl validate`/`test`, or train on PMCVQADataModule "
-            "with `val_suite` pointing at this suite"
+            "with `validate_on: suite`"
         )
 
     def val_dataloader(self) -> DataLoader:

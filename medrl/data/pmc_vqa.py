@@ -15,7 +15,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -172,7 +172,7 @@ class PMCVQADataModule(L.LightningDataModule):
     """PMC-VQA multiple choice (4 options) as VQA items, from the official CSVs or a balanced subset.
 
     Training reads ``train_file`` (the official CSV or a JSONL written by ``medrl data pmc-subset``);
-    validation reads ``val_file``, or the six-benchmark suite when ``val_suite`` is set. Every split is
+    validation reads ``val_file``, or the six-benchmark suite with ``validate_on="suite"``. Every split is
     validated when set up and its report of dropped rows is printed (and written to ``report_dir``).
 
     Args:
@@ -181,9 +181,10 @@ class PMCVQADataModule(L.LightningDataModule):
         val_file: validation rows (CSV or JSONL), relative to ``root``.
         test_file: test rows (CSV or JSONL), relative to ``root``.
         images: image folder or zip (default: ``root/images``, else ``root/images.zip``).
-        val_suite: validate on this benchmark suite (export JSONL or folder) instead of ``val_file``.
+        validate_on: validate on ``val_file`` (``file``) or on the benchmark ``suite`` (``suite``).
+        suite: the benchmark suite's export, JSONL or folder (default: $MEDRL_DATA_DIR/medvqa_suite).
         train_samples: a seeded subset of this many training items (None: all).
-        val_samples: the same for validation (per benchmark with ``val_suite``).
+        val_samples: the same for validation (per benchmark on the suite).
         test_samples: the same for test.
         image_check: check every image when a split is set up: ``decode``, ``exists`` or ``none``.
         report_dir: also write each split's validation report there as JSON.
@@ -201,7 +202,8 @@ class PMCVQADataModule(L.LightningDataModule):
         val_file: str = "test_clean.csv",
         test_file: str = "test_clean.csv",
         images: str | None = None,
-        val_suite: str | None = None,
+        validate_on: Literal["file", "suite"] = "file",
+        suite: str | None = None,
         train_samples: int | None = None,
         val_samples: int | None = None,
         test_samples: int | None = None,
@@ -215,7 +217,9 @@ class PMCVQADataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.root, self.images, self.val_suite = root, images, val_suite
+        if validate_on not in ("file", "suite"):
+            raise ValueError(f"validate_on must be 'file' or 'suite', got {validate_on!r}")
+        self.root, self.images, self.validate_on, self.suite = root, images, validate_on, suite
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.samples = {"train": train_samples, "val": val_samples, "test": test_samples}
         self.image_check, self.report_dir = image_check, report_dir
@@ -239,13 +243,16 @@ class PMCVQADataModule(L.LightningDataModule):
 
     def _read(self, split: str) -> MCQItemsDataset:
         limit, salt = self.samples[split], (len(split),)
-        if split == "val" and self.val_suite:
+        if split == "val" and self.validate_on == "suite":
             reports: list[ValidationReport] = []
-            items, stores = load_suite(self.val_suite, image_check=self.image_check, reports=reports)
+            items, stores = load_suite(self.suite, image_check=self.image_check, reports=reports)
             items = per_benchmark_subset(items, limit, self.seed)
             self.reports[split] = reports
             return MCQItemsDataset(items, stores, self.instruction, self.system_prompt)
         path = self.path(split)
+        if not path.is_file():
+            build = " (build a subset with `medrl data pmc-subset`)" if path.suffix == ".jsonl" else ""
+            raise PMCVQAError(f"{split} file {path} does not exist{build}; set --data.{split}_file or --data.root")
         store = None if self.image_check == "none" else self.store
         if path.suffix == ".jsonl":
             items, report = read_jsonl_items(path, store, self.image_check)
