@@ -169,3 +169,100 @@ def test_metric_syncs_across_two_processes(tmp_path: Path) -> None:
                 assert result["all"][key] == pytest.approx(value, abs=1e-12), (rank, key)
         assert result["all"]["questions"] == 3.0
         assert result["lonely"]["questions"] == 1.0 and result["lonely"]["pass@1"] == 0.5
+
+
+# -- evaluation outputs, the callback and the verb --------------------------------------------------------
+
+
+def test_summary_has_a_row_per_group_only_when_there_are_several() -> None:
+    from medrl.evaluation import summarise
+
+    scores = _scores()
+    rows = [{"group": g} for g in ("pneumoniamnist", "pneumoniamnist", "breastmnist")]
+    summary = summarise(list(zip(scores, rows, strict=True)), ks=[1, 2])
+    assert list(summary) == ["all", "breastmnist", "pneumoniamnist"]
+    assert summary["breastmnist"]["questions"] == 1.0 and summary["breastmnist"]["pass@2"] == 0.5
+    assert summary["pneumoniamnist"]["acc@1"] == 0.0 + 0.5  # questions 1 (right) and 2 (wrong)
+    assert list(summarise(list(zip(scores, [{"group": "x"}] * 3, strict=True)), ks=[1])) == ["all"]
+
+
+class _MixedVQA:
+    """Two modalities in one validation set (PneumoniaMNIST and BreastMNIST), as a LightningDataModule."""
+
+    def __new__(cls, root: Path):
+        import lightning as L
+        from torch.utils.data import ConcatDataset, DataLoader
+
+        from medrl.data.medmnist import MedMNISTDataModule, vqa_collate
+
+        class Mixed(L.LightningDataModule):
+            def _loader(self, split: str) -> DataLoader:
+                parts = [
+                    MedMNISTDataModule(flag=f, mode="vqa", root=root, **{f"{split}_samples": 2}).dataset(split)
+                    for f in ("pneumoniamnist", "breastmnist")
+                ]
+                return DataLoader(ConcatDataset(parts), batch_size=2, collate_fn=vqa_collate)
+
+            def train_dataloader(self) -> DataLoader:
+                return self._loader("train")
+
+            def val_dataloader(self) -> DataLoader:
+                return self._loader("val")
+
+        return Mixed()
+
+
+def run_callback_fast_dev_run(tiny_dir: Path, root: Path, out: Path, engine: object | None = None):
+    """Fit an SFT module (LoRA) for one fast_dev_run step with the Pass@K callback; returns (trainer, callback)."""
+    import lightning as L
+
+    from medrl.callbacks.pass_at_k import PassAtKCallback
+    from medrl.lit.sft import SFTModule
+
+    callback = PassAtKCallback(
+        engine="vllm" if engine is not None else "hf", n=2, max_new_tokens=6, batch_size=4, output_dir=str(out)
+    )
+    if engine is not None:
+        callback.use_engine(engine)
+
+    class SFTWithOptimizer(SFTModule):  # LightningCLI supplies the optimizer in configs; here we do
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    module = SFTWithOptimizer(model=str(tiny_dir), finetune="lora", max_completion_tokens=8)
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False}
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[callback], **quiet)
+    trainer.fit(module, datamodule=_MixedVQA(root))
+    return trainer, callback
+
+
+def test_callback_logs_and_writes_in_fast_dev_run(tiny_dir: Path, real_data_dir: Path, tmp_path: Path) -> None:
+    trainer, callback = run_callback_fast_dev_run(tiny_dir, real_data_dir, tmp_path)
+    logged = trainer.callback_metrics
+    for key in ("acc@1", "pass@1", "pass@2", "gap@2", "majority", "format_fail", "unique"):
+        assert f"val/{key}" in logged
+        assert f"val/pneumoniamnist/{key}" in logged and f"val/breastmnist/{key}" in logged
+    assert float(logged["val/questions"]) == 4.0
+    for tag in ("before_training", "epoch000"):
+        folder = tmp_path / tag
+        rows = [json.loads(line) for line in (folder / "questions.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and {r["group"] for r in rows} == {"pneumoniamnist", "breastmnist"}
+        assert all(len(r["answers"]) == 2 and r["greedy"] is not None and "correct" in r for r in rows)
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["metrics"]["all"]["questions"] == 4.0 and summary["ks"] == [1, 2]
+        assert (folder / "summary.md").read_text().startswith("| group |")
+        assert (folder / "pass_at_k.png").read_bytes()[:4] == b"\x89PNG"
+    assert callback.engine is None  # closed at teardown
+
+
+def test_eval_command_writes_table_jsonl_and_curve(tiny_dir: Path, real_data_dir: Path, tmp_path: Path) -> None:
+    from medrl.cli import main
+
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tiny_dir), "--root", str(real_data_dir), "--questions", "3", "--n", "2"]
+    assert main([*args, "--max_new_tokens", "6", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["id"].startswith("pneumoniamnist/") for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["engine"] == "hf" and set(summary["metrics"]) == {"all"}
+    assert (out / "pass_at_k.png").stat().st_size > 0 and (out / "summary.md").is_file()

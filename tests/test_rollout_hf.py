@@ -84,7 +84,12 @@ def test_seed_repeats_and_differs(engine: HFEngine, items: list[dict]) -> None:
 
 def test_greedy_is_the_same_batched_or_alone(engine: HFEngine, items: list[dict]) -> None:
     params = SamplingParams(n=0, greedy=True, max_new_tokens=10)
-    batched = [r.greedy.token_ids for r in engine.generate(items, params)]
+    tokenizer = engine.processor.tokenizer
+    tokenizer.padding_side = "right"  # training code may leave it so; the engine asks for left padding itself
+    try:
+        batched = [r.greedy.token_ids for r in engine.generate(items, params)]
+    finally:
+        tokenizer.padding_side = "left"
     alone = [engine.generate([item], params)[0].greedy.token_ids for item in items]
     assert batched == alone  # left padding leaves each prompt's continuation unchanged
 

@@ -84,6 +84,7 @@ class PassAtKCallback(L.Callback):
         self.max_questions, self.batch_size, self.keep_texts = max_questions, batch_size, keep_texts
         self.output_dir = output_dir
         self.engine: Engine | None = None
+        self._owns_engine = True
         self.last_summary: dict[str, dict[str, float]] | None = None
         self.last_folder: Path | None = None
 
@@ -106,9 +107,16 @@ class PassAtKCallback(L.Callback):
             pl_module.log(name, value, sync_dist=False)  # already global: the metric synced across ranks
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.engine is not None:
+        if self.engine is not None and self._owns_engine:
             self.engine.close()
             self.engine = None
+
+    def use_engine(self, engine: Engine) -> None:
+        """Generate with an existing engine (e.g. the GRPO module's vLLM) instead of starting one.
+
+        The callback still pushes the policy's weights into it before each evaluation, and leaves it open.
+        """
+        self.engine, self._owns_engine = engine, False
 
     # -- work ----------------------------------------------------------------------------------------
 

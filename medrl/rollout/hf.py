@@ -87,7 +87,6 @@ class HFEngine(Engine):
             raise ValueError(f"max_batch_sequences must be >= 1, got {max_batch_sequences}")
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer
-        self.tokenizer.padding_side = "left"  # the prompts' ends must line up for batched decoding
         self.max_batch_sequences = max_batch_sequences
         extra = model.generation_config.eos_token_id if hasattr(model, "generation_config") else None
         extra_ids = extra if isinstance(extra, list) else [extra] if isinstance(extra, int) else []
@@ -107,7 +106,9 @@ class HFEngine(Engine):
             raise ValueError(f"items {missing} have no image while others do: one call takes all-image or no-image")
         else:
             images_arg = images
-        batch = self.processor(text=texts, images=images_arg, return_tensors="pt", padding=True)
+        # Left padding, so the prompts' ends line up for batched decoding (asked per call: the processor is
+        # shared with training code that may pad the other way).
+        batch = self.processor(text=texts, images=images_arg, return_tensors="pt", padding=True, padding_side="left")
         dtype = next(self.model.parameters()).dtype
         out = {}
         for key, value in batch.items():
