@@ -111,3 +111,22 @@ def test_samples_are_seeded_and_follow_the_conventions(vllm_engine: VLLMEngine, 
             assert 1 <= len(c.token_ids) <= 8 and len(c.logprobs) == len(c.token_ids)
             assert not placeholders & set(c.token_ids)
             assert c.finish_reason == "stop" or len(c.token_ids) == 8
+
+
+def test_pass_at_k_callback_on_vllm_pushes_the_trained_policy(
+    vllm_engine: VLLMEngine, tiny_dir: Path, real_data_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from test_pass_at_k import run_callback_fast_dev_run
+
+    trainer, callback = run_callback_fast_dev_run(tiny_dir, real_data_dir, tmp_path, engine=vllm_engine)
+    assert callback.engine is vllm_engine  # shared, so left open at teardown
+    assert "val/pass@2" in trainer.callback_metrics and "val/breastmnist/acc@1" in trainer.callback_metrics
+    rows = [json.loads(line) for line in (tmp_path / "epoch000" / "questions.jsonl").read_text().splitlines()]
+    # The callback pushed the LoRA policy after its training step: vLLM's greedy answers are the policy's.
+    module = trainer.lightning_module
+    items = [item for batch in trainer.datamodule.val_dataloader() for item in batch]
+    hf = make_engine("hf", module.model, module.processor)
+    expected = [r.greedy.text for r in hf.generate(items, SamplingParams(n=0, greedy=True, max_new_tokens=6))]
+    assert [row["greedy_text"] for row in rows] == expected
