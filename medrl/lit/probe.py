@@ -212,11 +212,11 @@ class LinearProbe(L.LightningModule):
     def on_fit_end(self) -> None:
         if "val" in self.last_metrics:
             m, dm = self.last_metrics["val"], self.trainer.datamodule
-            encoder = dm.describe()["encoder"] if hasattr(dm, "describe") else {}
-            print(
-                f"val ACC {m['acc']:.4f} AUC {m['auc']:.4f} (n={m['n']}, majority {m['majority_rate']:.4f}) | "
-                f"encoder {encoder.get('name')} pretrained={encoder.get('pretrained')}"
-            )
+            line = f"val ACC {m['acc']:.4f} AUC {m['auc']:.4f} (n={m['n']}, majority {m['majority_rate']:.4f})"
+            if hasattr(dm, "describe"):
+                encoder = dm.describe()["encoder"]
+                line += f" | encoder {encoder['name']} pretrained={encoder['pretrained']}"
+            print(line)
 
     # ---- optimisation --------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -290,7 +290,9 @@ def fit_logistic_regression(
         objective.backward()
         return objective
 
-    value = float(opt.step(closure))
+    opt.step(closure)
+    with torch.no_grad():
+        value = float(loss_fn(linear(x), y) + penalty * linear.weight.pow(2).sum())
     if not math.isfinite(value):
         raise FloatingPointError(f"L-BFGS diverged at C={c}; standardise the features (batchnorm: true)")
     return value

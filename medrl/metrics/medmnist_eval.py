@@ -3,8 +3,8 @@
 ``get_acc`` / ``get_auc`` follow ``medmnist.evaluator.getACC`` / ``getAUC`` step for step: inputs are
 probabilities (not logits) and are squeezed first; binary tasks use the last column with a 0.5 threshold;
 multi-label tasks average label-wise scores; every other task (multi-class and ordinal regression) uses the
-argmax for ACC and the one-vs-rest mean for AUC. The one deliberate difference: where the Evaluator raises
-because a class has no positive or no negative example (tiny subsets), AUC here is NaN.
+argmax for ACC and the one-vs-rest mean for AUC. Where a class has no positive or no negative example (tiny
+subsets) AUC is NaN here whatever the scikit-learn version (recent ones give NaN with a warning, older raise).
 
 RetinaMNIST is ordinal, so :func:`evaluate` adds the mean absolute error of the predicted grade and the
 quadratic-weighted Cohen's kappa for ordinal tasks.
@@ -23,7 +23,7 @@ ORDINAL = "ordinal-regression"
 
 
 def _auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    if len(np.unique(y_true)) < 2:  # undefined; medmnist would raise here
+    if len(np.unique(y_true)) < 2:  # undefined
         return math.nan
     return float(roc_auc_score(y_true, y_score))
 

@@ -121,6 +121,7 @@ class TimmEncoder(Encoder):
         checkpoint: a local weights file (.safetensors or .pth) to load instead of the hub's.
         image_size: resize images to this many pixels (default 224), or ``native`` to keep the file's size.
         global_pool: override timm's default pooling (``avg``, ``max``, ``token``, ...); None keeps the model's.
+        seed: seeds random weights (``pretrained: false``), so the same spec always gives the same features.
     """
 
     kind = "timm"
@@ -132,10 +133,11 @@ class TimmEncoder(Encoder):
         checkpoint: str | None = None,
         image_size: ImageSize = 224,
         global_pool: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.name, self.pretrained, self.checkpoint = name, pretrained, checkpoint
-        self.image_size, self.global_pool = _size_policy(image_size), global_pool
+        self.image_size, self.global_pool, self.seed = _size_policy(image_size), global_pool, seed
         self.model: torch.nn.Module | None = None
 
     def _cfg(self) -> dict[str, Any]:
@@ -150,7 +152,7 @@ class TimmEncoder(Encoder):
         import timm
 
         cfg = self._cfg()
-        weights = "random init"
+        weights = f"random init, seed {self.seed}"
         if self.checkpoint:
             weights = f"file {Path(self.checkpoint).name} sha {file_fingerprint(Path(self.checkpoint))}"
         elif self.pretrained:
@@ -193,11 +195,14 @@ class TimmEncoder(Encoder):
             kwargs.update(dynamic_img_size=True, dynamic_img_pad=True)
         pretrained = bool(self.pretrained or self.checkpoint)
         try:
-            try:
-                model = timm.create_model(self.name, pretrained=pretrained, **kwargs)
-            except TypeError:
-                kwargs.pop("dynamic_img_size", None), kwargs.pop("dynamic_img_pad", None)
-                model = timm.create_model(self.name, pretrained=pretrained, **kwargs)
+            # Random weights drawn from `seed` (without moving the caller's RNG): the cache keys on the spec.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                try:
+                    model = timm.create_model(self.name, pretrained=pretrained, **kwargs)
+                except TypeError:
+                    kwargs.pop("dynamic_img_size", None), kwargs.pop("dynamic_img_pad", None)
+                    model = timm.create_model(self.name, pretrained=pretrained, **kwargs)
         except (OSError, RuntimeError) as exc:
             if not pretrained:
                 raise
