@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from lightning.pytorch.cli import LightningCLI
@@ -37,6 +38,7 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
         "a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark",
         "medrl.bench_eval:bench_eval",
     ),
+    "reproduce": ("the whole study, narrated and resumable, ending in report.md", "medrl.study.reproduce:reproduce"),
     "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.evaluation:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.report.build:report"),
 }
@@ -82,7 +84,10 @@ def check_configs(paths: list[str], subcommand: str = "fit"):
     merged config namespace.
     """
     args = [subcommand, *(arg for path in paths for arg in ("--config", str(path)))]
-    return _ParseOnlyCLI(args=args).config
+    with warnings.catch_warnings():
+        # Called from inside another command, LightningCLI warns that sys.argv differs from `args`: intended here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return _ParseOnlyCLI(args=args).config
 
 
 def _overview() -> str:

@@ -1,7 +1,8 @@
 """Every YAML under configs/ and callbacks/ parses against the code, so no config can drift from it.
 
 Full experiment configs (configs/*.yaml) parse alone; fragments (configs/strategy/*.yaml, callbacks/*.yaml)
-parse when added after a full config, which is how users combine them.
+parse when added after a full config, which is how users combine them; study plans (configs/study/*.yaml)
+load as plans and their training configs parse.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from medrl.cli import check_configs
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = sorted((REPO / "configs").glob("*.yaml"))
-FRAGMENTS = sorted((REPO / "configs").glob("*/*.yaml")) + sorted((REPO / "callbacks").glob("*.yaml"))
+FRAGMENTS = sorted((REPO / "configs" / "strategy").glob("*.yaml")) + sorted((REPO / "callbacks").glob("*.yaml"))
+STUDY_PLANS = sorted((REPO / "configs" / "study").glob("*.yaml"))
 # The config fragments are checked on top of; the SFT config is the most general (a VLM, VQA data).
 BASE = next((p for p in FULL if p.name == "sft.yaml"), FULL[0] if FULL else None)
 
@@ -50,3 +52,17 @@ def test_a_bad_key_is_refused(tmp_path: Path) -> None:
     bad.write_text(BASE.read_text() + "\ntrainer:\n  max_epochz: 3\n")
     with pytest.raises(SystemExit):
         check_configs([str(bad)])
+
+
+def test_every_config_file_is_covered() -> None:
+    every = set((REPO / "configs").rglob("*.yaml")) | set((REPO / "callbacks").rglob("*.yaml"))
+    assert every == set(FULL) | set(FRAGMENTS) | set(STUDY_PLANS)
+
+
+@pytest.mark.parametrize("path", STUDY_PLANS, ids=_id)
+def test_study_plan_loads_and_its_configs_parse(path: Path) -> None:
+    from medrl.study.plan import load_plan
+
+    plan = load_plan(path)
+    for train in (plan.sft, plan.rl):
+        check_configs([str(REPO / train.config)])

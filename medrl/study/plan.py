@@ -1,0 +1,151 @@
+"""The study plan: which models, modalities and settings `medrl reproduce` runs, read from a YAML file.
+
+Plans live in ``configs/study/`` (``cpu.yaml`` for a laptop CPU, ``paper.yaml`` for the paper's scale on
+GPUs). Every field has a default, so a plan file states only what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from medrl.data.medmnist_files import FLAGS_2D, check_size
+
+
+@dataclass
+class VisionPlan:
+    """Stage 1, the probe table (arguments of ``medrl probe-table``).
+
+    Args:
+        encoders: encoder specs (``timm:resnet18,pretrained=false``, ``qwen:tiny``, ``qwen:<HF id or folder>``).
+        optimizer: probe optimiser: sgd (the authors'), adamw or lbfgs.
+        max_epochs: probe epochs.
+        train_samples: seeded subset of training images per flag (None: all).
+        test_samples: subset of test images (None: all).
+    """
+
+    encoders: list[str] = field(default_factory=lambda: ["timm:resnet18,pretrained=false", "qwen:tiny"])
+    optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd"
+    max_epochs: int = 20
+    train_samples: int | None = None
+    test_samples: int | None = None
+
+
+@dataclass
+class SupportPlan:
+    """How every Acc@1 / Pass@K measurement of the study samples.
+
+    Args:
+        n: samples per question (n >= every k).
+        ks: the k values reported.
+        k: the k the recipe and the gap G_k use.
+        temperature: sampling temperature.
+        top_p: nucleus mass.
+        max_new_tokens: completion budget.
+        questions: validation questions per modality.
+        engine: hf or vllm.
+        batch_size: questions per engine call.
+    """
+
+    n: int = 16
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    k: int = 8
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    questions: int = 64
+    engine: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 32
+
+
+@dataclass
+class TrainPlan:
+    """One training stage: a base config plus overrides merged on top (as a second ``--config``).
+
+    Args:
+        config: the experiment config (``configs/sft.yaml``, ``configs/rl.yaml``, ...).
+        overrides: nested config values applied on top of it.
+    """
+
+    config: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyPlan:
+    """Everything `medrl reproduce` needs.
+
+    Args:
+        name: the plan's name, shown in the report.
+        illustrative: the report's first line says the numbers are illustrative (CPU scale).
+        model: the base VLM (``tiny``, a folder or an HF id).
+        flags: MedMNIST flags of the study.
+        size: image size of the files.
+        missing_data: when an official file is absent and cannot be fetched: ``synthetic`` runs on a
+            synthetic stand-in (said loudly, and recorded) or ``error`` stops with what to place where.
+        seed: global seed.
+        vision: stage 1 settings.
+        support: Acc@1 / Pass@K settings.
+        sft: stage 3 training.
+        rl: stage 4 training.
+        rl_from: which models RL starts from (``base``, ``sft``).
+        transfer: measure every trained model on every flag.
+        tau: the recipe's support threshold on Pass@k.
+    """
+
+    name: str = "study"
+    illustrative: bool = False
+    model: str = "tiny"
+    flags: list[str] = field(default_factory=lambda: ["breastmnist", "pneumoniamnist", "retinamnist"])
+    size: int = 28
+    missing_data: Literal["synthetic", "error"] = "synthetic"
+    seed: int = 0
+    vision: VisionPlan = field(default_factory=VisionPlan)
+    support: SupportPlan = field(default_factory=SupportPlan)
+    sft: TrainPlan = field(default_factory=lambda: TrainPlan("configs/sft.yaml"))
+    rl: TrainPlan = field(default_factory=lambda: TrainPlan("configs/rl.yaml"))
+    rl_from: list[Literal["base", "sft"]] = field(default_factory=lambda: ["base", "sft"])
+    transfer: bool = True
+    tau: float = 0.6
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (what ``plan.json`` holds)."""
+        return asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if cls is not TrainPlan else None
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _build(type(default), value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_plan(path: str | Path) -> StudyPlan:
+    """Read and validate a plan file; errors name the file and the offending key."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a study plan is a YAML mapping")
+    for key in ("sft", "rl"):
+        if isinstance(data.get(key), dict):
+            data[key] = _build(TrainPlan, data[key], f"{path}:{key}")
+    plan = _build(StudyPlan, data, str(path))
+    bad = [f for f in plan.flags if f not in FLAGS_2D]
+    if bad:
+        raise ValueError(f"{path}: unknown flags {bad}; choose from {list(FLAGS_2D)}")
+    check_size(plan.size)
+    if plan.support.n < max(plan.support.ks) or plan.support.k not in plan.support.ks:
+        raise ValueError(
+            f"{path}: support needs n >= max(ks) and k among ks (n={plan.support.n}, ks={plan.support.ks})"
+        )
+    return plan

@@ -1,0 +1,144 @@
+"""``medrl reproduce``: the whole study from one command, narrated, resumable, ending in ``report.md``."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from medrl.io import atomic_write_json
+from medrl.study.plan import StudyPlan, load_plan
+from medrl.study.runcard import run_card
+from medrl.study.runner import Stage, StageRunner, json_has_keys
+from medrl.study.stages import Study
+
+PLANS = Path(__file__).resolve().parents[2] / "configs" / "study"
+
+
+def _probe_cells_done(plan: StudyPlan):
+    def check(paths: Sequence[Path]) -> bool:
+        with open(paths[0], newline="") as fh:
+            cells = {(row["spec"], row["flag"]) for row in csv.DictReader(fh)}
+        return len(cells) >= len(plan.vision.encoders) * len(plan.flags)
+
+    return check
+
+
+def build_stages(study: Study) -> list[Stage]:
+    """The study in order: data, vision, support, SFT, RL, transfer, recipe, report."""
+    plan, out = study.plan, study.out
+
+    def vision() -> None:
+        from medrl.probe_table import probe_table
+
+        study._load_sources()
+        for flag in plan.flags:  # one call per flag: each may come from a different folder (stand-ins)
+            probe_table(
+                encoders=plan.vision.encoders, flags=[flag], sizes=[plan.size], out=str(out / "vision"),
+                root=study.data_root(flag), synthetic=study.sources[flag], optimizer=plan.vision.optimizer,
+                max_epochs=plan.vision.max_epochs, train_samples=plan.vision.train_samples,
+                test_samples=plan.vision.test_samples, seed=plan.seed,
+            )  # fmt: skip
+
+    stages = [
+        Stage("data", "check the MedMNIST files the study reads (official, else a declared stand-in)",
+              [out / "data.json"], study.resolve_data, json_has_keys(*plan.flags)),
+        Stage("vision", "linear probes: can the frozen encoders see each task?",
+              [out / "vision" / "results.csv"], vision, _probe_cells_done(plan)),
+    ]  # fmt: skip
+    stages += [study.eval_stage("base", flag) for flag in plan.flags]
+    stages += [study.train_stage("sft", flag) for flag in plan.flags]
+    for start in plan.rl_from:
+        stages += [
+            study.train_stage("rl", flag, start_label="base" if start == "base" else f"sft_{flag}")
+            for flag in plan.flags
+        ]
+    trained = [f"sft_{f}" for f in plan.flags]
+    trained += [f"rl_{'base' if s == 'base' else 'sft'}_{f}" for s in plan.rl_from for f in plan.flags]
+    if plan.transfer:
+        stages += [study.eval_stage(m, f) for m in trained for f in plan.flags if not m.endswith(f"_{f}")]
+    if "sft" in plan.rl_from and "base" in plan.rl_from:
+        stages += [
+            Stage(f"recipe:{flag}", f"the recipe's decision for {flag} (tau {plan.tau}, k {plan.support.k})",
+                  [out / "recipe" / flag / "recipe.json"], lambda flag=flag: study.recipe(flag),
+                  json_has_keys("decisions", "measurements"))
+            for flag in plan.flags
+        ]  # fmt: skip
+
+    def report() -> None:
+        from medrl.report import build_report
+
+        build_report(out)
+
+    stages.append(Stage("report", "report.md and its figures", [out / "report.md"], report))
+    return stages
+
+
+def reproduce(
+    scale: str = "cpu",
+    plan: str | None = None,
+    out: str | None = None,
+    root: str | None = None,
+    dry_run: bool = False,
+    force: list[str] | None = None,
+) -> int:
+    """Run the whole study: probes, zero-shot support, SFT, GRPO, transfer, the recipe, then the report.
+
+    Each stage says what it is for, what it writes and how long it took; a rerun skips stages whose
+    outputs check out; a failure keeps earlier outputs and says how to resume.
+
+    Args:
+        scale: the plan in configs/study/ to run: cpu (a laptop, tiny model, minutes) or paper (GPUs).
+        plan: a plan file instead of --scale.
+        out: run directory (default: runs/study-<scale>).
+        root: MedMNIST folder (default: $MEDRL_DATA_DIR).
+        dry_run: print the plan and every stage (with its outputs and configs) without running anything.
+        force: stage names to rerun even if their outputs exist.
+    """
+    plan_path = Path(plan) if plan else PLANS / f"{scale}.yaml"
+    if not plan_path.is_file():
+        raise SystemExit(
+            f"medrl reproduce: no plan {plan_path}; scales: {sorted(p.stem for p in PLANS.glob('*.yaml'))}"
+        )
+    study_plan = load_plan(plan_path)
+    run_dir = Path(out or f"runs/study-{study_plan.name}")
+    study = Study(study_plan, run_dir, root=root)
+    stages = build_stages(study)
+    if dry_run:
+        return _dry_run(study, stages, plan_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "plan.json", study_plan.to_dict())
+    start = time.perf_counter()
+    print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
+    try:
+        StageRunner(run_dir, resume_hint=f"medrl reproduce --plan {plan_path} --out {run_dir}").run(stages, force or [])
+    finally:
+        atomic_write_json(run_dir / "runcard.json", run_card(seed=study_plan.seed, scale=study_plan.name,
+                                                             data=_data_record(run_dir)))  # fmt: skip
+    print(f"report: {run_dir / 'report.md'} ({time.perf_counter() - start:.0f}s)")
+    return 0
+
+
+def _data_record(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / "data.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _dry_run(study: Study, stages: list[Stage], plan_path: Path) -> int:
+    from medrl.cli import check_configs
+
+    plan = study.plan
+    print(f"plan {plan_path} ({plan.name}): model {plan.model}; flags {', '.join(plan.flags)} at {plan.size}px")
+    s = plan.support
+    print(f"support: n={s.n} ks={s.ks} T={s.temperature} top_p={s.top_p} engine={s.engine}; tau={plan.tau} k={s.k}")
+    for kind, train in (("sft", plan.sft), ("rl", plan.rl)):
+        config = check_configs([train.config])  # the experiment config must parse against the code
+        print(f"{kind}: {train.config} ({config.fit.model.class_path}) + overrides {train.overrides}")
+    for i, stage in enumerate(stages, 1):
+        outputs = ", ".join(str(p.relative_to(study.out)) for p in stage.outputs)
+        print(f"{i:>3}. {stage.name}: {stage.purpose}\n       writes {outputs}")
+    print(f"dry run: {len(stages)} stages planned into {study.out}; nothing was run")
+    return 0

@@ -1,0 +1,221 @@
+"""The study's stages, built from a plan: data, vision, support, SFT, RL, transfer, recipe, report.
+
+Training runs as its own ``medrl fit`` process (the experiment config plus a generated override file kept in
+the run directory, so every run can be repeated by hand); measurements run in this process on the exported
+Hugging Face folders. Model labels follow :mod:`medrl.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medrl.data import medmnist_files as mf
+from medrl.io import atomic_write_json, atomic_write_text
+from medrl.recipe import Measurement, run_recipe
+from medrl.study.plan import StudyPlan
+from medrl.study.runner import Stage, json_has_keys
+
+
+class Study:
+    """Turns a plan and a run directory into stages; holds where each model and measurement lives."""
+
+    def __init__(self, plan: StudyPlan, out: Path, root: str | None = None, repo: Path | None = None) -> None:
+        self.plan, self.out = plan, out
+        self.root = root
+        self.repo = repo or Path.cwd()
+        self.sources: dict[str, bool] = {}  # flag -> synthetic?
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def resolve_data(self) -> None:
+        """Decide, per flag, whether the official file is there (or can be fetched) or a stand-in is used."""
+        root = mf.resolve_root(self.root)
+        record: dict[str, Any] = {}
+        for flag in self.plan.flags:
+            path = root / mf.file_name(flag, self.plan.size)
+            if not path.is_file():
+                try:
+                    mf.fetch(flag, self.plan.size, root)
+                except mf.MedMNISTFileError as exc:
+                    message = (
+                        f"{flag}: no official file. Place {path.name} (MD5 {mf.official_md5(flag, self.plan.size)}, "
+                        f"from {mf.official_url(flag, self.plan.size)}) in {root}. ({exc})"
+                    )
+                    if self.plan.missing_data == "error":
+                        raise mf.MedMNISTFileError(message) from exc
+                    print(f"    WARNING {message}\n    -> {flag} runs on a SYNTHETIC stand-in; the report says so.")
+            report = mf.verify_file(path) if path.is_file() else None
+            if report is not None and report.status == "official":
+                record[flag] = {"source": "official", "path": str(path), "md5": report.md5}
+                self.sources[flag] = False
+            elif report is not None:
+                raise mf.MedMNISTFileError(f"{path}: {'; '.join(report.problems)}")
+            else:
+                # Stand-ins live in the run directory, never beside the user's real files.
+                synth = mf.synthesize(flag, self.plan.size, self.out / "data", seed=self.plan.seed)
+                record[flag] = {"source": "synthetic", "path": str(synth), "md5": mf.md5sum(synth)}
+                self.sources[flag] = True
+        atomic_write_json(self.out / "data.json", record)
+
+    def _load_sources(self) -> None:
+        if not self.sources and (self.out / "data.json").is_file():
+            for flag, rec in json.loads((self.out / "data.json").read_text()).items():
+                self.sources[flag] = rec["source"] == "synthetic"
+
+    def data_root(self, flag: str) -> str:
+        """The folder a flag's file is read from (synthetic stand-ins live in the run directory)."""
+        return str(Path(json.loads((self.out / "data.json").read_text())[flag]["path"]).parent)
+
+    # ---- measuring ----------------------------------------------------------------------------------------
+    def eval_dir(self, model_label: str, flag: str) -> Path:
+        """Where a measurement lives."""
+        return self.out / "eval" / model_label / flag
+
+    def evaluate(self, model: str, model_label: str, flag: str) -> None:
+        """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
+        from medrl.data.medmnist import MedMNISTDataModule
+        from medrl.evaluation import sample_and_score, summarise, write_outputs
+        from medrl.models.hub import load_vlm
+        from medrl.rollout.base import SamplingParams, make_engine
+
+        self._load_sources()
+        s = self.plan.support
+        vlm, processor = load_vlm(model)
+        engine = make_engine(s.engine, vlm, processor) if s.engine == "hf" else make_engine("vllm", model)
+        dm = MedMNISTDataModule(
+            flag=flag, size=self.plan.size, root=self.data_root(flag), mode="vqa", synthetic=self.sources[flag],
+            val_samples=s.questions, seed=self.plan.seed,
+        )  # fmt: skip
+        dataset = dm.dataset("val")
+        items = [dataset[i] for i in range(len(dataset))]
+        params = SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+            seed=self.plan.seed, greedy=True,
+        )  # fmt: skip
+        scored = sample_and_score(engine, items, params, batch_size=s.batch_size)
+        engine.close()
+        meta = {"model": model, "label": model_label, "flag": flag, "synthetic": self.sources[flag]}
+        write_outputs(self.eval_dir(model_label, flag), [row for _, row in scored], summarise(scored, s.ks), s.ks, meta)
+
+    def eval_stage(self, model_label: str, flag: str, model: str | None = None) -> Stage:
+        """A stage measuring one model on one flag."""
+        return Stage(
+            f"eval:{model_label}:{flag}",
+            f"Acc@1 and Pass@k of {model_label} on {flag}",
+            [self.eval_dir(model_label, flag) / "summary.json"],
+            lambda: self.evaluate(model or self.model_path(model_label), model_label, flag),
+            json_has_keys("metrics", "ks"),
+        )
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def train_dir(self, model_label: str) -> Path:
+        """Where a training run writes."""
+        return self.out / "train" / model_label
+
+    def model_path(self, model_label: str) -> str:
+        """The exported Hugging Face folder of a trained model (``base`` is the plan's model)."""
+        if model_label == "base":
+            return self.plan.model
+        hf = self.train_dir(model_label) / "checkpoints" / "last.hf"
+        for sub in ("merged", "model"):
+            if (hf / sub / "config.json").is_file():
+                return str(hf / sub)
+        raise FileNotFoundError(
+            f"{hf}: no exported model (merged/ or model/); rerun the stage that trains {model_label}"
+        )
+
+    def train(self, kind: str, model_label: str, flag: str, start: str) -> None:
+        """Run ``medrl fit`` with the plan's config for ``kind`` (sft or rl) on ``flag`` from ``start``."""
+        self._load_sources()
+        train = self.plan.sft if kind == "sft" else self.plan.rl
+        folder = self.train_dir(model_label)
+        override = _merge(
+            train.overrides,
+            {
+                "seed_everything": self.plan.seed,
+                "trainer": {
+                    "default_root_dir": str(folder),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(folder)}},
+                    "callbacks": [{
+                        "class_path": "medrl.callbacks.hf_checkpoint.HFCheckpoint",
+                        "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True, "save_top_k": 0,
+                                      "merged": True, "monitor": None, "every_n_train_steps": None},
+                    }],
+                },
+                "model": {"init_args": {"model": start}},
+                "data": {
+                    "class_path": "medrl.data.medmnist.MedMNISTDataModule",
+                    "init_args": {"flag": flag, "size": self.plan.size, "root": self.data_root(flag),
+                                  "synthetic": self.sources[flag], "mode": "vqa", "seed": self.plan.seed},
+                },
+            },
+        )  # fmt: skip
+        override_path = folder / "override.yaml"
+        atomic_write_text(override_path, yaml.safe_dump(override, sort_keys=False))
+        command = [sys.executable, "-m", "medrl.cli", "fit", "--config", train.config, "--config", str(override_path)]
+        atomic_write_text(folder / "command.txt", " ".join(command) + "\n")
+        with open(folder / "fit.log", "w") as log:
+            result = subprocess.run(command, cwd=self.repo, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = (folder / "fit.log").read_text().splitlines()[-15:]
+            raise RuntimeError(
+                f"`medrl fit` for {model_label} exited {result.returncode}; log {folder}/fit.log:\n" + "\n".join(tail)
+            )
+        self.model_path(model_label)  # fails clearly when the export is missing
+
+    def train_stage(self, kind: str, flag: str, start_label: str = "base") -> Stage:
+        """A stage that trains one model and measures it on its own flag."""
+        label = f"sft_{flag}" if kind == "sft" else f"rl_{start_label}_{flag}"
+
+        def run() -> None:
+            if not _exported(self.train_dir(label)):
+                self.train(kind, label, flag, self.model_path(start_label))
+            self.evaluate(self.model_path(label), label, flag)
+
+        what = "SFT" if kind == "sft" else f"GRPO from the {start_label} model"
+        return Stage(
+            f"{kind}:{label}",
+            f"{what} on {flag}, then Acc@1/Pass@k on {flag}",
+            [self.eval_dir(label, flag) / "summary.json"],
+            run,
+            json_has_keys("metrics", "ks"),
+        )
+
+    # ---- recipe ---------------------------------------------------------------------------------------------
+    def recipe(self, flag: str) -> None:
+        """The recipe's decision for one flag, replayed on the measurements the study already took."""
+
+        def measure(model_label: str, step: str) -> Measurement:
+            summary = json.loads((self.eval_dir(model_label, flag) / "summary.json").read_text())
+            metrics = summary["metrics"]["all"]
+            passes = {k: float(metrics[f"pass@{k}"]) for k in summary["ks"]}
+            return Measurement(step, model_label, float(metrics["acc@1"]), passes, int(metrics["questions"]))
+
+        run_recipe(
+            flag, "base", measure,
+            sft=lambda _model, _round: f"sft_{flag}",
+            rl=lambda model: f"rl_{'sft' if model.startswith('sft') else 'base'}_{flag}",
+            tau=self.plan.tau, k=self.plan.support.k, out=self.out / "recipe" / flag, max_sft_rounds=1,
+        )  # fmt: skip
+
+
+def _exported(folder: Path) -> bool:
+    hf = folder / "checkpoints" / "last.hf"
+    return any((hf / sub / "config.json").is_file() for sub in ("merged", "model"))
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: values of ``top`` win; dicts merge key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
