@@ -104,7 +104,9 @@ class PassAtKCallback(L.Callback):
             return
         tag = "validate" if validating else f"epoch{trainer.current_epoch:03d}"
         for name, value in self.evaluate(trainer, pl_module, tag).items():
-            pl_module.log(name, value, sync_dist=False)  # already global: the metric synced across ranks
+            # Already global (the metric synced across ranks): averaging equal values changes nothing, and
+            # Lightning warns about epoch-level values logged without sync_dist.
+            pl_module.log(name, value, sync_dist=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.engine is not None and self._owns_engine:

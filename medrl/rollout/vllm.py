@@ -125,6 +125,9 @@ class VLLMEngine(Engine):
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 1024**3)
+            # A prompt split across scheduler steps makes vLLM rewind the request's seeded generator, which
+            # CPU generators cannot do ("CPU Generator does not use offset"): on CPU, never split a prompt.
+            kwargs["enable_chunked_prefill"] = False
         self.llm = self._start(kwargs)
 
     @staticmethod
