@@ -17,6 +17,7 @@ from medrl.data.benchmarks import (
     benchmark_order,
     load_suite,
     parse_options,
+    write_suite,
 )
 from medrl.data.pmc_vqa import PMCVQADataModule
 from medrl.data.vqa import INSTRUCTION, format_prompt
@@ -361,3 +362,32 @@ def test_grpo_on_a_pmc_subset_with_the_octomed_config_fast_dev_run(suite: Path, 
     assert len(cli.datamodule.dataset("train")) == 16 and len(cli.datamodule.dataset("val")) == 6  # 1 per benchmark
     metrics = cli.trainer.callback_metrics
     assert {"reward/accuracy", "time/generate", "val/accuracy"} <= set(metrics)
+
+
+def test_write_suite_exports_rows_with_in_memory_images(tmp_path: Path) -> None:
+    """Rows as a Hugging Face dataset yields them (PIL images, image dicts, options as JSON) become a suite."""
+    import io
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(png, "PNG")
+    on_disk = tmp_path / "given.jpg"
+    Image.new("RGB", (9, 9), "blue").save(on_disk)
+    rows = [
+        {"images": [Image.new("L", (12, 10)), Image.new("RGB", (5, 10))], "question": "Same?",
+         "options": json.dumps({"A": "yes", "B": "no"}), "answer_label": "A", "answer": "yes",
+         "dataset_name": "MMMU-medical", "dataset_index": 7},
+        {"images": [{"bytes": png.getvalue(), "path": None}], "question": "Fluid?", "options": "", "answer": "no",
+         "answer_label": "", "dataset_name": "vqa_rad", "dataset_index": 8},
+        {"images": [str(on_disk)], "question": "Which?", "options": {"A": "CT", "B": "MRI"}, "answer_label": "B",
+         "answer": "MRI", "dataset_name": "pmc_vqa", "dataset_index": 9},
+    ]  # fmt: skip
+    out = tmp_path / "suite"
+    write_suite(rows, out)
+    first = (out / "suite.jsonl").read_bytes()
+    write_suite(rows, out)  # a rerun finds the images there and writes the same file
+    assert (out / "suite.jsonl").read_bytes() == first
+    reports: list = []
+    items, _ = load_suite(str(out), reports=reports)
+    assert reports[0].dropped == [] and [it.benchmark for it in items] == ["MMMU", "VQA-RAD", "PMC"]
+    assert items[0].images == ("images/0_0.png", "images/0_1.png") and items[2].images == ("images/2_0.jpg",)
+    assert items[1].options == {"A": "yes", "B": "no"} and items[1].answer_label == "B"

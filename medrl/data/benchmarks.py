@@ -348,3 +348,44 @@ def load_suite(
     if not items:
         raise SuiteError(f"no usable item in {suite} (benchmarks={benchmarks}); see the validation report above")
     return items, stores
+
+
+def write_suite(rows: Iterable[dict[str, Any]], out: str | os.PathLike, name: str = "suite.jsonl") -> Path:
+    """Write rows of the unified format as a suite folder: ``out/<name>`` plus ``out/images/``.
+
+    Rows may hold their images as PIL images (as a Hugging Face dataset yields them, e.g. MedVLThinker-Eval),
+    as ``{"bytes": ...}`` dicts, or as paths (copied). Each image is saved as ``images/<row>_<k>.png``; the
+    JSONL is written atomically once every image is on disk, and an existing image is not written again,
+    so an interrupted export can simply be rerun.
+    """
+    import io as _io
+    import shutil
+
+    from PIL import Image
+
+    from medrl.io import atomic_write_jsonl
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, row in enumerate(rows):
+        images = row.get("images") or []
+        paths = []
+        for k, image in enumerate([images] if isinstance(images, str | Image.Image) else images):
+            if isinstance(image, dict):
+                image = Image.open(_io.BytesIO(image["bytes"])) if image.get("bytes") else image["path"]
+            suffix = ".png" if isinstance(image, Image.Image) else Path(str(image)).suffix or ".png"
+            rel = f"images/{i}_{k}{suffix}"
+            target = out / rel
+            if not target.is_file():
+                tmp = target.with_name(f".{target.name}.part")
+                if isinstance(image, Image.Image):
+                    image.convert("RGB").save(tmp, format="PNG")
+                else:
+                    shutil.copyfile(str(image), tmp)
+                tmp.replace(target)
+            paths.append(rel)
+        line = {k: v for k, v in row.items() if k != "images"}
+        line.setdefault("dataset_index", i)
+        lines.append({"images": paths, **line})
+    return atomic_write_jsonl(out / name, lines)

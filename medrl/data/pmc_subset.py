@@ -56,7 +56,7 @@ def normalise_question(text: str) -> str:
 
 def image_key(name: str) -> str:
     """The form image names are compared in: the base name, case-folded."""
-    return Path(str(name).strip().replace("\\", "/")).name.casefold()
+    return str(name).strip().replace("\\", "/").rsplit("/", 1)[-1].casefold()
 
 
 def read_pass_rates(path: str | os.PathLike, key: str = "dataset_index") -> dict[str, float]:

@@ -32,6 +32,7 @@ DATA_DIR_ENV = "MEDRL_DATA_DIR"
 PMC_SUBDIR = "pmc_vqa"
 PMC_LETTERS = "ABCD"
 REQUIRED_COLUMNS = ("Figure_path", "Question", "Answer", *(f"Choice {c}" for c in PMC_LETTERS), "Answer_label")
+_REQUIRED = frozenset(REQUIRED_COLUMNS)
 DATASET_NAME = "pmc_vqa"
 # The official files pad values with spaces, and some with stray quotes or non-breaking spaces.
 _PAD = string.whitespace + "'\"\xa0\u200a"
@@ -98,7 +99,7 @@ def parse_pmc_row(row: dict[str, Any], index: int, dataset_name: str = DATASET_N
             problems.append(("answer_mismatch", f"Answer {answer!r} differs from Choice {label} {options[label]!r}"))
     if problems:
         return None, problems
-    extra = {k: v for k, v in row.items() if k and k not in REQUIRED_COLUMNS}
+    extra = {k: v for k, v in row.items() if k and k not in _REQUIRED}
     item = MCQItem(
         images=(_clean(row["Figure_path"]),),
         question=str(row["Question"]).strip(),
