@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -38,11 +39,15 @@ from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_para
 from medrl.rl.advantages import Scale
 from medrl.rl.ema import EMAReference
 from medrl.rl.losses import Aggregation
-from medrl.rl.rewards import load_reward
+from medrl.rl.policy import reward_columns
+from medrl.rl.rewards import load_reward, score_completions
 from medrl.rl.types import Trajectory
 from medrl.rollout.base import Engine, SamplingParams, make_engine
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 warns that a checkpoint taken under manual optimization holds the weights after the step.
+# That is the state exact resume needs: the loader, batch counter and EMA are all past the step too.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 class GRPOModule(GRPOStages, L.LightningModule):
@@ -200,13 +205,17 @@ class GRPOModule(GRPOStages, L.LightningModule):
         return self.engine
 
     def on_fit_start(self) -> None:
-        self._ensure_engine()
         if self.ema is not None:
             self.ema.to(self.device)
         if self.hparams.beta > 0 and not is_peft(self.model) and self.hparams.kl_reference == "initial":
             # Reloaded, not copied: after a resume the live weights are no longer the initial ones.
             ref, _ = load_vlm(self.hparams.model, device=self.device, dtype=next(self.model.parameters()).dtype)
             self._reference_model = ref.eval().requires_grad_(False)
+
+    def on_train_start(self) -> None:
+        # Here, not in on_fit_start: some strategies restore a checkpoint's weights after on_fit_start, and a
+        # vLLM engine copies the policy's weights when it starts.
+        self._ensure_engine()
 
     def on_validation_start(self) -> None:
         self._ensure_engine()
@@ -269,9 +278,7 @@ class GRPOModule(GRPOStages, L.LightningModule):
         params = SamplingParams(n=0, greedy=True, max_new_tokens=max_new, seed=self.hparams.seed)
         results = self._ensure_engine().generate(batch, params)
         texts = [r.greedy.text for r in results]
-        columns = {k: [item.get(k) for item in batch] for k in batch[0] if k not in ("image", "messages")}
-        for name, fn in self.reward_fns.items():
-            values = torch.tensor(fn(completions=texts, **columns), dtype=torch.float32)
+        for name, values in score_completions(texts, reward_columns(batch, 1), self.reward_fns).items():
             self.log(f"val/{name}", values.mean(), batch_size=len(batch), sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
