@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from medrl.models.lora import is_peft, save_merged, save_pretrained
+from medrl.models.lora import is_peft, save_merged, save_pretrained, write_folder
 
 HF_SUFFIX = ".hf"
 
@@ -45,11 +45,20 @@ class HFCheckpoint(ModelCheckpoint):
         super().__init__(**kwargs)
         self.merged = merged
         self._warned_sharded = False
+        self._last_export: tuple[int, Path] | None = None  # (global step, folder) of the latest export
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            self.export(trainer.lightning_module, hf_dir(filepath), trainer)
+        if not trainer.is_global_zero:
+            return
+        out = hf_dir(filepath)
+        previous = self._last_export
+        if previous and previous[0] == trainer.global_step and previous[1] != out and previous[1].is_dir():
+            # The top-k and the `last` checkpoint of one step hold the same weights: copy, don't merge twice.
+            write_folder(out, lambda tmp: shutil.copytree(previous[1], tmp, dirs_exist_ok=True))
+        elif self.export(trainer.lightning_module, out, trainer) is None:
+            return
+        self._last_export = (trainer.global_step, out)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

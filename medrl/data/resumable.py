@@ -47,42 +47,35 @@ class ResumableSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A shuffling DataLoader with Lightning's ``state_dict`` / ``load_state_dict`` protocol.
 
-    Lightning's training fetcher reads one batch ahead of the step it runs (to know which batch is the
-    last), so at checkpoint time the loader has handed out one batch more than was trained on, unless the
-    epoch's batches are exhausted. ``prefetched`` is that look-ahead.
+    Lightning's training fetcher reads a batch ahead only from loaders without a length; this one has a
+    length, so the batches it has handed out when a checkpoint is written are the batches trained on.
 
     Args:
         dataset: the training dataset.
         batch_size: items per batch.
         seed: seeds the order of every epoch, and the worker seeds.
-        prefetched: batches the consumer holds ahead of the step it trains (1 for Lightning's fetcher).
         **kwargs: passed to ``DataLoader`` (``collate_fn``, ``num_workers``, ...); not ``shuffle`` or ``sampler``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int = 1, seed: int = 0, prefetched: int = 1, **kwargs) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int = 1, seed: int = 0, **kwargs) -> None:
         if kwargs.pop("shuffle", None) or "sampler" in kwargs or "batch_sampler" in kwargs:
             raise ValueError("ResumableLoader makes its own shuffling sampler: pass neither shuffle nor a sampler")
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))  # worker seeds leave global RNG be
         sampler = ResumableSampler(dataset, seed=seed, drop_last=kwargs.get("drop_last", False))
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
-        self.prefetched = prefetched
         self._yielded = 0
-        self._exhausted = False
         self._epoch_started = 0  # the epoch whose order the current pass follows
 
     def __iter__(self) -> Iterator[Any]:
         self._epoch_started = self.sampler.epoch
         self._yielded = self.sampler.skip // self.batch_size if self.batch_size else 0
-        self._exhausted = False
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
-        self._exhausted = True
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches"}``: the epoch in progress and how many of its batches were trained on."""
-        consumed = self._yielded if self._exhausted else max(0, self._yielded - self.prefetched)
-        return {"epoch": self._epoch_started, "batches": consumed}
+        return {"epoch": self._epoch_started, "batches": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume after ``state["batches"]`` batches of epoch ``state["epoch"]`` (a finished epoch: the next one)."""

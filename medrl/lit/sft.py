@@ -76,7 +76,11 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if finetune == "full" and lora is not None:
             raise ValueError("lora settings were given but finetune is 'full': drop one of them")
+        if isinstance(lora, dict):  # as stored in a checkpoint's hyper_parameters (see below)
+            lora = LoRAConfig(**lora)
         self.save_hyperparameters()
+        # Plain types only: checkpoints must load with torch.load(weights_only=True).
+        self.hparams["lora"] = None if lora is None else dict(vars(lora))
         torch_dtype = resolve_dtype(dtype)
         # Weights load here, not in configure_model: LightningCLI builds the optimizer from model.parameters()
         # right after instantiation. Lightning moves them to the device later; the Parameters stay the same.
@@ -107,9 +111,8 @@ class SFTModule(L.LightningModule):
 
     def _loss(self, items: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
         batch = self.collator(items).to(self.device)
-        out = self.model(**batch.inputs, labels=batch.labels)
-        # transformers averages over the label tokens after the one-token shift: count them the same way.
-        return out.loss, int(batch.assistant_mask[:, 1:].sum())
+        out = self.model(**batch.inputs, labels=batch.labels)  # mean over the answer tokens of the batch
+        return out.loss, int(batch.assistant_mask.sum())
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         devices = [self.device] if self.device.type == "cuda" else []

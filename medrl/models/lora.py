@@ -40,12 +40,15 @@ class LoRAConfig:
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter's input.
         target_modules: names of the language model's linear layers that get adapters.
+        modules_to_save: language-model modules trained in full and saved with the adapter, e.g. ``norm``
+            (the final norm, which sets how sharp the output distribution can get) or ``lm_head``.
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LANGUAGE_PROJECTIONS))
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 def language_target_regex(names: Sequence[str]) -> str:
@@ -90,7 +93,7 @@ def apply_lora(model: torch.nn.Module, config: LoRAConfig, vision: VisionTrainin
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=pattern,
-        modules_to_save=_vision_modules_to_save(vision),
+        modules_to_save=[*config.modules_to_save, *(_vision_modules_to_save(vision) or [])] or None,
         bias="none",
     )
     return get_peft_model(model, peft_config)
@@ -120,7 +123,7 @@ def is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a sibling temp folder, then put it at ``target`` (replacing an older copy)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,7 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, processo
         if processor is not None:
             processor.save_pretrained(tmp)
 
-    return _write_dir(out_dir, write)
+    return write_folder(out_dir, write)
 
 
 def save_merged(
