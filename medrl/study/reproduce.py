@@ -49,13 +49,8 @@ def build_stages(study: Study) -> list[Stage]:
     ]  # fmt: skip
     stages += [study.eval_stage("base", flag) for flag in plan.flags]
     stages += [study.train_stage("sft", flag) for flag in plan.flags]
-    for start in plan.rl_from:
-        stages += [
-            study.train_stage("rl", flag, start_label="base" if start == "base" else f"sft_{flag}")
-            for flag in plan.flags
-        ]
-    trained = [f"sft_{f}" for f in plan.flags]
-    trained += [f"rl_{'base' if s == 'base' else 'sft'}_{f}" for s in plan.rl_from for f in plan.flags]
+    stages += [study.train_stage("rl", flag, start=start) for start in plan.rl_from for flag in plan.flags]
+    trained = [f"sft_{f}" for f in plan.flags] + [f"rl_{s}_{f}" for s in plan.rl_from for f in plan.flags]
     if plan.transfer:
         stages += [study.eval_stage(m, f) for m in trained for f in plan.flags if not m.endswith(f"_{f}")]
     if "sft" in plan.rl_from and "base" in plan.rl_from:

@@ -169,16 +169,18 @@ class Study:
             )
         self.model_path(model_label)  # fails clearly when the export is missing
 
-    def train_stage(self, kind: str, flag: str, start_label: str = "base") -> Stage:
-        """A stage that trains one model and measures it on its own flag."""
-        label = f"sft_{flag}" if kind == "sft" else f"rl_{start_label}_{flag}"
+    def train_stage(self, kind: str, flag: str, start: str = "base") -> Stage:
+        """A stage that trains one model (``kind`` sft or rl, from the ``start`` model: base or sft) and
+        measures it on its own flag."""
+        start_label = "base" if start == "base" else f"sft_{flag}"
+        label = f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}"
 
         def run() -> None:
             if not _exported(self.train_dir(label)):
                 self.train(kind, label, flag, self.model_path(start_label))
             self.evaluate(self.model_path(label), label, flag)
 
-        what = "SFT" if kind == "sft" else f"GRPO from the {start_label} model"
+        what = "SFT" if kind == "sft" else f"GRPO from the {start} model"
         return Stage(
             f"{kind}:{label}",
             f"{what} on {flag}, then Acc@1/Pass@k on {flag}",
