@@ -61,7 +61,7 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
         return lines + ["Not run.", ""]
     for flag in results.flags:
         ks = results.ks("base", flag) or next((results.ks(m, flag) for m in results.evals if results.ks(m, flag)), [])
-        header = ["model", "questions", "acc@1", *[f"pass@{j}" for j in ks], f"G_{k}", "majority", "format fail"]
+        header = ["model", "questions", "acc@1", *[f"pass@{j}" for j in ks], f"G_{k}", "majority vote", "format fail"]
         rows = [_support_row(results, stage, flag, ks, k) for stage in figures.STAGE_MODELS]
         rows = [r for r in rows if r is not None]
         figs[f"support_{flag}.png"] = figures.support_curves(results, flag)
