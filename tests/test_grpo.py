@@ -348,3 +348,43 @@ def test_ddp_on_two_processes(tiny_dir, real_data_dir, toy_rewards, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in _trained(module).items())
     rows = [r for r in _metrics(tmp_path) if r.get("time/update")]
     assert len(rows) == 2 and all(float(r["train/skipped_nonfinite"]) == 0 for r in rows)
+
+
+def test_dynamic_sampling_drops_flat_groups_refills_and_checkpoints_its_buffer(tiny_dir, real_data_dir) -> None:
+    module = _module(tiny_dir, care=False, dynamic_sampling=True, max_sampling_rounds=3)
+    processor = module.processor
+    items = [_data(real_data_dir).dataset("train")[i] for i in range(2)]
+
+    def batch(rewards: list[float]) -> Trajectory:
+        texts = [["a", "b", "c", "d"], ["e", "f", "g", "h"]]
+        traj = build_trajectory(processor, items, _fake_results(processor.tokenizer, texts))
+        traj.rewards = torch.tensor(rewards, dtype=torch.float32)
+        return traj
+
+    metrics: dict[str, float] = {}
+    # Batch 1: group 0 is flat (no signal) and is dropped; group 1 is kept; 1 of the 2 prompts needed: wait.
+    assert module._advantage(batch([1, 1, 1, 1, 0, 1, 0, 0]), 2, metrics) is None
+    assert metrics["sampling/kept_groups"] == 0.5 and len(module._buffer) == 1
+    # The waiting buffer survives a checkpoint.
+    checkpoint = {"state_dict": {k: v for k, v in module.state_dict().items()}}
+    module.on_save_checkpoint(checkpoint)
+    other = _module(tiny_dir, care=False, dynamic_sampling=True, max_sampling_rounds=3)
+    other.on_load_checkpoint(checkpoint)
+    assert len(other._buffer) == 1 and other._buffer[0].texts == ["e", "f", "g", "h"]
+    # Batch 2 brings two more signal groups: the batch is full (2 groups), the surplus is dropped.
+    merged = other._advantage(batch([0, 1, 0, 0, 2, 0, 0, 0]), 2, metrics)
+    assert merged is not None and merged.num_groups == 2 and other._buffer == []
+    assert merged.texts == ["e", "f", "g", "h", "a", "b", "c", "d"]
+    # Advantages come from each sample's own group: (0, 1, 0, 0) -> mean 0.25, std 0.5 -> 1.4997 / -0.4999.
+    expected = [-0.25 / 0.5001, 0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001]
+    assert merged.advantages[4:].tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kl_reference", ["initial", "ema"])
+def test_kl_reference_for_full_finetuning(tiny_dir, real_data_dir, toy_rewards, tmp_path, kl_reference):
+    # On the first of two passes the policy equals both references (KL 0); on the second it has moved.
+    module = _module(tiny_dir, rewards={toy_rewards: 1.0}, care=False, beta=0.1, mu=2, kl_reference=kl_reference)
+    _trainer(tmp_path, max_steps=2).fit(module, _data(real_data_dir))
+    rows = [r for r in _metrics(tmp_path) if r.get("train/kl")]
+    assert len(rows) == 1 and float(rows[0]["train/kl"]) > 0
+    assert (module._reference_model is not None) == (kl_reference == "initial")
