@@ -24,7 +24,7 @@ import logging
 import random
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import lightning as L
@@ -36,7 +36,9 @@ from medrl.lit.grpo_stages import GRPOStages
 from medrl.lit.sft import DType, resolve_dtype
 from medrl.models.hub import load_vlm
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, is_peft, set_full_finetune
+from medrl.models.sharding import gathered, shard_like, shard_module
 from medrl.rl.advantages import Scale
+from medrl.rl.distributed import gather_objects, rank
 from medrl.rl.ema import EMAReference
 from medrl.rl.losses import Aggregation
 from medrl.rl.policy import reward_columns
@@ -189,6 +191,11 @@ class GRPOModule(GRPOStages, L.LightningModule):
             raise ValueError(f"need mu >= 1, micro_batch_size >= 1 and beta >= 0; got {mu}, {micro_batch_size}, {beta}")
 
     # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        # Under FSDP (configs/strategy/fsdp.yaml) shard the policy, and the EMA reference with it.
+        if shard_module(self) and self.ema is not None:
+            self.ema.shard_like(self.model)
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -210,7 +217,7 @@ class GRPOModule(GRPOStages, L.LightningModule):
         if self.hparams.beta > 0 and not is_peft(self.model) and self.hparams.kl_reference == "initial":
             # Reloaded, not copied: after a resume the live weights are no longer the initial ones.
             ref, _ = load_vlm(self.hparams.model, device=self.device, dtype=next(self.model.parameters()).dtype)
-            self._reference_model = ref.eval().requires_grad_(False)
+            self._reference_model = shard_like(self.model, ref.eval().requires_grad_(False))
 
     def on_train_start(self) -> None:
         # Here, not in on_fit_start: some strategies restore a checkpoint's weights after on_fit_start, and a
@@ -276,7 +283,9 @@ class GRPOModule(GRPOStages, L.LightningModule):
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         max_new = self.hparams.val_max_new_tokens or self.hparams.max_completion_length
         params = SamplingParams(n=0, greedy=True, max_new_tokens=max_new, seed=self.hparams.seed)
-        results = self._ensure_engine().generate(batch, params)
+        engine = self._ensure_engine()
+        with gathered(self.model) if engine.name == "hf" else nullcontext():
+            results = engine.generate(batch, params)
         texts = [r.greedy.text for r in results]
         for name, values in score_completions(texts, reward_columns(batch, 1), self.reward_fns).items():
             self.log(f"val/{name}", values.mean(), batch_size=len(batch), sync_dist=True)
@@ -291,7 +300,8 @@ class GRPOModule(GRPOStages, L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["grpo"] = {
             "ema": None if self.ema is None else self.ema.state_dict(),
-            "buffer": [t.to("cpu").state_dict() for t in self._buffer],
+            # Each process's own dynamic-sampling buffer: the checkpoint is written by rank 0 alone.
+            "buffers": gather_objects([t.to("cpu").state_dict() for t in self._buffer]),
             "sampling_rounds": self._sampling_rounds,
             "rollouts": self._rollouts,
             "rng": _rng_states(),
@@ -311,7 +321,13 @@ class GRPOModule(GRPOStages, L.LightningModule):
             if state["ema"] is None:
                 raise KeyError("this run keeps an EMA reference (care or kl_reference=ema) but the checkpoint has none")
             self.ema.load_state_dict(state["ema"])
-        self._buffer = [Trajectory.from_state_dict(s) for s in state["buffer"]]
+        buffers = state["buffers"] if "buffers" in state else [state["buffer"]]
+        if len(buffers) > 1 and len(buffers) != self.trainer.world_size:
+            raise ValueError(
+                f"the checkpoint holds dynamic-sampling buffers of {len(buffers)} processes but this run has "
+                f"{self.trainer.world_size}: resume on {len(buffers)} processes (or without dynamic_sampling)"
+            )
+        self._buffer = [Trajectory.from_state_dict(s) for s in buffers[rank() if len(buffers) > 1 else 0]]
         self._sampling_rounds = int(state["sampling_rounds"])
         self._rollouts = int(state["rollouts"])
         _set_rng_states(state["rng"])

@@ -8,12 +8,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
+from medrl.models.sharding import full_tensor, gathered, is_sharded
 from medrl.rl.advantages import as_groups, group_advantages, group_stats, signal_groups
+from medrl.rl.distributed import global_max, global_min, global_std, world_size
 from medrl.rl.losses import global_token_count, is_finite, policy_loss
 from medrl.rl.policy import answer_window_mask, batched_logprobs, build_trajectory, forward_logprobs, reward_columns
 from medrl.rl.rewards import answer_confidence, care_bonus, score_completions
@@ -52,7 +54,10 @@ class GRPOStages:
         timer = StageTimer(self.device)
         metrics: dict[str, float] = {}
         with timer("generate"):
-            results = self._ensure_engine().generate(batch, self.sampling_params(seed))
+            engine = self._ensure_engine()
+            # FSDP: the hf engine decodes with the policy itself; gather its weights once, not at every token.
+            with gathered(self.model) if engine.name == "hf" else nullcontext():
+                results = engine.generate(batch, self.sampling_params(seed))
             traj = build_trajectory(self.processor, batch, results)
         with timer("reward"):
             self._reward(traj, batch, metrics)
@@ -100,12 +105,18 @@ class GRPOStages:
         selected = ((acc > 0) & (acc >= acc.mean(dim=1, keepdim=True))).flatten()
         rows = selected.nonzero().flatten().tolist()
         confidence = torch.zeros(traj.num_rows)
-        if rows:
+        # Under FSDP every forward gathers weights collectively, so every process runs as many forwards.
+        calls = -(-len(rows) // h.micro_batch_size)
+        padding = global_max(calls, self.device) - calls if is_sharded(self.model) else 0
+        if rows or padding:
             # Only samples that can earn the bonus are scored: the others never need a confidence.
-            mask = answer_window_mask(self.processor.tokenizer, traj, rows)
             with self._eval_mode(), self.ema.swapped_in(self.model):
                 ref = batched_logprobs(self.model, traj, h.micro_batch_size, rows).cpu()
-            confidence[rows] = answer_confidence(ref, mask, h.care_confidence_cap)
+                for _ in range(padding):
+                    batched_logprobs(self.model, traj, 1, [0])
+            if rows:
+                mask = answer_window_mask(self.processor.tokenizer, traj, rows)
+                confidence[rows] = answer_confidence(ref, mask, h.care_confidence_cap)
         bonus = care_bonus(acc, as_groups(confidence, traj.group_size), h.care_bonus, h.care_margin).flatten()
         return bonus, confidence[rows]
 
@@ -114,7 +125,9 @@ class GRPOStages:
         """Fill advantages; with dynamic sampling return None while the batch is still being refilled."""
         h = self.hparams
         groups = as_groups(traj.rewards, traj.group_size)
-        traj.advantages = group_advantages(groups, h.advantage_scale, h.advantage_eps).flatten()
+        # Groups never straddle processes; only the `batch` scale looks beyond a group, at the global batch.
+        batch_std = global_std(groups, self.device) if h.advantage_scale == "batch" and world_size() > 1 else None
+        traj.advantages = group_advantages(groups, h.advantage_scale, h.advantage_eps, batch_std).flatten()
         if not h.dynamic_sampling:
             return traj
         keep = signal_groups(groups)
@@ -122,16 +135,17 @@ class GRPOStages:
         if keep.any():
             self._buffer.append(traj.select_groups(keep.nonzero().flatten()))
         self._sampling_rounds += 1
-        have = sum(t.num_groups for t in self._buffer)
+        # Every process waits or trains together, on as many groups as the shortest has (else DDP/FSDP hang).
+        have = global_min(sum(t.num_groups for t in self._buffer), self.device)
         if have < num_prompts and self._sampling_rounds < h.max_sampling_rounds:
             metrics["sampling/waiting"] = 1.0
             return None
         buffered, self._buffer, self._sampling_rounds = self._buffer, [], 0
         metrics["sampling/waiting"] = 0.0
-        if not buffered:
+        if have == 0:
             return None
         merged = Trajectory.cat(buffered, self.processor.tokenizer.pad_token_id)
-        return merged.select_groups(list(range(min(num_prompts, merged.num_groups))))
+        return merged.select_groups(list(range(min(num_prompts, have))))
 
     # ------------------------------------------------------------------ logprobs
     def _logprobs(self, traj: Trajectory) -> None:
@@ -200,6 +214,7 @@ class GRPOStages:
         for _ in range(h.mu):
             step = self._accumulate(traj, n, num_tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, h.max_grad_norm if h.max_grad_norm > 0 else float("inf"))
+            grad_norm = full_tensor(grad_norm)  # FSDP: the norm over every shard
             if step is None or not self._all_finite(grad_norm):
                 # Never applied: the weights, optimizer moments and schedule stay as they were.
                 opt.zero_grad(set_to_none=True)

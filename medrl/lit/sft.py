@@ -23,6 +23,7 @@ import torch
 from medrl.data.collate import SFTCollator
 from medrl.models.hub import load_vlm, resolve_model
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, set_full_finetune
+from medrl.models.sharding import shard_module
 
 log = logging.getLogger(__name__)
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -103,6 +104,9 @@ class SFTModule(L.LightningModule):
         self.strict_loading = False
         trainable, total = count_parameters(self.model)
         log.info("SFT %s on %s: %s of %s parameters train", finetune, model, f"{trainable:,}", f"{total:,}")
+
+    def configure_model(self) -> None:
+        shard_module(self)  # under FSDP (configs/strategy/fsdp.yaml); nothing under any other strategy
 
     def _step_seed(self, batch_idx: int) -> int:
         """A seed that is a pure function of (seed, epoch, batch, rank): dropout replays exactly on resume."""

@@ -15,11 +15,14 @@ from torch import Tensor
 Scale = Literal["group", "batch", "none"]
 
 
-def group_advantages(rewards: Tensor, scale: Scale = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, scale: Scale = "group", eps: float = 1e-4, batch_std: Tensor | float | None = None
+) -> Tensor:
     """``[B, G]`` rewards -> ``[B, G]`` advantages ``(r - mean_group) / (std + eps)``.
 
     The standard deviation is the unbiased one (``torch.std``), as in the authors' trainer; ``eps = 1e-4`` is
-    their value. A group whose rewards are all equal gets zero advantages whatever the scale.
+    their value. A group whose rewards are all equal gets zero advantages whatever the scale. ``batch_std``
+    replaces the ``batch`` scale's std when the batch spans processes (:func:`medrl.rl.distributed.global_std`).
 
     >>> import torch
     >>> adv = group_advantages(torch.tensor([[1.0, 0.0], [2.0, 2.0]]))  # (1, 0): +-0.5 / (0.7071 + 1e-4)
@@ -34,7 +37,7 @@ def group_advantages(rewards: Tensor, scale: Scale = "group", eps: float = 1e-4)
     if scale == "group":
         return centred / (rewards.std(dim=1, keepdim=True) + eps)
     if scale == "batch":
-        return centred / (rewards.std() + eps)
+        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     if scale == "none":
         return centred
     raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")

@@ -3,6 +3,8 @@
 Only the trainable parameters are averaged (with LoRA, the adapter; with full fine-tuning, everything that
 trains): frozen weights are the same in the policy and its average, so no second model is ever held. The
 average is kept in float32 even when the model trains in bf16, where a 0.5 % step would round away.
+Under FSDP the average is sharded like the parameters (:meth:`EMAReference.shard_like`); checkpoints hold
+it whole, so they load on any number of processes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMAReference:
@@ -56,10 +59,22 @@ class EMAReference:
             return True
         return False
 
+    def shard_like(self, model: nn.Module) -> EMAReference:
+        """Shard each average like its (FSDP-sharded) parameter, so each process keeps only its part."""
+        for name, p in self._params(model).items():
+            s = self.shadow[name]
+            if isinstance(p, DTensor) and not isinstance(s, DTensor):
+                self.shadow[name] = distribute_tensor(s.to(p.device), p.device_mesh, p.placements)
+        return self
+
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
         """Within the block the model's tracked parameters hold the EMA weights; restored on exit."""
         params = self._params(model)
+        if any(isinstance(p, DTensor) for p in params.values()):
+            with self._copied_in(params):
+                yield model
+            return
         saved = {}
         try:
             for name, p in params.items():
@@ -70,14 +85,30 @@ class EMAReference:
             for name, data in saved.items():
                 params[name].data = data
 
+    @contextmanager
+    def _copied_in(self, params: dict[str, nn.Parameter]) -> Iterator[None]:
+        # FSDP gathers from storage it holds a view of: swapping `.data` would go unseen, so copy in place.
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(self.shadow[name].to(p.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+
     def to(self, device: torch.device | str) -> EMAReference:
         """Move the shadow weights (e.g. next to the model after Lightning placed it)."""
         self.shadow = {n: s.to(device) for n, s in self.shadow.items()}
         return self
 
     def state_dict(self) -> dict:
-        """Tensors and numbers only: safe to load with ``weights_only=True``."""
-        return {"decay": self.decay, "every": self.every, "shadow": dict(self.shadow)}
+        """Tensors and numbers only: safe to load with ``weights_only=True``. Sharded averages are gathered
+        whole (on CPU), so every process must call this."""
+        shadow = {n: s.full_tensor().cpu() if isinstance(s, DTensor) else s for n, s in self.shadow.items()}
+        return {"decay": self.decay, "every": self.every, "shadow": shadow}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the average written by :meth:`state_dict` (names must match the tracked parameters)."""
@@ -86,5 +117,9 @@ class EMAReference:
             extra = sorted(set(shadow) ^ set(self.shadow))[:3]
             raise KeyError(f"EMAReference: checkpoint tracks different parameters than the model, e.g. {extra}")
         self.decay, self.every = float(state["decay"]), int(state["every"])
-        device = next(iter(self.shadow.values())).device
-        self.shadow = {n: t.to(device=device, dtype=torch.float32) for n, t in shadow.items()}
+        current = self.shadow
+        self.shadow = {}
+        for n, t in shadow.items():
+            like = current[n]
+            t = t.to(device=like.device, dtype=torch.float32)
+            self.shadow[n] = distribute_tensor(t, like.device_mesh, like.placements) if isinstance(like, DTensor) else t

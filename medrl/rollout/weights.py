@@ -3,6 +3,8 @@
 This is what a colocated engine receives after each optimizer step. A PEFT LoRA policy is sent merged
 (``W + scale * B @ A`` per adapted layer) without touching the policy itself: merging in place and
 unmerging afterwards would round the base weights twice in bf16 and race with an optimizer holding them.
+Weights sharded by FSDP are gathered whole one tensor at a time, on every process (each one's engine gets
+the full model), so every process must consume the iterator to the end, in step.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from collections.abc import Iterator
 import torch
 
 _PEFT_PREFIX = "base_model.model."
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -31,7 +39,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     the original names. Tensors are detached views or fresh tensors; consumers copy them.
     """
     if not _is_peft(model):
-        yield from model.state_dict(keep_vars=False).items()
+        for name, tensor in model.state_dict(keep_vars=False).items():
+            yield name, _whole(tensor)
         return
     from peft.tuners.lora import LoraLayer
 
@@ -49,4 +58,4 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
             continue
         tensor = merged.get(name, tensor)
         name = name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        yield name, tensor
+        yield name, _whole(tensor)
