@@ -32,10 +32,10 @@ def _write(path: Path, obj) -> None:
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
     _write(tmp_path / "plan.json", {"name": "unit", "illustrative": True, "flags": FLAGS, "support": {"k": 4}})
-    _write(
-        tmp_path / "runcard.json",
-        {"code": "abc123", "versions": {"torch": "2.13.0"}, "hardware": {"cpus": 2}, "seed": 0},
-    )
+    data = {"breastmnist": {"source": "official", "md5": "750601b1f35ba3300ea97c75c52ff8f6"},
+            "pneumoniamnist": {"source": "synthetic", "md5": "0123456789abcdef"}}  # fmt: skip
+    card = {"code": "abc123", "versions": {"torch": "2.13.0"}, "hardware": {"cpus": 2}, "seed": 0, "data": data}
+    _write(tmp_path / "runcard.json", card)
     _write(
         tmp_path / "stages.json",
         {"vision": {"status": "done", "seconds": 12.5}, "support": {"status": "done", "seconds": 30}},
@@ -76,6 +76,7 @@ def test_every_section_renders(run_dir: Path) -> None:
     ):
         assert heading in text
     assert "Not run." not in text
+    assert "breastmnist official (MD5 `750601b1f35b`); pneumoniamnist **SYNTHETIC stand-in**" in text
     assert "| timm:resnet18 | False | breastmnist | 28 | 224 | sgd | 0.812 | 0.850 | 0.731 |" in text
     # SFT on breast: acc 0.75, pass@4 0.90 -> G_4 = 0.150.
     assert "| SFT | 32 | 0.750 | 0.700 | 0.825 | 0.900 | 0.150 | 0.750 | 0.100 |" in text

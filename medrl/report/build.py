@@ -96,6 +96,18 @@ def _recipe(results: RunResults) -> list[str]:
     return lines + _table(["target", "tau", "measurements", "decisions"], rows) + [""]
 
 
+def _data_sources(results: RunResults) -> list[str]:
+    data = results.runcard.get("data") or {}
+    if not data:
+        return []
+    parts = [
+        f"{flag} {'**SYNTHETIC stand-in**' if rec.get('source') == 'synthetic' else 'official'} "
+        f"(MD5 `{rec.get('md5', '?')[:12]}`)"
+        for flag, rec in data.items()
+    ]
+    return ["Data: " + "; ".join(parts) + ".", ""]
+
+
 def _runcard(results: RunResults) -> list[str]:
     lines = ["## 7. Run card", ""]
     card = results.runcard
@@ -105,7 +117,7 @@ def _runcard(results: RunResults) -> list[str]:
         lines += [f"- code: `{card.get('code') or 'unknown'}`", f"- versions: {versions}",
                   f"- hardware: {hw.get('cpu', '?')} ({hw.get('cpus', '?')} cores, {hw.get('memory_gib', '?')} GiB), "
                   f"GPUs: {', '.join(hw.get('gpus', [])) or 'none'}"]  # fmt: skip
-        for key in ("seed", "scale", "data"):
+        for key in ("seed", "scale"):
             if key in card:
                 lines.append(f"- {key}: `{card[key]}`")
     if results.stages:
@@ -123,7 +135,7 @@ def build_report(run_dir: str | Path) -> Path:
     )
     figs: dict[str, bytes] = {}
     lines = [ILLUSTRATIVE, ""] if results.plan.get("illustrative", False) else []
-    lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""]
+    lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""] + _data_sources(results)
     lines += _vision(results, figs) + _support(results, figs, k) + _transfer(results, figs)
     lines += _recipe(results) + _runcard(results)
     for name, data in figs.items():

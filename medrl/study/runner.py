@@ -8,6 +8,7 @@ so a rerun skips finished stages. A failing stage leaves every earlier output in
 from __future__ import annotations
 
 import json
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -71,7 +72,10 @@ class StageRunner:
 
     out: Path
     resume_hint: str = "make reproduce"
-    console: Console = field(default_factory=lambda: Console(highlight=False))
+    # Logs and CI are not terminals: rich would wrap at 80 columns there.
+    console: Console = field(
+        default_factory=lambda: Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    )
 
     def _record(self, records: dict) -> None:
         atomic_write_json(self.out / "stages.json", records)
