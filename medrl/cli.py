@@ -121,6 +121,7 @@ def _run_study_verb(verb: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medrl`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    MedRLCLI(args=argv)
+    # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an explicit
+    # argv (tests, other commands) is passed through.
+    MedRLCLI(args=None if from_command_line else argv)
     return 0
 
 
