@@ -22,7 +22,7 @@ from medrl.data.medmnist_files import atomic_write_bytes
 
 COLUMNS = [
     "encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "mae", "kappa", "majority",
-    "n_train", "n_test", "extract_seconds", "seconds", "synthetic", "spec", "cell",
+    "collapsed", "n_train", "n_test", "extract_seconds", "seconds", "synthetic", "spec", "cell",
 ]  # fmt: skip
 
 
@@ -57,16 +57,18 @@ def render(rows: list[dict[str, Any]], out: Path) -> None:
     writer.writerows(rows)
     atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
     shown = ["encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "mae", "kappa",
-             "majority", "n_train", "n_test", "seconds"]  # fmt: skip
+             "majority", "collapsed", "n_train", "n_test", "seconds"]  # fmt: skip
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
-        cells = [_fmt(row[c]) if c in ("acc", "auc", "mae", "kappa", "majority") else str(row[c]) for c in shown]
+        numeric = ("acc", "auc", "mae", "kappa", "majority")
+        cells = [_fmt(row.get(c, "")) if c in numeric else str(row.get(c, "")) for c in shown]
         cells[-1] = _fmt(row["seconds"], 1)
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
-        "ACC/AUC as the medmnist Evaluator; `majority` is the test ACC of always answering the most frequent class "
-        "(a probe at exactly that value has collapsed). `pretrained: False` means random weights.",
+        "ACC/AUC as the medmnist Evaluator; `majority` is the test ACC of always answering the most frequent class; "
+        "`collapsed` says whether the probe gave every test image the same class (its ACC is then exactly the "
+        "majority rate). `pretrained: False` means random weights.",
     ]
     if any(str(r["synthetic"]) == "True" for r in rows):
         notes.append("Rows with synthetic=True come from synthetic files, not the official release.")
@@ -222,6 +224,7 @@ def _run_cell(dm, optimizer: str, max_epochs: int, seed: int, cell_dir: Path) ->
         "mae": m.get("mae", math.nan),
         "kappa": m.get("kappa", math.nan),
         "majority": m["majority_rate"],
+        "collapsed": m["collapsed"],
         "n_train": len(dm.splits["train"].indices),
         "n_test": m["n"],
         "extract_seconds": round(extract, 2),

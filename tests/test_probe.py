@@ -123,6 +123,16 @@ def test_probe_learns_the_synthetic_signal(shared):
     assert not model.last_metrics["val"]["collapsed"]
 
 
+def test_result_does_not_depend_on_whether_features_were_cached(tmp_path):
+    weights = []
+    for _ in ("cold", "warm"):
+        model = LinearProbe()
+        L.seed_everything(0)
+        _trainer(2).fit(model, datamodule=_dm(tmp_path, tmp_path / "cache", batch_size=32))
+        weights.append(model.head[-1].weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
 def test_multilabel_chestmnist_uses_14_sigmoids_and_bce(tmp_path):
     dm = _dm(tmp_path, tmp_path / "cache", flag="chestmnist", batch_size=32)
     model = LinearProbe(output_dir=str(tmp_path / "out"))
@@ -213,3 +223,22 @@ def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_pat
     assert main(args) == 0
     assert capsys.readouterr().out.count("skip breastmnist") == 2
     assert list(csv.DictReader(open(tmp_path / "t" / "results.csv"))) == rows
+
+
+@pytest.mark.slow
+def test_ddp_test_metrics_equal_single_process(shared, tmp_path):
+    """Under DDP every rank scores a shard; gathered (and de-padded) predictions give the single-process metrics."""
+    dm = _dm(shared, shared / "cache", flag="bloodmnist", test_samples=63)  # odd: the sampler pads one row
+    model = LinearProbe(output_dir=str(tmp_path / "one"))
+    L.seed_everything(0)
+    trainer = _trainer(2)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False)  # fmt: skip
+    model.hparams.output_dir = str(tmp_path / "two")
+    ddp.test(model, datamodule=_dm(shared, shared / "cache", flag="bloodmnist", test_samples=63), verbose=False)
+    one = json.loads((tmp_path / "one" / "metrics_test.json").read_text())["metrics"]
+    two = json.loads((tmp_path / "two" / "metrics_test.json").read_text())["metrics"]
+    assert two["n"] == one["n"] == 63
+    assert two["acc"] == pytest.approx(one["acc"]) and two["auc"] == pytest.approx(one["auc"])

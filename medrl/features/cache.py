@@ -151,7 +151,10 @@ class FeatureCache:
         cached = self.load(key)
         if cached is not None:
             return cached
-        return self.extract(key, encoder, dataset, batch_size, device, num_workers, progress)
+        # DataLoaders draw from the global RNG: without the fork a run's later shuffling (so its result)
+        # would depend on whether its features were cached.
+        with torch.random.fork_rng(devices=[]):
+            return self.extract(key, encoder, dataset, batch_size, device, num_workers, progress)
 
     def extract(
         self,

@@ -328,6 +328,7 @@ class QwenVisionEncoder(Encoder):
         self.tower: torch.nn.Module | None = None
         self._path: Path | None = None
         self._processor = None
+        self._weights_memo: dict[str, str] | None = None
 
     def _resolved(self) -> Path:
         if self._path is None:
@@ -366,16 +367,23 @@ class QwenVisionEncoder(Encoder):
         h, w = self.resized(height, width)
         return (h // (ip.patch_size * ip.merge_size)) * (w // (ip.patch_size * ip.merge_size))
 
+    def _weights(self) -> dict[str, str]:
+        """Fingerprints of the checkpoint's weight files (computed once: shards of a 7B model are large)."""
+        if self._weights_memo is None:
+            path = self._resolved()
+            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+            self._weights_memo = {f.name: file_fingerprint(f) for f in files}
+        return self._weights_memo
+
     def describe(self) -> dict[str, Any]:
         path = self._resolved()
-        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         ip = self._image_processor()
         return {
             "kind": self.kind,
             "name": self.model,
             # tiny (by name or as its saved folder) is random weights by construction.
             "pretrained": not (str(self.model).startswith("tiny") or path.name.startswith("tiny-qwen")),
-            "weights": {w.name: file_fingerprint(w) for w in weights},
+            "weights": self._weights(),
             "image_size": self.image_size,
             "min_max_pixels": list(_size_bounds(ip)) if self.image_size == "native" else [self.image_size**2] * 2,
             "pooling": self.pooling,
@@ -404,7 +412,10 @@ class QwenVisionEncoder(Encoder):
         self.tower = load_vision_tower(self._resolved(), self._torch_dtype()).eval().requires_grad_(False).to(device)
         self._captured: list[torch.Tensor] = []
         # Pre-merger features: the merger's input, captured as the tower runs (one code path for both versions).
-        self.tower.merger.register_forward_pre_hook(lambda _module, args: self._captured.append(args[0]))
+        self.tower.merger.register_forward_pre_hook(self._capture)
+
+    def _capture(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._captured.append(args[0])
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         ip = self._image_processor()
