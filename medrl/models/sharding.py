@@ -104,9 +104,10 @@ def shard_model(
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         setattr(unit, _RESHARD_ATTR, reshard_after_forward)
     root = hf_model(model)
-    # The root's weights (embeddings, LM head) are needed again at once by the backward: keep them gathered.
-    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    setattr(root, _RESHARD_ATTR, False)
+    # The root resharded like the units: a root kept whole after forward would stay whole after every no-grad
+    # forward too (generation, scoring), leaving a mix of whole and sharded parameters between steps.
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    setattr(root, _RESHARD_ATTR, reshard_after_forward)
     setattr(root, _HF_FSDP_FLAG, True)
     setattr(root, _SETTINGS_ATTR, (mesh, compute_dtype, reshard_after_forward))
     return model

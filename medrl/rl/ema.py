@@ -70,11 +70,14 @@ class EMAReference:
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
         """Within the block the model's tracked parameters hold the EMA weights; restored on exit."""
-        params = self._params(model)
-        if any(isinstance(p, DTensor) for p in params.values()):
-            with self._copied_in(params):
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if units:
+            with self._copied_in(model, units):
                 yield model
             return
+        params = self._params(model)
         saved = {}
         try:
             for name, p in params.items():
@@ -86,8 +89,12 @@ class EMAReference:
                 params[name].data = data
 
     @contextmanager
-    def _copied_in(self, params: dict[str, nn.Parameter]) -> Iterator[None]:
-        # FSDP gathers from storage it holds a view of: swapping `.data` would go unseen, so copy in place.
+    def _copied_in(self, model: nn.Module, units: list[nn.Module]) -> Iterator[None]:
+        # FSDP gathers from shard storage it holds a view of: swapping `.data` would go unseen, so copy into the
+        # shards, with every unit resharded first (a unit left whole would keep computing with what it holds).
+        for unit in units:
+            unit.reshard()
+        params = self._params(model)
         saved = {name: p.detach().clone() for name, p in params.items()}
         try:
             with torch.no_grad():
@@ -95,6 +102,8 @@ class EMAReference:
                     p.copy_(self.shadow[name].to(p.dtype))
             yield
         finally:
+            for unit in units:
+                unit.reshard()
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(saved[name])
