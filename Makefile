@@ -57,3 +57,7 @@ SCALE ?= cpu
 DRY_RUN ?=
 reproduce: install ## the whole study -> runs/study-$(SCALE)/report.md (SCALE=cpu|paper; DRY_RUN=1 plans only)
 	$(VENV)/bin/medrl reproduce --scale $(SCALE) $(if $(DRY_RUN),--dry_run true,)
+
+QUICK ?=
+bench: install ## every speed comparison side by side -> bench/results.{json,md} (QUICK=1: smoke run -> runs/bench-quick)
+	$(PY) bench/run.py $(if $(QUICK),--quick,)

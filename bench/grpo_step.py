@@ -31,7 +31,8 @@ def _items(n: int) -> list[dict]:
     return [data.dataset("train")[i] for i in range(n)]
 
 
-def run_medrl(args: argparse.Namespace, engine: str) -> list[float]:
+def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, float]] | None = None) -> list[float]:
+    """Seconds of each timed optimizer step; ``stages``, when given, receives each step's stage seconds."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
@@ -42,11 +43,15 @@ def run_medrl(args: argparse.Namespace, engine: str) -> list[float]:
     stamps: list[float] = []
 
     class Stamp(Callback):
-        def on_train_batch_end(self, *_: object) -> None:
+        def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
             stamps.append(time.perf_counter())
+            if stages is not None:
+                metrics = trainer.callback_metrics.items()
+                stages.append({k.removeprefix("time/"): float(v) for k, v in metrics if k.startswith("time/")})
 
     module = GRPOModule(
         model=str(tiny_dir(0)),
+        dtype="float32",  # as TRL's side (bf16=False); "auto" would pick it on CPU anyway
         engine=engine,
         engine_options={"max_model_len": 1024, "kv_cache_gib": 0.5} if engine == "vllm" else None,
         num_generations=args.generations,
@@ -70,10 +75,17 @@ def run_medrl(args: argparse.Namespace, engine: str) -> list[float]:
         callbacks=[Stamp()],
     )
     trainer.fit(module, loader)
+    if stages is not None:
+        stages[:] = stages[args.warmup :]
     return _step_times([start, *stamps], args.warmup)
 
 
-def run_trl(args: argparse.Namespace) -> list[float]:
+def run_trl(args: argparse.Namespace, stages: list[dict[str, float]] | None = None) -> list[float]:
+    """Seconds of each timed optimizer step; ``stages``, when given, receives TRL's own profiling timings.
+
+    TRL times its blocks (``transformers.generate``, reward and log-prob passes, ``compute_loss``) with
+    ``profiling_context`` but only reports them to experiment trackers; they are collected here per step.
+    """
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -111,6 +123,11 @@ def run_trl(args: argparse.Namespace) -> list[float]:
         beta=0.0,
         num_iterations=1,
         learning_rate=1e-5,
+        # medrl's optimizer: torch AdamW, no weight decay, constant learning rate, gradient norm clipped at 5
+        optim="adamw_torch",
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=5.0,
         max_steps=args.steps + args.warmup,
         logging_steps=1,
         save_strategy="no",
@@ -118,6 +135,8 @@ def run_trl(args: argparse.Namespace) -> list[float]:
         shuffle_dataset=False,
         seed=0,
     )
+    if stages is not None:
+        _collect_trl_profiling(stages)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[accuracy, fmt],
@@ -128,7 +147,25 @@ def run_trl(args: argparse.Namespace) -> list[float]:
     )
     start = time.perf_counter()
     trainer.train()
+    if stages is not None:
+        stages[:] = stages[args.warmup : args.warmup + args.steps]
     return _step_times([start, *stamps], args.warmup)
+
+
+def _collect_trl_profiling(stages: list[dict[str, float]]) -> None:
+    """Route TRL's profiling timings into ``stages[step]`` (seconds summed per block name)."""
+    from trl.extras import profiling
+
+    log_metrics = profiling.ProfilingContext._log_metrics
+
+    def record(self, duration: float) -> None:
+        while len(stages) <= (self.step or 0):
+            stages.append({})
+        name = self.name.split(".", 1)[-1]  # drop the trainer class name
+        stages[self.step or 0][name] = stages[self.step or 0].get(name, 0.0) + duration
+        log_metrics(self, duration)
+
+    profiling.ProfilingContext._log_metrics = record
 
 
 def _step_times(stamps: list[float], warmup: int) -> list[float]:

@@ -68,6 +68,68 @@ def timed(engine, items: list[dict], params, per_call: int) -> tuple[float, floa
     return time.perf_counter() - start, time.process_time() - cpu, tokens
 
 
+def build_engine(name: str, model, processor, path: Path, max_sequences: int, items: list[dict], params):
+    """A started engine (``hf`` on the in-memory model, ``vllm`` on the saved folder) and its start seconds.
+
+    One short call follows the start, untimed, so first-call costs stay out of every timing.
+    """
+    from medrl.rollout import make_engine
+
+    start = time.perf_counter()
+    if name == "hf":
+        engine = make_engine("hf", model, processor, max_batch_sequences=max_sequences)
+    else:
+        engine = make_engine("vllm", path, max_model_len=512, kv_cache_gib=1.0, max_num_seqs=256)
+    seconds = time.perf_counter() - start
+    timed(engine, items[:2], params.with_(max_new_tokens=4), 2)
+    return engine, seconds
+
+
+def baseline_side(questions: int, k: int, max_new_tokens: int, repeats: int = 1) -> dict:
+    """The one-call-per-sample loop alone, ``repeats`` times, in this process (for a harness that isolates it).
+
+    Returns lists of wall seconds, CPU seconds and new tokens, one entry per repeat.
+    """
+    from medrl.models.hub import load_vlm
+    from medrl.models.tiny import tiny_dir
+
+    items = _items(questions)
+    model, processor = load_vlm(str(tiny_dir(0)))
+    one_call_per_sample(model, processor, items[:1], 1, 4)  # warm-up, as the engines get
+    runs = [one_call_per_sample(model, processor, items, k, max_new_tokens) for _ in range(repeats)]
+    return {"seconds": [r[0] for r in runs], "cpu_s": [r[1] for r in runs], "tokens": [r[2] for r in runs]}
+
+
+def engine_side(
+    name: str, questions: int, k: int, max_new_tokens: int, batch_sizes: list[int], repeats: int = 1
+) -> dict:
+    """One medrl engine alone: Pass@K with every question in one call, then throughput per questions per call.
+
+    Returns the engine's start seconds, and per repeat the wall seconds, CPU seconds and new tokens of the
+    Pass@K pass (``pass_at_k``) and of each throughput pass (``throughput[questions per call]``).
+    """
+    from medrl.models.hub import load_vlm
+    from medrl.models.tiny import tiny_dir
+    from medrl.rollout import SamplingParams
+
+    items = _items(questions)
+    path = tiny_dir(0)
+    model, processor = load_vlm(str(path))
+    params = SamplingParams(n=k, temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=0)
+    engine, start_s = build_engine(name, model, processor, path, k * max(questions, *batch_sizes), items, params)
+    try:
+        out: dict = {"start_s": start_s, "pass_at_k": _repeat(engine, items, params, questions, repeats)}
+        out["throughput"] = {b: _repeat(engine, items, params, b, repeats) for b in batch_sizes}
+    finally:
+        engine.close()
+    return out
+
+
+def _repeat(engine, items: list[dict], params, per_call: int, repeats: int) -> dict[str, list]:
+    runs = [timed(engine, items, params, per_call) for _ in range(repeats)]
+    return {"seconds": [r[0] for r in runs], "cpu_s": [r[1] for r in runs], "tokens": [r[2] for r in runs]}
+
+
 def main(
     questions: int = 64,
     k: int = 16,
@@ -93,7 +155,7 @@ def main(
     from medrl.io import atomic_write_json
     from medrl.models.hub import load_vlm
     from medrl.models.tiny import tiny_dir
-    from medrl.rollout import SamplingParams, make_engine
+    from medrl.rollout import SamplingParams
 
     batch_sizes = batch_sizes or [1, 4, 16, 64]
     engines = engines or ["hf", "vllm"]
@@ -116,13 +178,8 @@ def main(
     }
     built = {}
     for name in engines:
-        start = time.perf_counter()
-        if name == "hf":
-            built[name] = make_engine("hf", model, processor, max_batch_sequences=k * max(batch_sizes))
-        else:
-            built[name] = make_engine("vllm", path, max_model_len=512, kv_cache_gib=1.0, max_num_seqs=256)
-        results["setup"][f"{name}_start_s"] = round(time.perf_counter() - start, 2)
-        timed(built[name], items[:2], params.with_(max_new_tokens=4), 2)  # warm-up: first-call costs
+        built[name], start_s = build_engine(name, model, processor, path, k * max(batch_sizes), items, params)
+        results["setup"][f"{name}_start_s"] = round(start_s, 2)
     if baseline:
         seconds, cpu, tokens = one_call_per_sample(model, processor, items, k, max_new_tokens)
         results["pass_at_k"]["one generate call per sample"] = {"seconds": seconds, "cpu_s": cpu, "tokens": tokens}

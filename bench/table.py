@@ -1,0 +1,205 @@
+"""Rows of the benchmark table from the sides' measurements: medians, min-max, ratios, targets and notes.
+
+Every row pairs a medrl side with what it is compared against. A ratio's spread is the worst case the
+min-max ranges allow (the smallest numerator over the largest denominator, and the reverse), so it is wide
+on a loaded machine rather than falsely tight.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+LABELS = {
+    "grpo/medrl-hf": "medrl, hf engine",
+    "grpo/medrl-vllm": "medrl, vllm engine",
+    "grpo/trl": "TRL GRPOTrainer (its vLLM off)",
+    "sampling/hf": "medrl hf engine",
+    "sampling/vllm": "medrl vllm engine",
+    "sampling/per-sample": "one generate call per sample",
+    "probe/cached": "cached features",
+    "probe/reencoding": "re-encoding every epoch",
+}
+TIME_RATIO = "medrl / TRL seconds per step (lower is better)"
+SPEED_UP = "speed-up: the other side's seconds / medrl's seconds"
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and count of ``values`` (empty when there are none)."""
+    if not values:
+        return {}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def side_stats(sides: dict[str, Any], key: str, values: list[float] | None = None) -> dict[str, Any] | None:
+    """A side's label, statistics (of its ``seconds`` or of ``values``) and peak memory; None if it did not run."""
+    if key not in sides:
+        return None
+    side = sides[key]
+    summary = stats(side["seconds"] if values is None else values)
+    return {"side": key, "label": LABELS[key], **summary, "peak_rss_mib": side["peak_rss_mib"]}
+
+
+def _ratio(num: dict | None, den: dict | None) -> tuple[float | None, list[float] | None]:
+    if not num or not den or not den.get("median") or not den.get("min"):
+        return None, None
+    return num["median"] / den["median"], [num["min"] / den["max"], num["max"] / den["min"]]
+
+
+def verdict(ratio: float | None, target: str | None) -> tuple[bool | None, str]:
+    """Whether ``ratio`` meets ``target`` (``"<= 1"``, ``">= 4"``), and by how much it misses when it does not."""
+    if ratio is None or target is None:
+        return None, ""
+    op, value = target.split()
+    goal = float(value)
+    if op == "<=":
+        if ratio <= goal:
+            return True, ""
+        return False, f"misses the target by {100 * (ratio / goal - 1):.0f}% ({ratio:.2f} vs <= {goal:g})"
+    if ratio >= goal:
+        return True, ""
+    return False, f"misses the target: {ratio:.1f}x vs >= {goal:g}x ({goal / ratio:.1f}x short)"
+
+
+def make_row(
+    key: str,
+    comparison: str,
+    metric: str,
+    medrl: dict | None,
+    peer: dict | None,
+    definition: str,
+    target: str | None = None,
+) -> dict[str, Any]:
+    """One row; the ratio is medrl/peer for time ratios and peer/medrl for speed-ups and throughput."""
+    speed_up = definition == SPEED_UP
+    ratio, spread = _ratio(peer, medrl) if speed_up else _ratio(medrl, peer)
+    met, note = verdict(ratio, target)
+    missing = [name for name, side in (("the medrl side", medrl), ("the other side", peer)) if side is None]
+    if missing:
+        note = f"not run: {' and '.join(missing)} (vLLM sides run only with --vllm)"
+    return {
+        "key": key,
+        "comparison": comparison,
+        "metric": metric,
+        "medrl": medrl,
+        "peer": peer,
+        "ratio": ratio,
+        "ratio_spread": spread,
+        "ratio_definition": definition,
+        "target": target,
+        "met": met,
+        "note": note,
+    }
+
+
+def stage_medians(sides: dict[str, Any], key: str) -> dict[str, float]:
+    """Median seconds per stage name over every timed step of a GRPO side."""
+    steps = [step for run in sides.get(key, {}).get("runs", []) for step in run["result"].get("stages", [])]
+    names = list(dict.fromkeys(name for step in steps for name in step))
+    return {name: statistics.median(step.get(name, 0.0) for step in steps) for name in names}
+
+
+def grpo_time(sides: dict[str, Any], medrl_key: str) -> str:
+    """Median seconds per stage of the medrl side and of TRL, and the part of the step no stage covers."""
+    parts = []
+    for key, who in ((medrl_key, "medrl"), ("grpo/trl", "TRL")):
+        stages = {k: v for k, v in stage_medians(sides, key).items() if k != "step"}
+        step = (side_stats(sides, key) or {}).get("median")
+        if not stages or step is None:
+            continue
+        if who == "TRL":
+            # TRL's blocks nest (generation and rewards inside _prepare_inputs, log-probs inside compute_loss):
+            # only the two outer ones are subtracted; the rest is mostly backward and the optimizer step.
+            rest = step - stages.get("_prepare_inputs", 0.0) - stages.get("compute_loss", 0.0)
+        else:
+            rest = step - sum(stages.values())
+        cells = ", ".join(f"{name} {value:.3f}" for name, value in stages.items())
+        parts.append(f"{who} {step:.3f} s/step: {cells}; outside these {rest:.3f}")
+    return "; ".join(parts)
+
+
+def sampling_work(sides: dict[str, Any], medrl: str, peer: str) -> str:
+    """New tokens, tokens per second and CPU seconds of both sides: equal work, and where it went."""
+    parts = []
+    for key in (peer, medrl):
+        runs = sides.get(key, {}).get("runs", [])
+        if not runs:
+            continue
+        passes = [run["result"].get("pass_at_k", run["result"]) for run in runs]
+        seconds = statistics.median(v for p in passes for v in p["seconds"])
+        tokens = statistics.median(v for p in passes for v in p["tokens"])
+        cpu = statistics.median(v for p in passes for v in p["cpu_s"])
+        text = f"{LABELS[key]}: {tokens:.0f} new tokens, {tokens / seconds:,.0f} tokens/s, {cpu:.1f} CPU s"
+        if "start_s" in runs[0]["result"]:
+            text += f" (engine start {runs[0]['result']['start_s']:.1f} s, not timed)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def throughput(sides: dict[str, Any], key: str, size: int) -> dict[str, Any] | None:
+    """New tokens per second of an engine side at ``size`` questions per call, per repeat."""
+    if key not in sides:
+        return None
+    values = []
+    for run in sides[key]["runs"]:
+        entry = run["result"]["throughput"][str(size)]
+        values += [t / s for t, s in zip(entry["tokens"], entry["seconds"], strict=True)]
+    side = side_stats(sides, key, values)
+    assert side is not None
+    side["label"] = side["label"].removeprefix("medrl ")
+    return side
+
+
+def build_rows(sides: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every row for the comparisons in ``settings``; a side that did not run leaves its cells empty."""
+    rows: list[dict[str, Any]] = []
+    if "grpo" in settings:
+        for engine, target in (("hf", "<= 1"), ("vllm", "<= 0.5")):
+            medrl = f"grpo/medrl-{engine}"
+            row = make_row(
+                f"grpo_{engine}",
+                f"GRPO step, {'HF' if engine == 'hf' else 'vLLM'} engine",
+                "s/step",
+                side_stats(sides, medrl),
+                side_stats(sides, "grpo/trl"),
+                TIME_RATIO,
+                target,
+            )
+            row["where_time_goes"] = grpo_time(sides, medrl)
+            rows.append(row)
+    if "sampling" in settings:
+        s = settings["sampling"]
+        for engine in ("hf", "vllm"):
+            medrl, peer = f"sampling/{engine}", "sampling/per-sample"
+            metric = f"s for {s['questions']} questions x K={s['k']}"
+            name = f"Pass@K sampling, {'HF' if engine == 'hf' else 'vLLM'} engine"
+            row = make_row(f"pass_at_k_{engine}", name, metric, side_stats(sides, medrl), side_stats(sides, peer),
+                           SPEED_UP, ">= 4")  # fmt: skip
+            row["where_time_goes"] = sampling_work(sides, medrl, peer)
+            rows.append(row)
+        for size in s["batch_sizes"]:
+            hf, vllm = throughput(sides, "sampling/hf", size), throughput(sides, "sampling/vllm", size)
+            definition = "vllm tokens/s / hf tokens/s (above 1: vllm faster)"
+            name = f"Engine throughput, {size} question{'s' if size > 1 else ''} per call"
+            rows.append(make_row(f"throughput_{size}", name, "new tokens/s", vllm, hf, definition))
+    if "probe" in settings:
+        rows += _probe_rows(sides, settings["probe"])
+    return rows
+
+
+def _probe_rows(sides: dict[str, Any], p: dict[str, Any]) -> list[dict[str, Any]]:
+    slow, cold = side_stats(sides, "probe/reencoding"), side_stats(sides, "probe/cached")
+    runs = sides.get("probe/cached", {}).get("runs", [])
+    warm = side_stats(sides, "probe/cached", [v for run in runs for v in run["result"]["warm_seconds"]])
+    if warm:
+        warm["label"] = "cached features, warm cache"
+    metric = f"s end to end, {p['epochs']} epochs"
+    cold_row = make_row("probe_cold", "Probe training (cold cache)", metric, cold, slow, SPEED_UP, ">= 10")
+    warm_row = make_row("probe_warm", "Probe training (warm cache)", metric, warm, slow, SPEED_UP)
+    if cold and warm and slow:
+        cold_row["where_time_goes"] = (
+            f"cached, cold: extraction about {cold['median'] - warm['median']:.1f} s (cold - warm) + head training "
+            f"and fixed costs {warm['median']:.1f} s (the warm run); re-encoding runs the encoder over every "
+            f"image in all {p['epochs']} epochs: {slow['median']:.1f} s"
+        )
+    return [cold_row, warm_row]
