@@ -128,7 +128,8 @@ def grpo_one_process(tmp_path_factory, real_data_dir) -> dict:
 @pytest.fixture(scope="module")
 def sft_one_process(tmp_path_factory, real_data_dir) -> dict:
     out = tmp_path_factory.mktemp("sft1") / "run"
-    return _run_here(_args("sft.yaml", real_data_dir, out, 1, None, 1, []), out)
+    record = _run_here([*_args("sft.yaml", real_data_dir, out, 1, None, 2, []), "--checkpoint-every-step"], out)
+    return record | {"dir": out}
 
 
 # ------------------------------------------------------------------------------------------- DDP
@@ -162,7 +163,7 @@ def _resume_matches(straight: list[dict], run: Path, args: list[str]) -> None:
             assert torch.equal(after["weights"][2][name], weight), name
 
 
-@pytest.mark.slow  # two 2-process launches: 2-3 minutes on 2 shared cores
+@pytest.mark.slow  # three 2-process launches: 3-5 minutes on 2 shared cores
 def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, real_data_dir, tmp_path) -> None:
     args = _args("sft.yaml", real_data_dir, tmp_path / "straight", 2, "fsdp", 2, [])
     straight = _launch([*args, "--checkpoint-every-step"], tmp_path / "straight")
@@ -170,6 +171,18 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, real_d
     _resume_matches(
         straight, tmp_path / "resumed", _args("sft.yaml", real_data_dir, tmp_path / "resumed", 2, "fsdp", 2, [])
     )
+    # A one-process checkpoint (one file) resumes on two FSDP processes: the same weights to start from, and
+    # AdamW's moments carried over, so step 2 lands where the one-process run's step 2 did.
+    one_file = sft_one_process["dir"] / "ckpt" / "epoch=0-step=1.ckpt"
+    run = tmp_path / "from_one_process"
+    moved = _launch([*_args("sft.yaml", real_data_dir, run, 2, "fsdp", 2, []), "--ckpt_path", str(one_file)], run)
+    for record in moved:
+        assert record["start_step"] == 1
+        for name, weight in sft_one_process["weights"][1].items():
+            assert torch.equal(record["weights"][1][name], weight), name
+            torch.testing.assert_close(
+                record["weights"][2][name], sft_one_process["weights"][2][name], rtol=0, atol=SFT_LR / 50
+            )
 
 
 @pytest.mark.slow  # two 2-process launches: 2-3 minutes on 2 shared cores

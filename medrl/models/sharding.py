@@ -228,7 +228,12 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         path = Path(self.broadcast(checkpoint_path))
         if not _is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, weights_only=weights_only)
+            # A one-file checkpoint (one process, DDP): Lightning loads it into the shards and drops its
+            # `state_dict`; list the keys it held again for the module's checks (mmap: nothing is read twice).
+            held = torch.load(path, mmap=True, map_location="cpu", weights_only=True)["state_dict"]
+            metadata = super().load_checkpoint(path, weights_only=weights_only)
+            metadata.setdefault("state_dict", dict.fromkeys(held))
+            return metadata
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
