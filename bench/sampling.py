@@ -79,7 +79,7 @@ def build_engine(name: str, model, processor, path: Path, max_sequences: int, it
     if name == "hf":
         engine = make_engine("hf", model, processor, max_batch_sequences=max_sequences)
     else:
-        engine = make_engine("vllm", path, max_model_len=512, kv_cache_gib=1.0, max_num_seqs=256)
+        engine = make_engine("vllm", path, max_model_len=512, kv_cache_gib=1.0)
     seconds = time.perf_counter() - start
     timed(engine, items[:2], params.with_(max_new_tokens=4), 2)
     return engine, seconds
