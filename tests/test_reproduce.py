@@ -74,3 +74,11 @@ def test_cpu_pipeline_end_to_end_on_synthetic_files(tmp_path: Path, monkeypatch:
     mtime = (out / "eval" / "sft_breastmnist" / "breastmnist" / "summary.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "eval" / "sft_breastmnist" / "breastmnist" / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_a_run_directory_made_with_another_plan_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"name": "something else"}))
+    with pytest.raises(SystemExit, match="different plan"):
+        main(["reproduce", "--scale", "cpu", "--out", str(out), "--root", str(tmp_path)])

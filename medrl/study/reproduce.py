@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,6 +103,13 @@ def reproduce(
     stages = build_stages(study)
     if dry_run:
         return _dry_run(study, stages, plan_path)
+    previous = run_dir / "plan.json"
+    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(study_plan.to_dict())):
+        # Finished stages are skipped by their outputs; outputs made under another plan would be reused silently.
+        raise SystemExit(
+            f"medrl reproduce: {run_dir} was made with a different plan than {plan_path}; "
+            f"pass another --out (or delete {run_dir}) to start this plan afresh"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "plan.json", study_plan.to_dict())
     start = time.perf_counter()
@@ -116,8 +124,6 @@ def reproduce(
 
 
 def _data_record(run_dir: Path) -> dict:
-    import json
-
     path = run_dir / "data.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
