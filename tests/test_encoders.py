@@ -132,3 +132,10 @@ def test_specs():
         encoder_from_spec("clip:ViT-B")
     with pytest.raises(ValueError, match="pooling"):
         encoder_from_spec("qwen:tiny,pooling=median")
+
+
+def test_features_can_feed_a_trainable_head(resnet):
+    # encode() runs under no_grad, not inference_mode: inference tensors cannot be saved for backward.
+    head = torch.nn.Linear(512, 2)
+    head(resnet.encode(_images(2, 3, 28))).sum().backward()
+    assert head.weight.grad is not None

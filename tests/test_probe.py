@@ -93,17 +93,17 @@ class _FailingEncoder(TimmEncoder):
 
 
 def test_interrupted_extraction_resumes_from_finished_chunks(tmp_path):
-    dm = _dm(tmp_path, tmp_path / "cache")
-    dataset = dm.images.dataset("train")  # 96 images: chunks of 32, batches of 16
-    cache = FeatureCache(tmp_path / "cache", chunk_size=32)
+    dm = _dm(tmp_path, tmp_path / "cache", train_samples=48)
+    dataset = dm.images.dataset("train")  # 48 images: chunks of 16, batches of 8
+    cache = FeatureCache(tmp_path / "cache", chunk_size=16)
     key = feature_key(_resnet(), dataset, 28, dm.images.path)
-    with pytest.raises(KeyboardInterrupt):  # dies in the second chunk, after 48 images
-        cache.get(key, _FailingEncoder(fail_after=48), dataset, batch_size=16, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # dies in the second chunk, after 24 images
+        cache.get(key, _FailingEncoder(fail_after=24), dataset, batch_size=8, progress=False)
     assert cache.load(key) is None  # nothing that looks complete
     resumed_encoder = _FailingEncoder(fail_after=None)
-    resumed = cache.get(key, resumed_encoder, dataset, batch_size=16, progress=False)
-    assert resumed_encoder.images_seen == 96 - 32  # the finished first chunk was reused, the rest re-encoded
-    fresh = FeatureCache(tmp_path / "fresh").get(key, _resnet(), dataset, batch_size=16, progress=False)
+    resumed = cache.get(key, resumed_encoder, dataset, batch_size=8, progress=False)
+    assert resumed_encoder.images_seen == 48 - 16  # the finished first chunk was reused, the rest re-encoded
+    fresh = FeatureCache(tmp_path / "fresh").get(key, _resnet(), dataset, batch_size=8, progress=False)
     torch.testing.assert_close(resumed.features, fresh.features)
     assert not resumed.path.with_suffix(".partial").exists()
 
@@ -185,7 +185,7 @@ def test_medrl_fit_and_test_on_real_pneumonia(real_data_dir, tiny_dir, tmp_path,
     """The documented commands on the real file: a random resnet18 and the tiny tower, on subsets."""
     common = [
         "--config", "configs/probe.yaml", "--data.root", str(real_data_dir), "--data.cache_dir", str(tmp_path / "c"),
-        "--data.train_samples", "512", "--data.val_samples", "128", "--data.test_samples", "200",
+        "--data.train_samples", "256", "--data.val_samples", "64", "--data.test_samples", "200",
         "--data.progress", "false", "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "5",
         "--data.encoder.image_size", "native",  # 4 tokens per image for tiny: keeps the test fast
     ]  # fmt: skip
@@ -212,7 +212,7 @@ def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_pat
         "probe-table", "--encoders", json.dumps(["timm:resnet18,pretrained=false,image_size=native",
                                                  f"qwen:{tiny_dir},image_size=native"]),
         "--flags", "[breastmnist]", "--root", str(tmp_path), "--synthetic", "true", "--out", str(tmp_path / "t"),
-        "--max_epochs", "3", "--cache_dir", str(tmp_path / "cache"),
+        "--max_epochs", "2", "--cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     assert main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "t" / "results.csv")))

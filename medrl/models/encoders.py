@@ -86,7 +86,7 @@ class Encoder(ABC):
             self._loaded = True
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may feed the features to a head that trains
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a batch: uint8 ``[B, 3, H, W]`` (any device) -> float32 ``[B, D]`` on CPU."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
