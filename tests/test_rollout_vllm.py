@@ -130,3 +130,40 @@ def test_pass_at_k_callback_on_vllm_pushes_the_trained_policy(
     hf = make_engine("hf", module.model, module.processor)
     expected = [r.greedy.text for r in hf.generate(items, SamplingParams(n=0, greedy=True, max_new_tokens=6))]
     assert [row["greedy_text"] for row in rows] == expected
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    ds = MedMNISTDataModule(flag="pneumoniamnist", mode="vqa", root=root, val_samples=4).dataset("val")
+    items = [ds[i] for i in range(rank, 4, world)]
+    base, processor = build_tiny(0)
+    engine = make_engine("vllm", base, processor, max_model_len=512, kv_cache_gib=0.25, max_num_seqs=32)
+    policy = _distinct_policy(seed=7 + rank)  # each rank pushes its own policy into its own engine
+    expected = _greedy(make_engine("hf", policy, processor), items)
+    before = _greedy(engine, items)
+    engine.sync(policy)
+    after = _greedy(engine, items)
+    engine.close()
+    torch.distributed.barrier()  # the training process group outlives the engine
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"before": before, "after": after, "expected": expected}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_engine_per_rank_under_two_process_ddp(real_data_dir: Path, tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(real_data_dir), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["before"] != result["expected"] and result["after"] == result["expected"]
