@@ -11,8 +11,10 @@ def _num(value: float, metric: str) -> str:
 
 
 def _cell(side: dict[str, Any] | None, metric: str) -> str:
-    if not side or "median" not in side:
+    if not side:
         return "not run"
+    if "median" not in side:
+        return f"{side['label']}: failed"
     spread = f"{_num(side['min'], metric)}-{_num(side['max'], metric)}"
     return f"{side['label']}: **{_num(side['median'], metric)}** ({spread}, n={side['n']})"
 

@@ -7,7 +7,9 @@ Four comparisons, each side in a fresh process of its own (its peak resident mem
 2. Pass@K sampling: medrl's engines against one ``generate`` call per sample per question
    (:mod:`bench.sampling`), repeated passes over the same questions;
 3. engine throughput: new tokens per second of ``hf`` and ``vllm`` at several questions per call;
-4. probe: training on cached features against re-encoding the images every epoch (:mod:`bench.probe`).
+4. probe: training on cached features against re-encoding the images every epoch (:mod:`bench.probe`), with
+   tiny's vision tower at MedMNIST's native 28 px (``probe``, the cheapest encoder: a lower bound) and at
+   224 px (``probe_224``, the size Qwen-VL-style towers are fed in the study; not run by ``--quick``).
 
 Rounds alternate the sides, so drifting load on a shared machine spreads over all of them. Results go to
 ``bench/results.json`` and ``bench/results.md`` (atomically), with hardware, versions, the load average at
@@ -39,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.isolate import SideRun, run_isolated  # noqa: E402
+from bench.isolate import SideFailed, SideRun, run_isolated  # noqa: E402
 from bench.markdown import render  # noqa: E402
 from bench.table import build_rows, stats  # noqa: E402
 from medrl.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -47,23 +49,25 @@ from medrl.io import atomic_write_json, atomic_write_text  # noqa: E402
 FULL: dict[str, dict[str, Any]] = {
     "grpo": {"prompts": 4, "generations": 8, "completion_length": 64, "steps": 8, "warmup": 2, "threads": 1,
              "rounds": 3},
-    "sampling": {"questions": 64, "k": 16, "max_new_tokens": 64, "batch_sizes": [1, 4, 16, 64], "repeats": 3,
-                 "threads": 1, "rounds": 1},
-    "probe": {"encoder": "qwen:tiny,image_size=native", "flag": "breastmnist", "epochs": 20, "batch_size": 256,
-              "extract_batch_size": 64, "train_samples": 256, "val_samples": 64, "threads": 1, "rounds": 3},
+    "sampling": {"questions": 64, "k": 16, "max_new_tokens": 64, "batch_sizes": [1, 4, 16, 64], "repeats": 1,
+                 "threads": 1, "rounds": 3},
+    "probe": {"encoder": "qwen:tiny,image_size=native", "size": "native 28 px", "flag": "breastmnist", "epochs": 20,
+              "batch_size": 256, "extract_batch_size": 64, "train_samples": 256, "val_samples": 64, "threads": 1,
+              "rounds": 3},
 }  # fmt: skip
+FULL["probe_224"] = {**FULL["probe"], "encoder": "qwen:tiny", "size": "224 px"}
 # One torch thread per side by default: on a shared machine a second OpenMP thread spends its time waiting for a
 # descheduled peer (HF generate ran 24x slower with 2 threads than with 1 at a load of 9 on 2 cores).
 QUICK: dict[str, dict[str, Any]] = {
     "grpo": {**FULL["grpo"], "prompts": 2, "generations": 2, "completion_length": 8, "steps": 2, "warmup": 1,
              "rounds": 1},
     "sampling": {**FULL["sampling"], "questions": 2, "k": 4, "max_new_tokens": 8, "batch_sizes": [1, 2],
-                 "repeats": 2},
+                 "repeats": 2, "rounds": 1},
     "probe": {**FULL["probe"], "epochs": 2, "batch_size": 32, "train_samples": 32, "val_samples": 16,
               "rounds": 1},
 }  # fmt: skip
 SIDES = {"grpo": ("medrl-hf", "medrl-vllm", "trl"), "sampling": ("per-sample", "hf", "vllm"),
-         "probe": ("reencoding", "cached")}  # fmt: skip
+         "probe": ("reencoding", "cached"), "probe_224": ("reencoding", "cached")}  # fmt: skip
 VLLM_SIDES = {"grpo/medrl-vllm", "sampling/vllm"}
 
 
@@ -93,13 +97,15 @@ def fairness(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
             f"are recorded to show equal work; engine start-up and one short warm-up call are outside the timings; "
             f"{s['threads']} torch threads"
         )
-    if p := settings.get("probe"):
-        text["probe"] = (
-            f"The same encoder ({p['encoder']}), {p['flag']} file and subsets ({p['train_samples']} train + "
-            f"{p['val_samples']} val images), head (BatchNorm1d without affine, then Linear), SGD momentum 0.9 lr "
-            f"0.1 with cosine decay, batch {p['batch_size']}, {p['epochs']} epochs validated after each; both timed "
-            f"end to end from a cold start in a fresh process (the cached side includes extracting the features "
-            f"into an empty cache); {p['threads']} torch threads"
+    for kind in ("probe", "probe_224"):
+        if not (p := settings.get(kind)):
+            continue
+        text[kind] = (
+            f"The same encoder ({p['encoder']}, {p['size']}), {p['flag']} file and subsets "
+            f"({p['train_samples']} train + {p['val_samples']} val images), head (BatchNorm1d without affine, then "
+            f"Linear), SGD momentum 0.9 lr 0.1 with cosine decay, batch {p['batch_size']}, {p['epochs']} epochs "
+            f"validated after each; both timed end to end from a cold start in a fresh process (the cached side "
+            f"includes extracting the features into an empty cache); {p['threads']} torch threads"
         )
     return text
 
@@ -123,6 +129,7 @@ def run_all(settings: dict[str, dict[str, Any]], vllm: bool, jobs: int, workdir:
     runs = plan(settings, vllm)
     script = Path(__file__).resolve()
     done: dict[tuple[str, str, int], SideRun] = {}
+    failures: dict[str, str] = {}
     with Progress(transient=False) as progress, ThreadPoolExecutor(max_workers=jobs) as pool:
         task = progress.add_task("benchmarks", total=len(runs))
 
@@ -130,7 +137,13 @@ def run_all(settings: dict[str, dict[str, Any]], vllm: bool, jobs: int, workdir:
             name = f"{kind}-{side}-r{round_}"
             spec = {"kind": kind, "side": side, "settings": settings[kind], "threads": settings[kind]["threads"],
                     "workdir": str(workdir)}  # fmt: skip
-            run = run_isolated(script, name, spec, workdir, env)
+            try:
+                run = run_isolated(script, name, spec, workdir, env)
+            except SideFailed as err:  # the other sides' figures are still worth writing
+                failures[f"{kind}/{side}"] = str(err)
+                progress.console.print(f"[red]{err}[/red]")
+                progress.advance(task)
+                return
             done[(kind, side, round_)] = run
             seconds = run.result["seconds"]
             progress.console.print(
@@ -153,6 +166,8 @@ def run_all(settings: dict[str, dict[str, Any]], vllm: bool, jobs: int, workdir:
                               "result": run.result})  # fmt: skip
         entry["seconds"] += run.result["seconds"]
         entry["peak_rss_mib"] = max(entry["peak_rss_mib"], run.peak_rss_mib, run.tree_peak_rss_mib)
+    for key, message in failures.items():
+        sides.setdefault(key, {"runs": [], "seconds": [], "peak_rss_mib": 0.0})["failed"] = message
     return sides
 
 
@@ -194,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     vllm = (not args.quick) if args.vllm is None else args.vllm
     settings = select(args.quick, args.only, args.repeats, args.threads)
+    if not settings:
+        parser.error(f"--only {' '.join(args.only)}: the quick mode has only {', '.join(QUICK)}")
     started, load_start, t0 = datetime.now(UTC), list(os.getloadavg()), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medrl-bench-") as workdir:
         sides = run_all(settings, vllm, args.jobs, Path(workdir))
@@ -205,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render(results))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    if failed := [key for key, side in sides.items() if "failed" in side]:
+        sys.exit(f"these sides failed (their logs are in results.json, sides.<side>.failed): {', '.join(failed)}")
     return results
 
 

@@ -17,7 +17,7 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    runners = {"grpo": grpo_side, "sampling": sampling_side, "probe": probe_side}
+    runners = {"grpo": grpo_side, "sampling": sampling_side, "probe": probe_side, "probe_224": probe_side}
     if spec["kind"] not in runners:
         raise ValueError(f"unknown comparison {spec['kind']!r}: expected one of {sorted(runners)}")
     result = runners[spec["kind"]](spec["side"], spec["settings"], spec["workdir"])

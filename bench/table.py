@@ -10,15 +10,15 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-LABELS = {
-    "grpo/medrl-hf": "medrl, hf engine",
-    "grpo/medrl-vllm": "medrl, vllm engine",
-    "grpo/trl": "TRL GRPOTrainer (its vLLM off)",
-    "sampling/hf": "medrl hf engine",
-    "sampling/vllm": "medrl vllm engine",
-    "sampling/per-sample": "one generate call per sample",
-    "probe/cached": "cached features",
-    "probe/reencoding": "re-encoding every epoch",
+LABELS = {  # by side name (the part of a side's key after the comparison)
+    "medrl-hf": "medrl, hf engine",
+    "medrl-vllm": "medrl, vllm engine",
+    "trl": "TRL GRPOTrainer (its vLLM off)",
+    "hf": "medrl hf engine",
+    "vllm": "medrl vllm engine",
+    "per-sample": "one generate call per sample",
+    "cached": "cached features",
+    "reencoding": "re-encoding every epoch",
 }
 TIME_RATIO = "medrl / TRL seconds per step (lower is better)"
 SPEED_UP = "speed-up: the other side's seconds / medrl's seconds"
@@ -37,11 +37,13 @@ def side_stats(sides: dict[str, Any], key: str, values: list[float] | None = Non
         return None
     side = sides[key]
     summary = stats(side["seconds"] if values is None else values)
-    return {"side": key, "label": LABELS[key], **summary, "peak_rss_mib": side["peak_rss_mib"]}
+    if "failed" in side:
+        summary["failed"] = side["failed"].splitlines()[0]
+    return {"side": key, "label": LABELS[key.split("/")[1]], **summary, "peak_rss_mib": side["peak_rss_mib"]}
 
 
 def _ratio(num: dict | None, den: dict | None) -> tuple[float | None, list[float] | None]:
-    if not num or not den or not den.get("median") or not den.get("min"):
+    if not num or "median" not in num or not den or not den.get("median") or not den.get("min"):
         return None, None
     return num["median"] / den["median"], [num["min"] / den["max"], num["max"] / den["min"]]
 
@@ -77,6 +79,8 @@ def make_row(
     missing = [name for name, side in (("the medrl side", medrl), ("the other side", peer)) if side is None]
     if missing:
         note = f"not run: {' and '.join(missing)} (vLLM sides run only with --vllm)"
+    if failed := [side["failed"] for side in (medrl, peer) if side and "failed" in side]:
+        note = "; ".join(failed) + " (its log is in results.json under sides)"
     return {
         "key": key,
         "comparison": comparison,
@@ -129,7 +133,9 @@ def sampling_work(sides: dict[str, Any], medrl: str, peer: str) -> str:
         seconds = statistics.median(v for p in passes for v in p["seconds"])
         tokens = statistics.median(v for p in passes for v in p["tokens"])
         cpu = statistics.median(v for p in passes for v in p["cpu_s"])
-        text = f"{LABELS[key]}: {tokens:.0f} new tokens, {tokens / seconds:,.0f} tokens/s, {cpu:.1f} CPU s"
+        text = (
+            f"{LABELS[key.split('/')[1]]}: {tokens:.0f} new tokens, {tokens / seconds:,.0f} tokens/s, {cpu:.1f} CPU s"
+        )
         if "start_s" in runs[0]["result"]:
             text += f" (engine start {runs[0]['result']['start_s']:.1f} s, not timed)"
         parts.append(text)
@@ -141,7 +147,7 @@ def throughput(sides: dict[str, Any], key: str, size: int) -> dict[str, Any] | N
     if key not in sides:
         return None
     values = []
-    for run in sides[key]["runs"]:
+    for run in sides[key]["runs"]:  # none when the side failed
         entry = run["result"]["throughput"][str(size)]
         values += [t / s for t, s in zip(entry["tokens"], entry["seconds"], strict=True)]
     side = side_stats(sides, key, values)
@@ -182,21 +188,23 @@ def build_rows(sides: dict[str, Any], settings: dict[str, Any]) -> list[dict[str
             definition = "vllm tokens/s / hf tokens/s (above 1: vllm faster)"
             name = f"Engine throughput, {size} question{'s' if size > 1 else ''} per call"
             rows.append(make_row(f"throughput_{size}", name, "new tokens/s", vllm, hf, definition))
-    if "probe" in settings:
-        rows += _probe_rows(sides, settings["probe"])
+    for kind in ("probe", "probe_224"):
+        if kind in settings:
+            rows += _probe_rows(sides, kind, settings[kind])
     return rows
 
 
-def _probe_rows(sides: dict[str, Any], p: dict[str, Any]) -> list[dict[str, Any]]:
-    slow, cold = side_stats(sides, "probe/reencoding"), side_stats(sides, "probe/cached")
-    runs = sides.get("probe/cached", {}).get("runs", [])
-    warm = side_stats(sides, "probe/cached", [v for run in runs for v in run["result"]["warm_seconds"]])
+def _probe_rows(sides: dict[str, Any], kind: str, p: dict[str, Any]) -> list[dict[str, Any]]:
+    slow, cold = side_stats(sides, f"{kind}/reencoding"), side_stats(sides, f"{kind}/cached")
+    runs = sides.get(f"{kind}/cached", {}).get("runs", [])
+    warm = side_stats(sides, f"{kind}/cached", [v for run in runs for v in run["result"]["warm_seconds"]])
     if warm:
         warm["label"] = "cached features, warm cache"
     metric = f"s end to end, {p['epochs']} epochs"
-    cold_row = make_row("probe_cold", "Probe training (cold cache)", metric, cold, slow, SPEED_UP, ">= 10")
-    warm_row = make_row("probe_warm", "Probe training (warm cache)", metric, warm, slow, SPEED_UP)
-    if cold and warm and slow:
+    name = f"Probe training, {p['size']}"
+    cold_row = make_row(f"{kind}_cold", f"{name} (cold cache)", metric, cold, slow, SPEED_UP, ">= 10")
+    warm_row = make_row(f"{kind}_warm", f"{name} (warm cache)", metric, warm, slow, SPEED_UP)
+    if all(side and "median" in side for side in (cold, warm, slow)):
         cold_row["where_time_goes"] = (
             f"cached, cold: extraction about {cold['median'] - warm['median']:.1f} s (cold - warm) + head training "
             f"and fixed costs {warm['median']:.1f} s (the warm run); re-encoding runs the encoder over every "

@@ -78,3 +78,46 @@ def test_quick_mode_with_vllm_sides(real_data_dir: Path, tmp_path: Path) -> None
     for key in VLLM_ROWS:
         assert _measured(rows[key]["medrl"]) and _measured(rows[key]["peer"]) and rows[key]["ratio"] > 0, key
     assert "sync" in rows["grpo_vllm"]["where_time_goes"]
+
+
+def _side(seconds: list[float], peak: float = 100.0, **result: object) -> dict:
+    run = {"wall_s": 9.0, "cpu_s": 8.0, "peak_rss_mib": peak, "tree_peak_rss_mib": peak, "load_before": [1.0, 1.0, 1.0]}
+    return {"runs": [{**run, "result": {"seconds": seconds, **result}}], "seconds": seconds, "peak_rss_mib": peak}
+
+
+def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
+    if str(ROOT) not in sys.path:  # bench/ is a folder of scripts beside the package, not installed
+        sys.path.insert(0, str(ROOT))
+    from bench.markdown import render
+    from bench.table import build_rows
+
+    sides = {
+        # medrl 1, 2, 3 s/step against TRL 2, 4, 6: ratio of medians 2 / 4 = 0.5; worst cases 1/6 and 3/2
+        "grpo/medrl-hf": _side([1.0, 2.0, 3.0], stages=[{"generate": 0.5, "update": 0.25}]),
+        "grpo/trl": _side([2.0, 4.0, 6.0], stages=[{"_prepare_inputs": 1.0, "compute_loss": 1.0}]),
+        # the vLLM side crashed: its rows say so, and the HF row is untouched
+        "grpo/medrl-vllm": {"runs": [], "seconds": [], "peak_rss_mib": 0.0, "failed": "grpo-medrl-vllm-r0 failed"},
+        # cached 3 s against re-encoding 24 s: 8x, short of the 10x target by 10 / 8 = 1.25x
+        "probe/cached": _side([3.0], warm_seconds=[1.0]),
+        "probe/reencoding": _side([24.0]),
+    }
+    settings = {"grpo": {}, "probe": {"epochs": 20, "size": "native 28 px"}}
+    rows = {row["key"]: row for row in build_rows(sides, settings)}
+    hf = rows["grpo_hf"]
+    assert hf["ratio"] == 0.5 and hf["ratio_spread"] == [1 / 6, 1.5] and hf["met"] is True
+    # medrl's step (median 2 s) minus its stages 0.75 s leaves 1.25 s; TRL's 4 s minus its two outer blocks, 2 s
+    assert "outside these 1.250" in hf["where_time_goes"] and "outside these 2.000" in hf["where_time_goes"]
+    vllm = rows["grpo_vllm"]
+    assert vllm["ratio"] is None and vllm["met"] is None and vllm["note"].startswith("grpo-medrl-vllm-r0 failed")
+    cold = rows["probe_cold"]
+    assert cold["ratio"] == 8.0 and cold["met"] is False and "1.2x short" in cold["note"]
+    # extraction is cold minus warm: 3 - 1 = 2 s
+    assert "extraction about 2.0 s" in cold["where_time_goes"]
+    assert rows["probe_warm"]["ratio"] == 24.0 and rows["probe_warm"]["target"] is None
+    results = {"rows": list(rows.values()), "sides": sides, "settings": settings, "fairness": {}, "started": "t",
+               "command": "c", "mode": "full", "duration_s": 60, "code": "", "versions": {"torch": "x"},
+               "hardware": {"cpus": 2}, "load_average": {"cpus": 2, "start": [1, 1, 1], "end": [1, 1, 1],
+                                                         "one_minute_at_run_starts": {}}}  # fmt: skip
+    markdown = render(results)
+    assert "| GRPO step, vLLM engine | s/step | medrl, vllm engine: failed |" in markdown
+    assert "**0.50** (0.17-1.50)" in markdown and "<= 1: met" in markdown and ">= 10: missed" in markdown
