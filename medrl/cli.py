@@ -7,6 +7,7 @@ way in the main process, in spawned DDP workers and in vLLM's engine process.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -119,9 +120,26 @@ def _run_study_verb(verb: str, argv: list[str]) -> int:
     return int(result or 0)
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning prints a product tip on every Trainer; in a 36-stage study log it buries the narration."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_known_noise() -> None:
+    """Silence third-party messages that say nothing about the run being made."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    # Lightning 2.6 calls a torch 2.13 pytree API that torch deprecated; harmless, printed on every fit.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Without tensorboard installed Lightning logs to CSV, which is what medrl wants; it says so on every fit.
+    warnings.filterwarnings("ignore", message="Starting from v1.9.0, `tensorboardX` has been removed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medrl`` console script."""
     from_command_line = argv is None
+    _quiet_known_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())

@@ -62,6 +62,8 @@ def test_cpu_pipeline_end_to_end_on_synthetic_files(tmp_path: Path, monkeypatch:
     assert main(args) == 0
     report = (out / "report.md").read_text()
     assert report.startswith("**Illustrative numbers.**") and "Not run." not in report
+    # The run card and the data sources are in the report the run ends with, not only in a later rebuild.
+    assert "breastmnist **SYNTHETIC stand-in**" in report and "- versions: medrl" in report
     data = json.loads((out / "data.json").read_text())
     assert {rec["source"] for rec in data.values()} == {"synthetic"}
     stages = json.loads((out / "stages.json").read_text())
@@ -82,3 +84,18 @@ def test_a_run_directory_made_with_another_plan_is_refused(tmp_path: Path) -> No
     (out / "plan.json").write_text(json.dumps({"name": "something else"}))
     with pytest.raises(SystemExit, match="different plan"):
         main(["reproduce", "--scale", "cpu", "--out", str(out), "--root", str(tmp_path)])
+
+
+def test_force_takes_names_and_groups_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    from medrl.study.plan import load_plan
+    from medrl.study.reproduce import _forced, build_stages
+    from medrl.study.stages import Study
+
+    stages = build_stages(Study(load_plan(REPO / "configs" / "study" / "cpu.yaml"), tmp_path / "run"))
+    assert _forced(stages, "report") == ["report"]
+    picked = _forced(stages, "sft, eval:base:breastmnist")
+    assert picked == ["eval:base:breastmnist", "sft:sft_breastmnist", "sft:sft_pneumoniamnist", "sft:sft_retinamnist"]
+    assert _forced(stages, ["recipe:retinamnist"]) == ["recipe:retinamnist"]
+    assert _forced(stages, None) == []
+    with pytest.raises(SystemExit, match="--force sfft names no stage; groups: data, eval, recipe, report, rl, sft"):
+        _forced(stages, "sfft")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -120,6 +121,15 @@ def _runcard(results: RunResults) -> list[str]:
         for key in ("seed", "scale"):
             if key in card:
                 lines.append(f"- {key}: `{card[key]}`")
+    plan = results.plan
+    for kind in ("sft", "rl"):  # the experiment configs behind the trained models, as the plan ran them
+        train = plan.get(kind) or {}
+        if train.get("config"):
+            overrides = json.dumps(train.get("overrides", {}))
+            lines.append(f"- {kind} config: `{train['config']}` with overrides `{overrides}`")
+    if plan:
+        lines.append("- the full plan: `plan.json`; each trained model's command and merged config: "
+                     "`train/<model>/command.txt`, `train/<model>/override.yaml`")  # fmt: skip
     if results.stages:
         rows = [[name, rec.get("status", "?"), f"{rec.get('seconds', 0):.1f}"] for name, rec in results.stages.items()]
         total = sum(rec.get("seconds", 0) for rec in results.stages.values())

@@ -65,6 +65,7 @@ def build_stages(study: Study) -> list[Stage]:
     def report() -> None:
         from medrl.report import build_report
 
+        write_run_card(out, plan)  # the report's run card and data sources are read from it
         build_report(out)
 
     stages.append(Stage("report", "report.md and its figures", [out / "report.md"], report))
@@ -77,7 +78,7 @@ def reproduce(
     out: str | None = None,
     root: str | None = None,
     dry_run: bool = False,
-    force: list[str] | None = None,
+    force: str | list[str] | None = None,
 ) -> int:
     """Run the whole study: probes, zero-shot support, SFT, GRPO, transfer, the recipe, then the report.
 
@@ -90,7 +91,9 @@ def reproduce(
         out: run directory (default: runs/study-<scale>).
         root: MedMNIST folder (default: $MEDRL_DATA_DIR).
         dry_run: print the plan and every stage (with its outputs and configs) without running anything.
-        force: stage names to rerun even if their outputs exist.
+        force: stages to rerun even if their outputs exist, comma-separated: a full name (`eval:base:breastmnist`)
+            or a group (`sft`, `rl`, `eval`, `recipe`, `report`: every stage of it). Later stages that read a
+            forced stage's outputs are not rerun unless named too.
     """
     plan_path = Path(plan) if plan else PLANS / f"{scale}.yaml"
     if not plan_path.is_file():
@@ -101,6 +104,7 @@ def reproduce(
     run_dir = Path(out or f"runs/study-{study_plan.name}")
     study = Study(study_plan, run_dir, root=root)
     stages = build_stages(study)
+    forced = _forced(stages, force)
     if dry_run:
         return _dry_run(study, stages, plan_path)
     previous = run_dir / "plan.json"
@@ -115,17 +119,31 @@ def reproduce(
     start = time.perf_counter()
     print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
     try:
-        StageRunner(run_dir, resume_hint=f"medrl reproduce --plan {plan_path} --out {run_dir}").run(stages, force or [])
+        StageRunner(run_dir, resume_hint=f"medrl reproduce --plan {plan_path} --out {run_dir}").run(stages, forced)
     finally:
-        atomic_write_json(run_dir / "runcard.json", run_card(seed=study_plan.seed, scale=study_plan.name,
-                                                             data=_data_record(run_dir)))  # fmt: skip
+        write_run_card(run_dir, study_plan)  # also after a failure: what ran, on what, with which versions
     print(f"report: {run_dir / 'report.md'} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 
-def _data_record(run_dir: Path) -> dict:
+def _forced(stages: list[Stage], force: str | list[str] | None) -> list[str]:
+    """Stage names selected by ``--force`` (names or groups); an unknown name is an error that lists the choices."""
+    wanted = [w.strip() for w in (force.split(",") if isinstance(force, str) else force or []) if w.strip()]
+    names = [stage.name for stage in stages]
+    picked = [n for n in names if any(n == w or n.split(":")[0] == w for w in wanted)]
+    unknown = [w for w in wanted if not any(n == w or n.split(":")[0] == w for n in names)]
+    if unknown:
+        groups = sorted({n.split(":")[0] for n in names})
+        raise SystemExit(f"medrl reproduce: --force {','.join(unknown)} names no stage; groups: {', '.join(groups)}; "
+                         f"stages: see `medrl reproduce --dry_run true`")  # fmt: skip
+    return picked
+
+
+def write_run_card(run_dir: Path, plan: StudyPlan) -> None:
+    """Write ``RUN/runcard.json``: code revision, versions, hardware, seed, scale and the data actually read."""
     path = run_dir / "data.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_json(run_dir / "runcard.json", run_card(seed=plan.seed, scale=plan.name, data=data))
 
 
 def _dry_run(study: Study, stages: list[Stage], plan_path: Path) -> int:
