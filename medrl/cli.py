@@ -43,6 +43,8 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
     "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.evaluation:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.report.build:report"),
 }
+# Verbs whose required arguments are positional (`medrl report RUN_DIR`); the others take only --flags.
+POSITIONAL_VERBS = {"report"}
 
 
 def _load(target: str) -> Callable[..., int]:
@@ -116,7 +118,7 @@ def _run_study_verb(verb: str, argv: list[str]) -> int:
 
     _, target = STUDY_VERBS[verb]
     commands = {sub: _load(t) for sub, t in target.items()} if isinstance(target, dict) else _load(target)
-    result = auto_cli(commands, args=argv, as_positional=False, prog=f"medrl {verb}")
+    result = auto_cli(commands, args=argv, as_positional=verb in POSITIONAL_VERBS, prog=f"medrl {verb}")
     return int(result or 0)
 
 

@@ -61,6 +61,18 @@ def run_dir(tmp_path: Path) -> Path:
         writer.writerow({"encoder": "timm:resnet18", "pretrained": "False", "flag": "breastmnist", "size": 28,
                          "image_size": 224, "probe": "sgd", "acc": 0.8123, "auc": 0.85,
                          "majority": 0.7308})  # fmt: skip
+    # GRPO logs: from base every group is all wrong (no signal); from SFT rewards rise. Blank reward rows are
+    # validation-only rows Lightning writes in the same file.
+    for model, rewards in (("rl_base_breastmnist", [0.0] * 6), ("rl_sft_breastmnist", [0.2, 0.4, 0.6, 0.8, 1.0, 1.2])):
+        log = tmp_path / "train" / model / "lightning_logs" / "version_0" / "metrics.csv"
+        log.parent.mkdir(parents=True)
+        with open(log, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["step", "reward/mean", "groups/all_wrong", "groups/all_correct"])
+            writer.writeheader()
+            for step, reward in enumerate(rewards):
+                writer.writerow({"step": step, "reward/mean": reward, "groups/all_wrong": float(reward == 0),
+                                 "groups/all_correct": 0.0})  # fmt: skip
+            writer.writerow({"step": 6, "reward/mean": "", "groups/all_wrong": "", "groups/all_correct": ""})
     return tmp_path
 
 
@@ -80,6 +92,8 @@ def test_every_section_renders(run_dir: Path) -> None:
     assert "| timm:resnet18 | False | breastmnist | 28 | 224 | sgd | 0.812 | 0.850 | 0.731 |" in text
     # SFT on breast: acc 0.75, pass@4 0.90 -> G_4 = 0.150.
     assert "| SFT | 32 | 0.750 | 0.700 | 0.825 | 0.900 | 0.150 | 0.750 | 0.100 |" in text
+    assert "| rl_base_breastmnist | 6 | 0.000 | 0.000 | 1.000 | 0.000 |" in text
+    assert "| rl_sft_breastmnist | 6 | 0.600 | 0.800 | 0.000 | 0.000 |" in text  # means of steps 0-4 and 1-5
     assert "**sft**: Pass@4 = 0.700 < tau = 0.800" in text and "`abc123`" in text
     for fig in ("probes", "support_breastmnist", "support_pneumoniamnist", "acc_gap", "transfer"):
         png = run_dir / "figures" / f"{fig}.png"
@@ -104,3 +118,12 @@ def test_corrupt_json_names_the_file(run_dir: Path) -> None:
     (run_dir / "eval" / "base" / "breastmnist" / "summary.json").write_text("{")
     with pytest.raises(ValueError, match="base/breastmnist/summary.json"):
         build_report(run_dir)
+
+
+def test_command_takes_the_run_directory_positionally(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medrl.cli import main
+
+    (run_dir / "report.md").unlink(missing_ok=True)
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text().startswith("**Illustrative numbers.**")
+    assert f"wrote {run_dir / 'report.md'}" in capsys.readouterr().out

@@ -71,6 +71,33 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
     return lines + [f"Acc@1 and the gap G_{k} per modality:", "", "![acc and gap](figures/acc_gap.png)", ""]
 
 
+def _mean(rows: list[dict[str, str]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return sum(values) / len(values) if values else None
+
+
+def _rl_signal(results: RunResults) -> list[str]:
+    """What each GRPO run had to learn from: rewards early and late, and how many groups carried no signal."""
+    if not results.rl_logs:
+        return []
+    rows = []
+    for model, log in results.rl_logs.items():
+        head, tail = log[:5], log[-5:]
+        silent = _mean(log, "groups/all_wrong")
+        rows.append([model, str(len(log)), _fmt(_mean(head, "reward/mean")), _fmt(_mean(tail, "reward/mean")),
+                     _fmt(silent), _fmt(_mean(log, "groups/all_correct"))])  # fmt: skip
+    header = ["RL model", "steps", "mean reward, first 5", "mean reward, last 5", "groups all wrong"]
+    return [
+        "### What RL had to learn from",
+        "",
+        *_table([*header, "groups all right"], rows),
+        "",
+        "A group whose samples are all wrong (or all right) has zero advantage and gives GRPO no gradient: where "
+        "the base model has no support, RL from it has nothing to reinforce.",
+        "",
+    ]
+
+
 def _transfer(results: RunResults, figs: dict[str, bytes]) -> list[str]:
     lines = ["## 5. Transfer across modalities", ""]
     rows, cols, deltas = figures.transfer_matrix(results)
@@ -146,7 +173,7 @@ def build_report(run_dir: str | Path) -> Path:
     figs: dict[str, bytes] = {}
     lines = [ILLUSTRATIVE, ""] if results.plan.get("illustrative", False) else []
     lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""] + _data_sources(results)
-    lines += _vision(results, figs) + _support(results, figs, k) + _transfer(results, figs)
+    lines += _vision(results, figs) + _support(results, figs, k) + _rl_signal(results) + _transfer(results, figs)
     lines += _recipe(results) + _runcard(results)
     for name, data in figs.items():
         atomic_write_bytes(results.root / "figures" / name, data)

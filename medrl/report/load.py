@@ -20,6 +20,7 @@ class RunResults:
         probe_rows: rows of the probe table.
         evals: ``evals[model][flag]`` is the ``summary.json`` of that evaluation.
         recipes: ``recipes[flag]`` is that flag's ``recipe.json``.
+        rl_logs: ``rl_logs[model]`` is the per-step training log (``metrics.csv`` rows) of an RL model.
     """
 
     root: Path
@@ -29,6 +30,7 @@ class RunResults:
     probe_rows: list[dict[str, str]] = field(default_factory=list)
     evals: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rl_logs: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
     @property
     def flags(self) -> list[str]:
@@ -75,4 +77,9 @@ def load_run(root: str | Path) -> RunResults:
         results.evals.setdefault(model, {})[flag] = _json(summary)
     for recipe in sorted((root / "recipe").glob("*/recipe.json")):
         results.recipes[recipe.parent.name] = _json(recipe)
+    for train in sorted((root / "train").glob("rl_*")):
+        logs = sorted(train.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+        if logs:  # the latest version: an interrupted and rerun stage leaves older ones behind
+            with open(logs[-1], newline="") as fh:
+                results.rl_logs[train.name] = [row for row in csv.DictReader(fh) if row.get("reward/mean")]
     return results
