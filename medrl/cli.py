@@ -39,6 +39,10 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
         "a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark",
         "medrl.bench_eval:bench_eval",
     ),
+    "recipe": (
+        "the boundary-aware recipe on one target: measure support, SFT while low, GRPO once high",
+        "medrl.study.recipe_command:recipe",
+    ),
     "reproduce": ("the whole study, narrated and resumable, ending in report.md", "medrl.study.reproduce:reproduce"),
     "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.evaluation:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.report.build:report"),

@@ -7,6 +7,7 @@ Hugging Face folders. Model labels follow :mod:`medrl.report`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -21,13 +22,27 @@ from medrl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan
 from medrl.study.runner import Stage, json_has_keys
 
+PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
+
+
+def target_slug(target: str) -> str:
+    """A target as a folder name: ``pmc:pmc_vqa_8k.jsonl`` -> ``pmc-pmc_vqa_8k``; MedMNIST flags unchanged."""
+    if target.startswith(PMC_PREFIX):
+        return "pmc-" + Path(target[len(PMC_PREFIX) :]).stem
+    return target
+
 
 class Study:
-    """Turns a plan and a run directory into stages; holds where each model and measurement lives."""
+    """Turns a plan and a run directory into stages; holds where each model and measurement lives.
 
-    def __init__(self, plan: StudyPlan, out: Path, root: str | None = None, repo: Path | None = None) -> None:
+    Targets are MedMNIST flags, or (for ``medrl recipe``) ``pmc:<train file>`` read from ``pmc_root``.
+    """
+
+    def __init__(
+        self, plan: StudyPlan, out: Path, root: str | None = None, repo: Path | None = None, pmc_root: str | None = None
+    ) -> None:
         self.plan, self.out = plan, out
-        self.root = root
+        self.root, self.pmc_root = root, pmc_root
         self.repo = repo or Path.cwd()
         self.sources: dict[str, bool] = {}  # flag -> synthetic?
 
@@ -37,6 +52,8 @@ class Study:
         root = mf.resolve_root(self.root)
         record: dict[str, Any] = {}
         for flag in self.plan.flags:
+            if flag.startswith(PMC_PREFIX):
+                continue  # PMC-VQA rows and images are checked by its DataModule when read
             path = root / mf.file_name(flag, self.plan.size)
             if not path.is_file():
                 try:
@@ -74,23 +91,32 @@ class Study:
     # ---- measuring ----------------------------------------------------------------------------------------
     def eval_dir(self, model_label: str, flag: str) -> Path:
         """Where a measurement lives."""
-        return self.out / "eval" / model_label / flag
+        return self.out / "eval" / model_label / target_slug(flag)
+
+    def data_config(self, flag: str) -> dict[str, Any]:
+        """The VQA DataModule of a target, as a ``class_path``/``init_args`` config (also written for ``medrl fit``)."""
+        if flag.startswith(PMC_PREFIX):
+            return {
+                "class_path": "medrl.data.pmc_vqa.PMCVQADataModule",
+                "init_args": {"root": self.pmc_root, "train_file": flag[len(PMC_PREFIX) :], "seed": self.plan.seed},
+            }
+        self._load_sources()
+        return {"class_path": "medrl.data.medmnist.MedMNISTDataModule",
+                "init_args": {"flag": flag, "size": self.plan.size, "root": self.data_root(flag),
+                              "synthetic": self.sources[flag], "mode": "vqa", "seed": self.plan.seed}}  # fmt: skip
 
     def evaluate(self, model: str, model_label: str, flag: str) -> None:
         """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
-        from medrl.data.medmnist import MedMNISTDataModule
         from medrl.evaluation import sample_and_score, summarise, write_outputs
         from medrl.models.hub import load_vlm
         from medrl.rollout.base import SamplingParams, make_engine
 
-        self._load_sources()
         s = self.plan.support
         vlm, processor = load_vlm(model)
         engine = make_engine(s.engine, vlm, processor) if s.engine == "hf" else make_engine("vllm", model)
-        dm = MedMNISTDataModule(
-            flag=flag, size=self.plan.size, root=self.data_root(flag), mode="vqa", synthetic=self.sources[flag],
-            val_samples=s.questions, seed=self.plan.seed,
-        )  # fmt: skip
+        data = self.data_config(flag)
+        module, name = data["class_path"].rsplit(".", 1)
+        dm = getattr(importlib.import_module(module), name)(**data["init_args"], val_samples=s.questions)
         dataset = dm.dataset("val")
         items = [dataset[i] for i in range(len(dataset))]
         params = SamplingParams(
@@ -99,7 +125,7 @@ class Study:
         )  # fmt: skip
         scored = sample_and_score(engine, items, params, batch_size=s.batch_size)
         engine.close()
-        meta = {"model": model, "label": model_label, "flag": flag, "synthetic": self.sources[flag]}
+        meta = {"model": model, "label": model_label, "flag": flag, "synthetic": self.sources.get(flag, False)}
         write_outputs(self.eval_dir(model_label, flag), [row for _, row in scored], summarise(scored, s.ks), s.ks, meta)
 
     def eval_stage(self, model_label: str, flag: str, model: str | None = None) -> Stage:
@@ -149,11 +175,7 @@ class Study:
                     }],
                 },
                 "model": {"init_args": {"model": start}},
-                "data": {
-                    "class_path": "medrl.data.medmnist.MedMNISTDataModule",
-                    "init_args": {"flag": flag, "size": self.plan.size, "root": self.data_root(flag),
-                                  "synthetic": self.sources[flag], "mode": "vqa", "seed": self.plan.seed},
-                },
+                "data": self.data_config(flag),
             },
         )  # fmt: skip
         override_path = folder / "override.yaml"
@@ -176,7 +198,7 @@ class Study:
         label = f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}"
 
         def run() -> None:
-            if not _exported(self.train_dir(label)):
+            if not has_export(self.train_dir(label)):
                 self.train(kind, label, flag, self.model_path(start_label))
             self.evaluate(self.model_path(label), label, flag)
 
@@ -207,7 +229,8 @@ class Study:
         )  # fmt: skip
 
 
-def _exported(folder: Path) -> bool:
+def has_export(folder: Path) -> bool:
+    """True when a training folder holds an exported Hugging Face model (merged LoRA or full)."""
     hf = folder / "checkpoints" / "last.hf"
     return any((hf / sub / "config.json").is_file() for sub in ("merged", "model"))
 
