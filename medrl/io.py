@@ -9,6 +9,21 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    # Reading it from /proc avoids os.umask's set-and-restore, during which another thread's files would
+    # be created with no mask at all.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
     path = Path(path)
@@ -19,6 +34,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, so shared run
+        # directories stay readable by the group as the user's umask intends.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

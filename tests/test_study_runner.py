@@ -55,3 +55,15 @@ def test_a_stage_that_writes_nothing_fails(tmp_path: Path) -> None:
     stage = Stage("lazy", "claims success", [tmp_path / "never.json"], lambda: None)
     with pytest.raises(RuntimeError, match="fail their check"):
         StageRunner(tmp_path).run([stage])
+
+
+def test_atomic_writes_get_the_mode_the_umask_gives_and_leave_no_temp_file(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0600
+    assert json.loads(path.read_text()) == {"x": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
