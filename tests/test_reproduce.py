@@ -99,3 +99,22 @@ def test_force_takes_names_and_groups_and_rejects_unknown_ones(tmp_path: Path) -
     assert _forced(stages, None) == []
     with pytest.raises(SystemExit, match="--force sfft names no stage; groups: data, eval, recipe, report, rl, sft"):
         _forced(stages, "sfft")
+
+
+def test_without_a_data_folder_the_study_uses_a_cache_folder_and_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medrl.study.plan import load_plan
+    from medrl.study.stages import Study
+
+    monkeypatch.delenv("MEDRL_DATA_DIR", raising=False)
+    monkeypatch.setenv("MEDRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEDRL_OFFLINE", "1")  # no download: every flag falls back to its stand-in
+    study = Study(load_plan(_small_plan(tmp_path)), tmp_path / "run")
+    study.resolve_data()
+    out = capsys.readouterr().out
+    folder = tmp_path / "cache" / "medmnist"
+    assert f"MEDRL_DATA_DIR is not set and no --root was given: using {folder}" in out
+    assert "Place breastmnist.npz (MD5 " in out and f"in {folder}" in out
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert {rec["source"] for rec in data.values()} == {"synthetic"} and folder.is_dir()

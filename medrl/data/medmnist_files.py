@@ -90,7 +90,8 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     value = root if root not in (None, "") else os.environ.get(DATA_DIR_ENV)
     if not value:
         raise MedMNISTFileError(
-            f"no MedMNIST data directory: pass `root` (e.g. --data.root DIR) or set {DATA_DIR_ENV}=DIR. "
+            f"no MedMNIST data directory: set {DATA_DIR_ENV}=DIR or name the folder (`--data.root DIR` for "
+            f"`medrl fit`, `--root DIR` for the study verbs). "
             "Put the official .npz files there (`medrl data fetch`), or write synthetic ones (`medrl data synth`)."
         )
     return Path(value).expanduser()

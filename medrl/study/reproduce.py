@@ -120,6 +120,8 @@ def reproduce(
     print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
     try:
         StageRunner(run_dir, resume_hint=f"medrl reproduce --plan {plan_path} --out {run_dir}").run(stages, forced)
+    except Exception:
+        return 1  # the runner has printed the error, the end of its traceback and the command that resumes
     finally:
         write_run_card(run_dir, study_plan)  # also after a failure: what ran, on what, with which versions
     print(f"report: {run_dir / 'report.md'} ({time.perf_counter() - start:.0f}s)")

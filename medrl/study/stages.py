@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,13 @@ from medrl.study.plan import StudyPlan
 from medrl.study.runner import Stage, json_has_keys
 
 PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
+
+
+def default_data_dir() -> Path:
+    """Where the study fetches MedMNIST files when no folder is named: ``$MEDRL_CACHE/medmnist``."""
+    from medrl.models.tiny import cache_dir
+
+    return cache_dir() / "medmnist"
 
 
 def target_slug(target: str) -> str:
@@ -49,7 +57,13 @@ class Study:
     # ---- data -------------------------------------------------------------------------------------------
     def resolve_data(self) -> None:
         """Decide, per flag, whether the official file is there (or can be fetched) or a stand-in is used."""
+        if self.root in (None, "") and not os.environ.get(mf.DATA_DIR_ENV):
+            # A laptop with a network needs no setup: the official files are fetched into a cache folder.
+            self.root = str(default_data_dir())
+            print(f"    {mf.DATA_DIR_ENV} is not set and no --root was given: using {self.root} "
+                  f"(set {mf.DATA_DIR_ENV} or pass --root to read your own folder)")  # fmt: skip
         root = mf.resolve_root(self.root)
+        root.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {}
         for flag in self.plan.flags:
             if flag.startswith(PMC_PREFIX):
