@@ -73,9 +73,12 @@ class Study:
                 try:
                     mf.fetch(flag, self.plan.size, root)
                 except mf.MedMNISTFileError as exc:
+                    # The download error's own text repeats the URL and MD5; its cause is the short reason.
+                    why = f"download failed: {exc.__cause__}" if exc.__cause__ else str(exc).split(". ")[0]
                     message = (
-                        f"{flag}: no official file. Place {path.name} (MD5 {mf.official_md5(flag, self.plan.size)}, "
-                        f"from {mf.official_url(flag, self.plan.size)}) in {root}. ({exc})"
+                        f"{flag}: no official file ({why}). Place {path.name} (MD5 "
+                        f"{mf.official_md5(flag, self.plan.size)}, from {mf.official_url(flag, self.plan.size)}) "
+                        f"in {root}."
                     )
                     if self.plan.missing_data == "error":
                         raise mf.MedMNISTFileError(message) from exc
