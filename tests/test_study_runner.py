@@ -19,7 +19,8 @@ def _stages(out: Path, calls: list[str], fail: str | None = None) -> list[Stage]
                 raise RuntimeError(f"{name} broke")
             atomic_write_json(out / f"{name}.json", {"value": len(calls)})
 
-        return Stage(name, f"the {name} stage", [out / f"{name}.json"], run, json_has_keys("value"))
+        after = {"vision": [], "support": ["vision"], "report": ["vision", "support"]}[name]
+        return Stage(name, f"the {name} stage", [out / f"{name}.json"], run, json_has_keys("value"), after=after)
 
     return [make(n) for n in ("vision", "support", "report")]
 
@@ -48,7 +49,41 @@ def test_a_damaged_output_is_redone(tmp_path: Path) -> None:
     StageRunner(tmp_path).run(_stages(tmp_path, calls))
     (tmp_path / "support.json").write_text('{"valu')  # truncated by hand
     StageRunner(tmp_path).run(_stages(tmp_path, calls))
-    assert calls[3:] == ["support"]
+    assert calls[3:] == ["support", "report"]  # the report read the damaged file: it is made again too
+
+
+def test_a_forced_stage_reruns_the_stages_that_read_it_and_only_those(tmp_path: Path) -> None:
+    calls: list[str] = []
+    StageRunner(tmp_path).run(_stages(tmp_path, calls))
+    StageRunner(tmp_path).run(_stages(tmp_path, calls), force=["support"])
+    assert calls[3:] == ["support", "report"]  # vision is upstream of support: untouched
+    StageRunner(tmp_path).run(_stages(tmp_path, calls), force=["vision"])
+    assert calls[5:] == ["vision", "support", "report"]
+
+
+def test_a_cascade_cut_short_by_a_failure_resumes_where_it_stopped(tmp_path: Path) -> None:
+    calls: list[str] = []
+    StageRunner(tmp_path).run(_stages(tmp_path, calls))
+    with pytest.raises(RuntimeError, match="support broke"):
+        StageRunner(tmp_path).run(_stages(tmp_path, calls, fail="support"), force=["vision"])
+    # No --force this time: support failed and report is older than the new vision, so both run again.
+    StageRunner(tmp_path).run(_stages(tmp_path, calls))
+    assert calls[3:] == ["vision", "support", "support", "report"]
+
+
+def test_reset_runs_only_before_redoing_finished_outputs(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    def run() -> None:
+        events.append("run")
+        atomic_write_json(tmp_path / "m.json", {"value": 1})
+
+    stage = Stage("train", "trains", [tmp_path / "m.json"], run, json_has_keys("value"),
+                  reset=lambda: events.append("reset"))  # fmt: skip
+    StageRunner(tmp_path).run([stage])
+    StageRunner(tmp_path).run([stage])
+    StageRunner(tmp_path).run([stage], force=["train"])
+    assert events == ["run", "reset", "run"]
 
 
 def test_a_stage_that_writes_nothing_fails(tmp_path: Path) -> None:

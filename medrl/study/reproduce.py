@@ -46,7 +46,7 @@ def build_stages(study: Study) -> list[Stage]:
         Stage("data", "check the MedMNIST files the study reads (official, else a declared stand-in)",
               [out / "data.json"], study.resolve_data, json_has_keys(*plan.flags)),
         Stage("vision", "linear probes: can the frozen encoders see each task?",
-              [out / "vision" / "results.csv"], vision, _probe_cells_done(plan)),
+              [out / "vision" / "results.csv"], vision, _probe_cells_done(plan), after=["data"]),
     ]  # fmt: skip
     stages += [study.eval_stage("base", flag) for flag in plan.flags]
     stages += [study.train_stage("sft", flag) for flag in plan.flags]
@@ -58,7 +58,8 @@ def build_stages(study: Study) -> list[Stage]:
         stages += [
             Stage(f"recipe:{flag}", f"the recipe's decision for {flag} (tau {plan.tau}, k {plan.support.k})",
                   [out / "recipe" / flag / "recipe.json"], lambda flag=flag: study.recipe(flag),
-                  json_has_keys("decisions", "measurements"))
+                  json_has_keys("decisions", "measurements"),
+                  after=[f"eval:base:{flag}", f"sft:sft_{flag}", f"rl:rl_base_{flag}", f"rl:rl_sft_{flag}"])
             for flag in plan.flags
         ]  # fmt: skip
 
@@ -68,7 +69,9 @@ def build_stages(study: Study) -> list[Stage]:
         write_run_card(out, plan)  # the report's run card and data sources are read from it
         build_report(out)
 
-    stages.append(Stage("report", "report.md and its figures", [out / "report.md"], report))
+    # The report reads every output before it.
+    stages.append(Stage("report", "report.md and its figures", [out / "report.md"], report,
+                        after=[stage.name for stage in stages]))  # fmt: skip
     return stages
 
 
@@ -92,8 +95,8 @@ def reproduce(
         root: MedMNIST folder (default: $MEDRL_DATA_DIR).
         dry_run: print the plan and every stage (with its outputs and configs) without running anything.
         force: stages to rerun even if their outputs exist, comma-separated: a full name (`eval:base:breastmnist`)
-            or a group (`sft`, `rl`, `eval`, `recipe`, `report`: every stage of it). Later stages that read a
-            forced stage's outputs are not rerun unless named too.
+            or a group (`sft`, `rl`, `eval`, `recipe`, `report`: every stage of it). Stages that read a forced
+            stage's outputs run again too; a forced training stage trains anew (the old run is set aside).
     """
     plan_path = Path(plan) if plan else PLANS / f"{scale}.yaml"
     if not plan_path.is_file():

@@ -1,8 +1,11 @@
 """Narrated, resumable stages: each says what it is for, what it writes and how long it took.
 
 A stage is done when its outputs exist and its ``check`` accepts them (outputs are checked, not assumed),
-so a rerun skips finished stages. A failing stage leaves every earlier output intact, is recorded in
-``stages.json`` with its error, and the runner says how to resume.
+so a rerun skips finished stages. A stage runs again even when its outputs exist if it is forced, or if a
+stage it reads from (``after``) finished more recently than it did: results never mix old and new inputs,
+and since finish times are kept in ``stages.json`` this holds across interrupted runs too. A failing stage
+leaves every earlier output intact, is recorded in ``stages.json`` with its error, and the runner says how
+to resume.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ class Stage:
         outputs: files or folders it writes; the stage is done when they pass ``check``.
         run: does the work; must write ``outputs`` atomically.
         check: accepts finished outputs (default: all exist and are non-empty).
+        after: names of the stages whose outputs this one reads; when one of them has run since this one
+            last finished, this one runs again.
+        reset: called before a stage with finished outputs runs again (e.g. to set a trained model aside so
+            it is trained anew rather than reused).
     """
 
     name: str
@@ -60,6 +67,8 @@ class Stage:
     outputs: list[Path]
     run: Callable[[], None]
     check: Callable[[Sequence[Path]], bool] = outputs_exist
+    after: list[str] = field(default_factory=list)
+    reset: Callable[[], None] | None = None
 
     def done(self) -> bool:
         """True when the outputs exist and pass the check."""
@@ -91,12 +100,20 @@ class StageRunner:
             outputs = ", ".join(
                 str(p.relative_to(self.out)) if p.is_relative_to(self.out) else str(p) for p in stage.outputs
             )
-            if stage.name not in force and stage.done():
+            finished = records.get(stage.name, {}).get("finished", 0.0)
+            upstream = [name for name in stage.after if records.get(name, {}).get("finished", 0.0) > finished]
+            done = stage.done()
+            if done and stage.name not in force and not upstream:
                 self.console.print(f"{head}\n    [green]done already[/] ({outputs}); skipping")
                 continue
             self.console.print(f"{head}\n    writes: {outputs}")
+            if done:
+                why = "forced" if stage.name in force else f"{', '.join(upstream)} ran since it last did"
+                self.console.print(f"    [yellow]rerunning[/]: {why}")
             start = time.perf_counter()
             try:
+                if done and stage.reset is not None:
+                    stage.reset()
                 stage.run()
                 if not stage.done():
                     raise RuntimeError(f"stage {stage.name} finished but its outputs fail their check: {outputs}")
@@ -113,7 +130,8 @@ class StageRunner:
                 )
                 raise
             seconds = time.perf_counter() - start
-            records[stage.name] = {"status": "done", "seconds": round(seconds, 2), "outputs": outputs}
+            records[stage.name] = {"status": "done", "seconds": round(seconds, 2), "outputs": outputs,
+                                   "finished": time.time()}  # fmt: skip
             self._record(records)
             self.console.print(f"    [green]done in {seconds:.1f}s[/]")
         self.console.print(f"all {len(stages)} stages finished; this run took {time.perf_counter() - total:.1f}s")

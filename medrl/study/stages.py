@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def default_data_dir() -> Path:
     from medrl.models.tiny import cache_dir
 
     return cache_dir() / "medmnist"
+
+
+def trained_by(model_label: str) -> str:
+    """The stage that trains a model: ``sft_breastmnist`` -> ``sft:sft_breastmnist``, ``rl_base_x`` -> ``rl:...``."""
+    return f"{model_label.split('_', 1)[0]}:{model_label}"
 
 
 def target_slug(target: str) -> str:
@@ -146,13 +152,14 @@ class Study:
         write_outputs(self.eval_dir(model_label, flag), [row for _, row in scored], summarise(scored, s.ks), s.ks, meta)
 
     def eval_stage(self, model_label: str, flag: str, model: str | None = None) -> Stage:
-        """A stage measuring one model on one flag."""
+        """A stage measuring one model on one flag (after the stage that trained it)."""
         return Stage(
             f"eval:{model_label}:{flag}",
             f"Acc@1 and Pass@k of {model_label} on {flag}",
             [self.eval_dir(model_label, flag) / "summary.json"],
             lambda: self.evaluate(model or self.model_path(model_label), model_label, flag),
             json_has_keys("metrics", "ks"),
+            after=["data"] + ([] if model_label == "base" else [trained_by(model_label)]),
         )
 
     # ---- training -------------------------------------------------------------------------------------------
@@ -219,6 +226,12 @@ class Study:
                 self.train(kind, label, flag, self.model_path(start_label))
             self.evaluate(self.model_path(label), label, flag)
 
+        def reset() -> None:
+            # Rerunning a finished stage trains anew; the previous run is set aside, not deleted.
+            folder = self.train_dir(label)
+            if folder.exists():
+                folder.rename(folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+
         what = "SFT" if kind == "sft" else f"GRPO from the {start} model"
         return Stage(
             f"{kind}:{label}",
@@ -226,6 +239,8 @@ class Study:
             [self.eval_dir(label, flag) / "summary.json"],
             run,
             json_has_keys("metrics", "ks"),
+            after=["data"] + ([] if start_label == "base" else [trained_by(start_label)]),
+            reset=reset,
         )
 
     # ---- recipe ---------------------------------------------------------------------------------------------
