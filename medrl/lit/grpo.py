@@ -24,7 +24,7 @@ import logging
 import random
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -36,7 +36,7 @@ from medrl.lit.grpo_stages import GRPOStages
 from medrl.lit.sft import DType, resolve_dtype
 from medrl.models.hub import load_vlm
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, is_peft, set_full_finetune
-from medrl.models.sharding import gathered, shard_like, shard_module
+from medrl.models.sharding import shard_like, shard_module
 from medrl.rl.advantages import Scale
 from medrl.rl.distributed import gather_objects, rank
 from medrl.rl.ema import EMAReference
@@ -283,9 +283,7 @@ class GRPOModule(GRPOStages, L.LightningModule):
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         max_new = self.hparams.val_max_new_tokens or self.hparams.max_completion_length
         params = SamplingParams(n=0, greedy=True, max_new_tokens=max_new, seed=self.hparams.seed)
-        engine = self._ensure_engine()
-        with gathered(self.model) if engine.name == "hf" else nullcontext():
-            results = engine.generate(batch, params)
+        results = self._generate(batch, params)
         texts = [r.greedy.text for r in results]
         for name, values in score_completions(texts, reward_columns(batch, 1), self.reward_fns).items():
             self.log(f"val/{name}", values.mean(), batch_size=len(batch), sync_dist=True)

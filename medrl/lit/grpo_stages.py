@@ -20,6 +20,7 @@ from medrl.rl.losses import global_token_count, is_finite, policy_loss
 from medrl.rl.policy import answer_window_mask, batched_logprobs, build_trajectory, forward_logprobs, reward_columns
 from medrl.rl.rewards import answer_confidence, care_bonus, score_completions
 from medrl.rl.types import Trajectory
+from medrl.rollout.base import PromptResult, SamplingParams
 
 STAGES = ("generate", "reward", "advantage", "logprobs", "update", "sync")
 
@@ -54,10 +55,7 @@ class GRPOStages:
         timer = StageTimer(self.device)
         metrics: dict[str, float] = {}
         with timer("generate"):
-            engine = self._ensure_engine()
-            # FSDP: the hf engine decodes with the policy itself; gather its weights once, not at every token.
-            with gathered(self.model) if engine.name == "hf" else nullcontext():
-                results = engine.generate(batch, self.sampling_params(seed))
+            results = self._generate(batch, self.sampling_params(seed))
             traj = build_trajectory(self.processor, batch, results)
         with timer("reward"):
             self._reward(traj, batch, metrics)
@@ -146,6 +144,13 @@ class GRPOStages:
             return None
         merged = Trajectory.cat(buffered, self.processor.tokenizer.pad_token_id)
         return merged.select_groups(list(range(min(num_prompts, have))))
+
+    def _generate(self, batch: list[dict[str, Any]], params: SamplingParams) -> list[PromptResult]:
+        """Sample with the engine; under FSDP the hf engine decodes with the policy itself, so its weights are
+        gathered once around the whole call rather than at every token."""
+        engine = self._ensure_engine()
+        with gathered(self.model) if engine.name == "hf" else nullcontext():
+            return engine.generate(batch, params)
 
     # ------------------------------------------------------------------ logprobs
     def _logprobs(self, traj: Trajectory) -> None:
