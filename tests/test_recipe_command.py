@@ -84,7 +84,7 @@ def test_a_run_directory_made_with_other_settings_is_refused(tmp_path: Path) -> 
     out = tmp_path / "run"
     out.mkdir()
     (out / "plan.json").write_text(json.dumps({"name": "recipe-breastmnist", "tau": 0.9}))
-    with pytest.raises(SystemExit, match="made with other settings"):
+    with pytest.raises(SystemExit, match="made with a different plan or other settings"):
         main(["recipe", "--target", "breastmnist", "--out", str(out), "--root", str(tmp_path)])
 
 

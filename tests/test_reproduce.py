@@ -115,6 +115,23 @@ def test_without_a_data_folder_the_study_uses_a_cache_folder_and_says_where(
     out = capsys.readouterr().out
     folder = tmp_path / "cache" / "medmnist"
     assert f"MEDRL_DATA_DIR is not set and no --root was given: using {folder}" in out
-    assert "Place breastmnist.npz (MD5 " in out and f"in {folder}" in out
+    assert "breastmnist: no official file (offline mode is set). Place breastmnist.npz (MD5 " in out
+    assert f"in {folder}" in out
     data = json.loads((tmp_path / "run" / "data.json").read_text())
     assert {rec["source"] for rec in data.values()} == {"synthetic"} and folder.is_dir()
+
+
+def test_redoing_a_training_stage_sets_the_old_run_aside(tmp_path: Path) -> None:
+    from medrl.study.plan import load_plan
+    from medrl.study.stages import Study
+
+    study = Study(load_plan(_small_plan(tmp_path)), tmp_path / "run")
+    stage = study.train_stage("rl", "breastmnist", start="sft")
+    assert stage.after == ["data", "sft:sft_breastmnist"]
+    old = study.train_dir("rl_sft_breastmnist") / "command.txt"
+    old.parent.mkdir(parents=True)
+    old.write_text("the earlier run")
+    stage.reset()
+    assert not old.parent.exists()  # the stage will train anew...
+    (aside,) = (tmp_path / "run" / "replaced").iterdir()  # ...and nothing of the old run is lost
+    assert aside.name.startswith("rl_sft_breastmnist-") and (aside / "command.txt").read_text() == "the earlier run"

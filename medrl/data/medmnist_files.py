@@ -48,7 +48,14 @@ _READ_ERRORS = (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
 
 class MedMNISTFileError(RuntimeError):
-    """A MedMNIST file is missing, corrupt or not in the official format; the message says how to fix it."""
+    """A MedMNIST file is missing, corrupt or not in the official format; the message says how to fix it.
+
+    ``reason`` is the cause alone, for callers that give the fix in their own words (default: the message).
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def info(flag: str) -> dict:
@@ -338,14 +345,17 @@ def fetch(flag: str, size: int = 28, root: str | os.PathLike | None = None, time
         f"and place it in {root_path}"
     )
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDRL_OFFLINE") == "1":
-        raise MedMNISTFileError(f"offline mode is set. {manual}")
+        raise MedMNISTFileError(f"offline mode is set. {manual}", reason="offline mode is set")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        raise MedMNISTFileError(f"cannot download {url} ({exc}). {manual}") from exc
+        raise MedMNISTFileError(f"cannot download {url} ({exc}). {manual}", reason=f"download failed: {exc}") from exc
     got = hashlib.md5(data).hexdigest()
     if got != md5:
-        raise MedMNISTFileError(f"downloaded {url} but its MD5 is {got}, not {md5}; nothing was written. {manual}")
+        raise MedMNISTFileError(
+            f"downloaded {url} but its MD5 is {got}, not {md5}; nothing was written. {manual}",
+            reason=f"the download's MD5 is {got}, not the official one",
+        )
     atomic_write_bytes(path, data)
     return path

@@ -78,8 +78,6 @@ def load_run(root: str | Path) -> RunResults:
     for recipe in sorted((root / "recipe").glob("*/recipe.json")):
         results.recipes[recipe.parent.name] = _json(recipe)
     for train in sorted((root / "train").glob("rl_*")):
-        if ".replaced-" in train.name:  # a run set aside when its stage was redone
-            continue
         logs = sorted(train.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
         if logs:  # the latest version: an interrupted and rerun stage leaves older ones behind
             with open(logs[-1], newline="") as fh:

@@ -6,6 +6,7 @@ GPUs). Every field has a default, so a plan file states only what differs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from medrl.data.medmnist_files import FLAGS_2D, check_size
+from medrl.io import atomic_write_json
 
 
 @dataclass
@@ -149,3 +151,18 @@ def load_plan(path: str | Path) -> StudyPlan:
             f"{path}: support needs n >= max(ks) and k among ks (n={plan.support.n}, ks={plan.support.ks})"
         )
     return plan
+
+
+def claim_run_dir(run_dir: Path, plan: StudyPlan, command: str) -> None:
+    """Make ``run_dir`` this plan's: write ``plan.json``, or refuse a folder made with a different plan.
+
+    Finished steps are skipped by their outputs, so outputs made under other settings would be reused silently.
+    """
+    path = run_dir / "plan.json"
+    wanted = json.loads(json.dumps(plan.to_dict()))  # JSON's view of it: tuples as lists, keys as strings
+    if path.is_file() and json.loads(path.read_text()) != wanted:
+        raise SystemExit(
+            f"{command}: {run_dir} was made with a different plan or other settings; "
+            f"pass another --out (or delete {run_dir}) to start afresh"
+        )
+    atomic_write_json(path, wanted)

@@ -10,15 +10,13 @@ step leaves the same folders as ``medrl reproduce`` (``train/<label>/`` with its
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from medrl.data.medmnist_files import FLAGS_2D as FLAGS
-from medrl.io import atomic_write_json
 from medrl.recipe import Measurement, RecipeRecord, run_recipe
-from medrl.study.plan import TrainPlan, load_plan
+from medrl.study.plan import TrainPlan, claim_run_dir, load_plan
 from medrl.study.reproduce import PLANS
-from medrl.study.stages import PMC_PREFIX, Study, has_export, target_slug
+from medrl.study.stages import PMC_PREFIX, Study, exported_model, target_slug
 
 
 def recipe(
@@ -88,12 +86,7 @@ def recipe(
         rl=TrainPlan(rl_config, {}) if rl_config else base.rl,
     )
     run_dir = Path(out or f"runs/recipe-{target_slug(target)}")
-    previous = run_dir / "plan.json"
-    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(study_plan.to_dict())):
-        # Steps are skipped when their outputs exist; outputs made with other settings would be reused silently.
-        raise SystemExit(f"medrl recipe: {run_dir} was made with other settings; pass another --out or delete it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(previous, study_plan.to_dict())
+    claim_run_dir(run_dir, study_plan, "medrl recipe")
     study = Study(study_plan, run_dir, root=root, pmc_root=pmc_root)
     print(f"medrl recipe: {study_plan.model} on {target} (tau {study_plan.tau} on Pass@{support.k}) -> {run_dir}")
     study.resolve_data()
@@ -101,19 +94,15 @@ def recipe(
 
     def measure(model_path: str, step: str) -> Measurement:
         label = labels[model_path]
-        summary_path = study.eval_dir(label, target) / "summary.json"
-        if not summary_path.is_file():
+        if not (study.eval_dir(label, target) / "summary.json").is_file():
             print(f"  measuring {label} on {target}: {support.questions} questions x {support.n} samples")
             study.evaluate(model_path, label, target)
-        summary = json.loads(summary_path.read_text())
-        metrics = summary["metrics"]["all"]
-        passes = {j: float(metrics[f"pass@{j}"]) for j in summary["ks"]}
-        found = Measurement(step, label, float(metrics["acc@1"]), passes, int(metrics["questions"]))
+        found = study.measurement(label, target, step)
         print(f"  {step}: Acc@1 {found.acc1:.3f}, Pass@{support.k} {found.support(support.k):.3f}")
         return found
 
     def train(kind: str, label: str, flag: str, start: str) -> str:
-        if not has_export(study.train_dir(label)):
+        if exported_model(study.train_dir(label)) is None:
             print(f"  {kind.upper()} {label} on {flag} from {labels[start]} (log: {study.train_dir(label)}/fit.log)")
             study.train(kind, label, flag, start)
         path = study.model_path(label)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medrl.io import atomic_write_json
-from medrl.study.plan import StudyPlan, load_plan
+from medrl.study.plan import StudyPlan, claim_run_dir, load_plan
 from medrl.study.runcard import run_card
 from medrl.study.runner import Stage, StageRunner, json_has_keys
 from medrl.study.stages import Study
@@ -110,15 +110,7 @@ def reproduce(
     forced = _forced(stages, force)
     if dry_run:
         return _dry_run(study, stages, plan_path)
-    previous = run_dir / "plan.json"
-    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(study_plan.to_dict())):
-        # Finished stages are skipped by their outputs; outputs made under another plan would be reused silently.
-        raise SystemExit(
-            f"medrl reproduce: {run_dir} was made with a different plan than {plan_path}; "
-            f"pass another --out (or delete {run_dir}) to start this plan afresh"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "plan.json", study_plan.to_dict())
+    claim_run_dir(run_dir, study_plan, "medrl reproduce")
     start = time.perf_counter()
     print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
     try:

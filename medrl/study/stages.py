@@ -79,10 +79,8 @@ class Study:
                 try:
                     mf.fetch(flag, self.plan.size, root)
                 except mf.MedMNISTFileError as exc:
-                    # The download error's own text repeats the URL and MD5; its cause is the short reason.
-                    why = f"download failed: {exc.__cause__}" if exc.__cause__ else str(exc).split(". ")[0]
                     message = (
-                        f"{flag}: no official file ({why}). Place {path.name} (MD5 "
+                        f"{flag}: no official file ({exc.reason}). Place {path.name} (MD5 "
                         f"{mf.official_md5(flag, self.plan.size)}, from {mf.official_url(flag, self.plan.size)}) "
                         f"in {root}."
                     )
@@ -171,13 +169,13 @@ class Study:
         """The exported Hugging Face folder of a trained model (``base`` is the plan's model)."""
         if model_label == "base":
             return self.plan.model
-        hf = self.train_dir(model_label) / "checkpoints" / "last.hf"
-        for sub in ("merged", "model"):
-            if (hf / sub / "config.json").is_file():
-                return str(hf / sub)
-        raise FileNotFoundError(
-            f"{hf}: no exported model (merged/ or model/); rerun the stage that trains {model_label}"
-        )
+        folder = self.train_dir(model_label)
+        if (model := exported_model(folder)) is None:
+            raise FileNotFoundError(
+                f"{folder}/checkpoints/last.hf: no exported model (merged/ or model/); "
+                f"rerun the stage that trains {model_label}"
+            )
+        return str(model)
 
     def train(self, kind: str, model_label: str, flag: str, start: str) -> None:
         """Run ``medrl fit`` with the plan's config for ``kind`` (sft or rl) on ``flag`` from ``start``."""
@@ -222,15 +220,18 @@ class Study:
         label = f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}"
 
         def run() -> None:
-            if not has_export(self.train_dir(label)):
+            if exported_model(self.train_dir(label)) is None:
                 self.train(kind, label, flag, self.model_path(start_label))
             self.evaluate(self.model_path(label), label, flag)
 
         def reset() -> None:
-            # Rerunning a finished stage trains anew; the previous run is set aside, not deleted.
+            # Rerunning a finished stage trains anew; the previous run is set aside (outside train/, where the
+            # report looks), not deleted.
             folder = self.train_dir(label)
             if folder.exists():
-                folder.rename(folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+                aside = self.out / "replaced" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                folder.rename(aside)
 
         what = "SFT" if kind == "sft" else f"GRPO from the {start} model"
         return Stage(
@@ -244,27 +245,27 @@ class Study:
         )
 
     # ---- recipe ---------------------------------------------------------------------------------------------
+    def measurement(self, model_label: str, flag: str, step: str) -> Measurement:
+        """A finished evaluation read back as the recipe's ``Measurement`` (taken at ``step``)."""
+        summary = json.loads((self.eval_dir(model_label, flag) / "summary.json").read_text())
+        metrics = summary["metrics"]["all"]
+        passes = {k: float(metrics[f"pass@{k}"]) for k in summary["ks"]}
+        return Measurement(step, model_label, float(metrics["acc@1"]), passes, int(metrics["questions"]))
+
     def recipe(self, flag: str) -> None:
         """The recipe's decision for one flag, replayed on the measurements the study already took."""
-
-        def measure(model_label: str, step: str) -> Measurement:
-            summary = json.loads((self.eval_dir(model_label, flag) / "summary.json").read_text())
-            metrics = summary["metrics"]["all"]
-            passes = {k: float(metrics[f"pass@{k}"]) for k in summary["ks"]}
-            return Measurement(step, model_label, float(metrics["acc@1"]), passes, int(metrics["questions"]))
-
         run_recipe(
-            flag, "base", measure,
+            flag, "base", lambda model_label, step: self.measurement(model_label, flag, step),
             sft=lambda _model, _round: f"sft_{flag}",
             rl=lambda model: f"rl_{'sft' if model.startswith('sft') else 'base'}_{flag}",
             tau=self.plan.tau, k=self.plan.support.k, out=self.out / "recipe" / flag, max_sft_rounds=1,
         )  # fmt: skip
 
 
-def has_export(folder: Path) -> bool:
-    """True when a training folder holds an exported Hugging Face model (merged LoRA or full)."""
+def exported_model(folder: Path) -> Path | None:
+    """The Hugging Face model a training folder exported (merged LoRA or full), or None before it has."""
     hf = folder / "checkpoints" / "last.hf"
-    return any((hf / sub / "config.json").is_file() for sub in ("merged", "model"))
+    return next((hf / sub for sub in ("merged", "model") if (hf / sub / "config.json").is_file()), None)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
