@@ -80,12 +80,11 @@ def _rl_signal(results: RunResults) -> list[str]:
     """What each GRPO run had to learn from: rewards early and late, and how many groups carried no signal."""
     if not results.rl_logs:
         return []
-    rows = []
-    for model, log in results.rl_logs.items():
-        head, tail = log[:5], log[-5:]
-        silent = _mean(log, "groups/all_wrong")
-        rows.append([model, str(len(log)), _fmt(_mean(head, "reward/mean")), _fmt(_mean(tail, "reward/mean")),
-                     _fmt(silent), _fmt(_mean(log, "groups/all_correct"))])  # fmt: skip
+    rows = [
+        [model, str(len(log)), *(_fmt(_mean(part, "reward/mean")) for part in (log[:5], log[-5:])),
+         *(_fmt(_mean(log, f"groups/{key}")) for key in ("all_wrong", "all_correct"))]
+        for model, log in results.rl_logs.items()
+    ]  # fmt: skip
     header = ["RL model", "steps", "mean reward, first 5", "mean reward, last 5", "groups all wrong"]
     return [
         "### What RL had to learn from",
