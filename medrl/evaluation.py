@@ -167,6 +167,20 @@ def write_outputs(
     return folder
 
 
+def open_engine(engine: Literal["hf", "vllm"], model: str, seed: int = 0) -> Engine:
+    """An engine on a model argument (``tiny``, a folder, a hub id): ``vllm`` loads it itself; ``hf`` loads
+    the policy on the GPU when there is one. The caller closes it."""
+    import torch
+
+    from medrl.models.hub import load_vlm, resolve_model
+    from medrl.rollout.base import make_engine
+
+    if engine == "vllm":
+        return make_engine("vllm", resolve_model(model), seed=seed)
+    policy, processor = load_vlm(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    return make_engine("hf", policy, processor)
+
+
 def evaluate_command(
     model: str = "tiny",
     flags: list[str] | None = None,
@@ -213,11 +227,7 @@ def evaluate_command(
         out: output folder.
         keep_texts: also store every sampled completion's text in the JSONL.
     """
-    import torch
-
     from medrl.data.medmnist import MedMNISTDataModule
-    from medrl.models.hub import load_vlm, resolve_model
-    from medrl.rollout.base import make_engine
 
     flags = flags or ["pneumoniamnist"]
     ks = sorted(set(ks)) if ks else default_ks(n)
@@ -237,12 +247,7 @@ def evaluate_command(
         )
         dataset = dm.dataset(split)
         items.extend(dataset[i] for i in range(len(dataset)))
-    if engine == "vllm":
-        rollout = make_engine("vllm", resolve_model(model), seed=seed)
-    else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        policy, processor = load_vlm(model, device=device)
-        rollout = make_engine("hf", policy, processor)
+    rollout = open_engine(engine, model, seed)
     params = SamplingParams(
         n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed
     )

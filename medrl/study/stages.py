@@ -128,13 +128,10 @@ class Study:
 
     def evaluate(self, model: str, model_label: str, flag: str) -> None:
         """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
-        from medrl.evaluation import sample_and_score, summarise, write_outputs
-        from medrl.models.hub import load_vlm
-        from medrl.rollout.base import SamplingParams, make_engine
+        from medrl.evaluation import open_engine, sample_and_score, summarise, write_outputs
+        from medrl.rollout.base import SamplingParams
 
         s = self.plan.support
-        vlm, processor = load_vlm(model)
-        engine = make_engine(s.engine, vlm, processor) if s.engine == "hf" else make_engine("vllm", model)
         data = self.data_config(flag)
         module, name = data["class_path"].rsplit(".", 1)
         dm = getattr(importlib.import_module(module), name)(**data["init_args"], val_samples=s.questions)
@@ -144,8 +141,12 @@ class Study:
             n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
             seed=self.plan.seed, greedy=True,
         )  # fmt: skip
-        scored = sample_and_score(engine, items, params, batch_size=s.batch_size)
-        engine.close()
+        # The questions are read (and checked) before the model is loaded: a bad file fails in seconds.
+        engine = open_engine(s.engine, model, self.plan.seed)
+        try:
+            scored = sample_and_score(engine, items, params, batch_size=s.batch_size)
+        finally:
+            engine.close()
         meta = {"model": model, "label": model_label, "flag": flag, "synthetic": self.sources.get(flag, False)}
         write_outputs(self.eval_dir(model_label, flag), [row for _, row in scored], summarise(scored, s.ks), s.ks, meta)
 
