@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medrl.io import atomic_write_json
+from medrl.core.io import atomic_write_json
 
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 

@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 from bench.isolate import SideFailed, SideRun, run_isolated  # noqa: E402
 from bench.markdown import render  # noqa: E402
 from bench.table import build_rows, stats  # noqa: E402
-from medrl.io import atomic_write_json, atomic_write_text  # noqa: E402
+from medrl.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 FULL: dict[str, dict[str, Any]] = {
     "grpo": {"prompts": 4, "generations": 8, "completion_length": 64, "steps": 8, "warmup": 2, "threads": 1,

@@ -152,7 +152,7 @@ def main(
     """
     import torch
 
-    from medrl.io import atomic_write_json
+    from medrl.core.io import atomic_write_json
     from medrl.models.hub import load_vlm
     from medrl.models.tiny import tiny_dir
     from medrl.rollout import SamplingParams

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from medrl.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from medrl.core.seeds import derive_seed
 from medrl.data.benchmarks import BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
-from medrl.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.metrics.benchmark_table import score, table_rows, to_csv, to_markdown
 from medrl.rollout.base import Engine, SamplingParams
 
@@ -30,7 +30,7 @@ ITEMS, RUN, SCORES = "items.jsonl", "run.json", "scores.json"
 
 def _batch_seed(seed: int, batch: int) -> int:
     """Each batch samples with its own seed, a pure function of (seed, batch): a resumed run draws the same."""
-    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0] & 0x3FFFFFFF)
+    return derive_seed([seed, batch])
 
 
 def _read_done(path: Path) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from medrl.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from medrl.core.tables import markdown_table
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
 from medrl.rollout.base import Engine, Item, SamplingParams
 
@@ -109,14 +110,16 @@ def summarise(
 
 def _table(summary: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     columns = ["questions", "acc@1", *[f"pass@{k}" for k in ks], f"gap@{max(ks)}", "majority", "format_fail", "unique"]
-    lines = ["| group | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = []
     for group, metrics in summary.items():
-        cells = []
-        for col in columns:
-            value = metrics.get(col, math.nan)
-            cells.append(f"{int(value)}" if col == "questions" else f"{value:.3f}")
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        values = [metrics.get(col, math.nan) for col in columns]
+        rows.append(
+            [
+                group,
+                *(f"{int(v)}" if col == "questions" else f"{v:.3f}" for col, v in zip(columns, values, strict=True)),
+            ]
+        )
+    return "\n".join(markdown_table(["group", *columns], rows)) + "\n"
 
 
 def plot_curve(summary: dict[str, dict[str, float]], ks: Sequence[int], title: str) -> bytes:

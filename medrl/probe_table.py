@@ -9,15 +9,15 @@ rewritten atomically as CSV and markdown, with a bar chart PNG; a rerun skips th
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import itertools
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+from medrl.core.hashing import json_digest
+from medrl.core.tables import markdown_table
 from medrl.data.medmnist_files import atomic_write_bytes
 
 COLUMNS = [
@@ -27,7 +27,7 @@ COLUMNS = [
 
 
 def _cell_id(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(spec, length=16)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -58,12 +58,12 @@ def render(rows: list[dict[str, Any]], out: Path) -> None:
     atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
     shown = ["encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "mae", "kappa",
              "majority", "collapsed", "n_train", "n_test", "seconds"]  # fmt: skip
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for row in rows:
-        numeric = ("acc", "auc", "mae", "kappa", "majority")
-        cells = [_fmt(row.get(c, "")) if c in numeric else str(row.get(c, "")) for c in shown]
-        cells[-1] = _fmt(row["seconds"], 1)
-        lines.append("| " + " | ".join(cells) + " |")
+    numeric = ("acc", "auc", "mae", "kappa", "majority")
+    cells = [
+        [*(_fmt(row.get(c, "")) if c in numeric else str(row.get(c, "")) for c in shown[:-1]), _fmt(row["seconds"], 1)]
+        for row in rows
+    ]
+    lines = markdown_table(shown, cells)
     notes = [
         "",
         "ACC/AUC as the medmnist Evaluator; `majority` is the test ACC of always answering the most frequent class; "

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from medrl.io import atomic_write_json, atomic_write_text
+from medrl.core.io import atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medrl.data.medmnist_files import DATA_DIR_ENV
+from medrl.core.env import DATA_DIR_ENV
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medrl.core.env import DATA_DIR_ENV
 from medrl.data import medmnist_files as mf
 from medrl.data.medmnist import MedMNISTDataModule
 
@@ -138,8 +139,8 @@ def test_fetch_keeps_an_official_file(real_data_dir: Path, tmp_path: Path) -> No
 
 
 def test_root_unset_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(mf.DATA_DIR_ENV, raising=False)
-    with pytest.raises(mf.MedMNISTFileError, match=mf.DATA_DIR_ENV):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(mf.MedMNISTFileError, match=DATA_DIR_ENV):
         mf.resolve_root(None)
 
 

@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 
 from medrl.cli import main
+from medrl.core.hashing import file_digest
 from medrl.data.image_store import ImageStore
 from medrl.data.medmnist import MedMNISTDataModule
-from medrl.data.pmc_subset import build_subset, manifest_path, sha256
+from medrl.data.pmc_subset import build_subset, manifest_path
 from medrl.data.pmc_vqa import PMCVQADataModule, PMCVQAError, read_pmc_csv
 from medrl.data.vqa import INSTRUCTION, format_prompt
 
@@ -174,8 +175,8 @@ def test_subset_balances_letters_and_excludes_test_items(pmc_root: Path, tmp_pat
     assert manifest["validation"]["images"]["dropped_by_reason"] == {"missing_image": 1, "bad_image": 1}
     assert manifest["validation"]["rows"]["dropped_by_reason"] == {"bad_prefix": 1, "answer_mismatch": 1,
                                                                     "unknown_label": 1}  # fmt: skip
-    assert manifest["sources"]["train"]["sha256"] == sha256(pmc_root / "train.csv")
-    assert manifest["output"]["sha256"] == sha256(tmp_path / "s.jsonl") and manifest["seed"] == 0
+    assert manifest["sources"]["train"]["sha256"] == file_digest(pmc_root / "train.csv")
+    assert manifest["output"]["sha256"] == file_digest(tmp_path / "s.jsonl") and manifest["seed"] == 0
     # one more per letter is more than D holds once its broken images are known
     with pytest.raises(PMCVQAError, match="only 8 eligible items have gold letter D, 9 needed"):
         _subset(pmc_root, tmp_path / "t.jsonl", n=36)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medrl.io import atomic_write_json
+from medrl.core.io import atomic_write_json
 from medrl.study.runner import Stage, StageRunner, json_has_keys
 
 

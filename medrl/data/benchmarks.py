@@ -363,7 +363,7 @@ def write_suite(rows: Iterable[dict[str, Any]], out: str | os.PathLike, name: st
 
     from PIL import Image
 
-    from medrl.io import atomic_write_jsonl
+    from medrl.core.io import atomic_write_jsonl
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ file and the fix, synthetic files in the exact official format, and an offline-a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,9 @@ from typing import Literal
 
 import numpy as np
 
-from medrl.io import atomic_write_bytes
+from medrl.core.env import DATA_DIR_ENV, data_dir, is_offline
+from medrl.core.hashing import bytes_digest, file_digest
+from medrl.core.io import atomic_write_bytes
 
 FLAGS_2D: tuple[str, ...] = (
     "pathmnist",
@@ -38,7 +39,6 @@ FLAGS_2D: tuple[str, ...] = (
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
-DATA_DIR_ENV = "MEDRL_DATA_DIR"
 # Written into every synthetic file so that no tool can take it for the official release.
 SYNTHETIC_KEY = "medrl_synthetic"
 
@@ -94,7 +94,7 @@ def official_url(flag: str, size: int = 28) -> str:
 
 def resolve_root(root: str | os.PathLike | None) -> Path:
     """The data directory: ``root`` if given, else ``$MEDRL_DATA_DIR``; an error says how to set it."""
-    value = root if root not in (None, "") else os.environ.get(DATA_DIR_ENV)
+    value = root if root not in (None, "") else data_dir()
     if not value:
         raise MedMNISTFileError(
             f"no MedMNIST data directory: set {DATA_DIR_ENV}=DIR or name the folder (`--data.root DIR` for "
@@ -104,13 +104,9 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return Path(value).expanduser()
 
 
-def md5sum(path: Path, chunk: int = 1 << 20) -> str:
-    """MD5 of a file, streamed."""
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def md5sum(path: Path) -> str:
+    """MD5 of a file, streamed (the checksum MedMNIST publishes)."""
+    return file_digest(path, "md5")
 
 
 def expected_shapes(flag: str, size: int, split: str, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -344,14 +340,14 @@ def fetch(flag: str, size: int = 28, root: str | os.PathLike | None = None, time
         f"Download {file_name(flag, size)} by hand from {url} , check that its MD5 is {md5}, "
         f"and place it in {root_path}"
     )
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MEDRL_OFFLINE") == "1":
+    if is_offline():
         raise MedMNISTFileError(f"offline mode is set. {manual}", reason="offline mode is set")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise MedMNISTFileError(f"cannot download {url} ({exc}). {manual}", reason=f"download failed: {exc}") from exc
-    got = hashlib.md5(data).hexdigest()
+    got = bytes_digest(data, "md5")
     if got != md5:
         raise MedMNISTFileError(
             f"downloaded {url} but its MD5 is {got}, not {md5}; nothing was written. {manual}",

@@ -15,7 +15,6 @@ letter and stratum, the seed, the parameters and SHA-256 hashes of the source fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,24 +24,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medrl.core.hashing import file_digest
+from medrl.core.io import atomic_write_json, atomic_write_jsonl
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.mcq_items import MCQItem, ValidationReport, check_images
 from medrl.data.pmc_vqa import PMC_LETTERS, PMCVQAError, csv_header, read_pmc_csv, read_pmc_rows, resolve_pmc_root
-from medrl.io import atomic_write_json, atomic_write_jsonl
 
 Stratify = Literal["equal", "proportional"]
 # Count fields an evaluation JSONL may carry: medrl's own per-question files and the MedVLThinker format.
 _CORRECT_KEYS = ("num_correct", "correct", "n_correct", "c")
 _TOTAL_KEYS = ("num_rollouts", "n_samples", "num_samples", "n")
-
-
-def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def normalise_question(text: str) -> str:
@@ -213,7 +204,7 @@ def _draw(
 
 
 def _source(path: Path) -> dict[str, Any]:
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256(path)}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def build_subset(
@@ -331,7 +322,7 @@ def build_subset(
             "pass_rates": _source(Path(pass_rates)) if pass_rates else None,
             "images": {"path": str(store.location), "kind": "zip" if store.is_zip else "folder"} if store else None,
         },
-        "output": {"jsonl": out.name, "sha256": sha256(out)},
+        "output": {"jsonl": out.name, "sha256": file_digest(out)},
     }
     atomic_write_json(manifest_path(out), manifest)
     return manifest

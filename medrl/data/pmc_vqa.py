@@ -21,14 +21,14 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from medrl.core.env import DATA_DIR_ENV, data_dir
+from medrl.core.io import atomic_write_json
 from medrl.data.benchmarks import load_suite, per_benchmark_subset, read_jsonl_items
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.mcq_items import MCQItem, MCQItemsDataset, ValidationReport, check_images, seeded_subset
 from medrl.data.medmnist import vqa_collate
 from medrl.data.resumable import ResumableLoader
-from medrl.io import atomic_write_json
 
-DATA_DIR_ENV = "MEDRL_DATA_DIR"
 PMC_SUBDIR = "pmc_vqa"
 PMC_LETTERS = "ABCD"
 REQUIRED_COLUMNS = ("Figure_path", "Question", "Answer", *(f"Choice {c}" for c in PMC_LETTERS), "Answer_label")
@@ -47,8 +47,8 @@ def resolve_pmc_root(root: str | os.PathLike | None) -> Path:
     """The PMC-VQA folder: ``root``, else ``$MEDRL_DATA_DIR/pmc_vqa``."""
     if root:
         return Path(root).expanduser()
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]).expanduser() / PMC_SUBDIR
+    if data_dir() is not None:
+        return data_dir() / PMC_SUBDIR
     raise PMCVQAError(
         f"no PMC-VQA folder: pass `root` (--data.root DIR) or set {DATA_DIR_ENV} and put the files in "
         f"${DATA_DIR_ENV}/{PMC_SUBDIR}: the official train.csv, test.csv, test_clean.csv and images/ (or images.zip)."

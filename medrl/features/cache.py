@@ -28,8 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader, Subset
 
+from medrl.core.env import cache_dir
+from medrl.core.hashing import bytes_digest, file_digest, json_digest
+from medrl.core.io import atomic_write_bytes
 from medrl.data.medmnist import MedMNISTDataset
-from medrl.data.medmnist_files import atomic_write_bytes, md5sum
 from medrl.models.encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,6 @@ CACHE_VERSION = 1  # bump when the file layout or the extraction itself changes
 
 def default_cache_dir() -> Path:
     """``$MEDRL_CACHE/features`` (default ``~/.cache/medrl/features``)."""
-    from medrl.models.tiny import cache_dir
-
     return cache_dir() / "features"
 
 
@@ -51,7 +51,7 @@ def file_md5(path: Path) -> str:
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if memo not in _MD5_MEMO:
-        _MD5_MEMO[memo] = md5sum(path)
+        _MD5_MEMO[memo] = file_digest(path, "md5")
     return _MD5_MEMO[memo]
 
 
@@ -67,12 +67,12 @@ def feature_key(encoder: Encoder, dataset: MedMNISTDataset, size: int, data_path
         "split": dataset.split,
         "synthetic": bool(dataset.synthetic),
         "file_md5": file_md5(data_path),
-        "rows": "all" if full else f"{len(indices)} rows, sha {hashlib.sha256(indices.tobytes()).hexdigest()[:16]}",
+        "rows": "all" if full else f"{len(indices)} rows, sha {bytes_digest(indices.tobytes(), length=16)}",
     }
 
 
 def _digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return json_digest(key)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

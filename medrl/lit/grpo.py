@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from medrl.core.dtypes import DType, resolve_dtype
+from medrl.core.seeds import derive_seed
 from medrl.lit.grpo_stages import GRPOStages
-from medrl.lit.sft import DType, resolve_dtype
 from medrl.models.hub import load_vlm
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, is_peft, set_full_finetune
 from medrl.models.sharding import shard_like, shard_module
@@ -257,8 +258,7 @@ class GRPOModule(GRPOStages, L.LightningModule):
     # ------------------------------------------------------------------ steps
     def _step_seed(self) -> int:
         """A pure function of (seed, rollouts so far, rank): sampling and dropout replay exactly on resume."""
-        entropy = [self.hparams.seed, self._rollouts, self.global_rank]
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x3FFFFFFF)
+        return derive_seed([self.hparams.seed, self._rollouts, self.global_rank])
 
     def sampling_params(self, seed: int) -> SamplingParams:
         """The training rollouts' sampling parameters for one step."""

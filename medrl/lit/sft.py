@@ -17,27 +17,16 @@ import logging
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 
+from medrl.core.dtypes import DType, resolve_dtype
+from medrl.core.seeds import derive_seed
 from medrl.data.collate import SFTCollator
-from medrl.models.hub import load_vlm, resolve_model
+from medrl.models.hub import is_hub_id, load_vlm, resolve_model
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, set_full_finetune
 from medrl.models.sharding import shard_module
 
 log = logging.getLogger(__name__)
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def resolve_dtype(name: DType) -> torch.dtype:
-    """``auto``: bfloat16 when a GPU is visible (the trainer will use it), float32 otherwise."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
-
-
-def _is_hub_id(name: str) -> bool:
-    return not (name == "tiny" or name.startswith(("tiny:", ".", "/", "~"))) and name.count("/") == 1
 
 
 class SFTModule(L.LightningModule):
@@ -94,7 +83,7 @@ class SFTModule(L.LightningModule):
             self.model = apply_lora(base, lora or LoRAConfig(), vision)
             # Record the model argument, not the local snapshot path, so the adapter names a portable base.
             self.model.peft_config["default"].base_model_name_or_path = (
-                model if _is_hub_id(model) else str(resolve_model(model))
+                model if is_hub_id(model) else str(resolve_model(model))
             )
         else:
             self.model = set_full_finetune(base, vision)
@@ -110,8 +99,7 @@ class SFTModule(L.LightningModule):
 
     def _step_seed(self, batch_idx: int) -> int:
         """A seed that is a pure function of (seed, epoch, batch, rank): dropout replays exactly on resume."""
-        entropy = [self.hparams.seed, self.current_epoch, batch_idx, self.global_rank]
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        return derive_seed([self.hparams.seed, self.current_epoch, batch_idx, self.global_rank], bits=32)
 
     def _loss(self, items: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
         batch = self.collator(items).to(self.device)

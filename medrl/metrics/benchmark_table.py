@@ -14,6 +14,7 @@ import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from medrl.core.tables import markdown_table
 from medrl.data.benchmarks import benchmark_order
 from medrl.metrics.answers import UNPARSEABLE
 from medrl.metrics.pass_at_k import pass_at_k
@@ -95,9 +96,7 @@ def table_rows(scores: Mapping[str, Mapping[str, Any]], published: bool = False)
 
 def to_markdown(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_table(header, rows)) + "\n"
 
 
 def to_csv(header: list[str], rows: list[list[str]]) -> str:

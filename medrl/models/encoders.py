@@ -22,6 +22,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from medrl.core.dtypes import resolve_dtype
+from medrl.core.hashing import json_digest
+
 ImageSize = int | Literal["native"]
 _SMALL_FILE = 64 << 20  # weight files up to this size are hashed whole; larger ones by size, head and tail
 
@@ -99,7 +102,7 @@ class Encoder(ABC):
 
     def fingerprint(self) -> str:
         """A short hash of :meth:`describe`."""
-        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.describe(), length=16)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({json.dumps(self.describe(), sort_keys=True)})"
@@ -345,11 +348,7 @@ class QwenVisionEncoder(Encoder):
         return self._processor
 
     def _torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            from medrl.models.hub import default_dtype
-
-            return default_dtype(self.device)
-        return getattr(torch, self.dtype)
+        return resolve_dtype(self.dtype, self.device)
 
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """The size the tower sees for an input of ``height x width`` under this encoder's policy."""

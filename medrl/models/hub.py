@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from medrl.core.dtypes import resolve_dtype
+from medrl.core.env import is_offline
 from medrl.models.tiny import tiny_dir
 
 
@@ -20,10 +22,13 @@ class ModelNotFoundError(RuntimeError):
     """A model argument could not be resolved to files on disk; the message says how to fix it."""
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+def is_hub_id(name: str) -> bool:
+    """True for an ``owner/name`` Hugging Face id; False for ``tiny``, ``tiny:SEED`` and paths.
+
+    >>> [is_hub_id(n) for n in ("Qwen/Qwen2.5-VL-3B-Instruct", "tiny", "tiny:3", "./runs/m", "/m", "a/b/c")]
+    [True, False, False, False, False, False]
+    """
+    return not (name == "tiny" or name.startswith(("tiny:", ".", "/", "~"))) and name.count("/") == 1
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
@@ -37,29 +42,25 @@ def resolve_model(name: str | os.PathLike) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a folder but has no config.json: it is not a saved model")
         return path
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         raise ModelNotFoundError(f"model {text!r}: no such folder, and it is not a hub id of the form owner/name")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(text, local_files_only=True))
     except Exception as cached_error:  # noqa: BLE001 - any miss here means "not in the local cache"
+        offline = " and offline mode is set" if is_offline() else ""
         hint = (
-            f"model {text!r} is not in the local Hugging Face cache{' and offline mode is set' if _offline() else ''}. "
+            f"model {text!r} is not in the local Hugging Face cache{offline}. "
             f"Either download it where the hub is reachable (`huggingface-cli download {text} --local-dir DIR`) "
             f"and pass --model DIR, or set HF_HOME to a cache that holds it, or use `tiny` for a quick offline run."
         )
-        if _offline():
+        if is_offline():
             raise ModelNotFoundError(hint) from cached_error
     try:
         return Path(snapshot_download(text, etag_timeout=10))
     except Exception as exc:  # noqa: BLE001 - network errors come in many types; the hint is what matters
         raise ModelNotFoundError(f"{hint} (download failed: {type(exc).__name__}: {exc})") from exc
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU: CPUs without bf16 units run bf16 4-20x slower than fp32."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_processor(name: str | os.PathLike):
@@ -81,7 +82,7 @@ def load_vlm(
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model(name)
-    kwargs = {"dtype": dtype or default_dtype(device)}
+    kwargs = {"dtype": dtype or resolve_dtype("auto", device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from medrl.core.env import cache_dir
+
 # Bump when anything below changes what gets built, so stale cached copies are rebuilt.
 TINY_VERSION = 1
 SPECIAL_TOKENS = [
@@ -48,11 +50,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """Where medrl keeps built artefacts: ``$MEDRL_CACHE`` or ``~/.cache/medrl``."""
-    return Path(os.environ.get("MEDRL_CACHE", Path.home() / ".cache" / "medrl")).expanduser()
 
 
 def _corpus() -> list[str]:

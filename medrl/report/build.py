@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from medrl.io import atomic_write_bytes, atomic_write_text
+from medrl.core.io import atomic_write_bytes, atomic_write_text
+from medrl.core.tables import markdown_table
 from medrl.report import figures
 from medrl.report.load import RunResults, load_run
 
@@ -20,10 +21,6 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def _vision(results: RunResults, figs: dict[str, bytes]) -> list[str]:
     lines = ["## 1. Vision: can the model's eyes see it?", ""]
     if not results.probe_rows:
@@ -34,7 +31,7 @@ def _vision(results: RunResults, figs: dict[str, bytes]) -> list[str]:
         for r in results.probe_rows
     ]
     figs["probes.png"] = figures.probe_chart(results)
-    lines += _table(cols, rows)
+    lines += markdown_table(cols, rows)
     lines += ["", "Test-split ACC/AUC exactly as the medmnist Evaluator; `majority` is the test-set majority rate.", ""]
     return lines + ["![probes](figures/probes.png)", ""]
 
@@ -66,7 +63,14 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
         rows = [_support_row(results, stage, flag, ks, k) for stage in figures.STAGE_MODELS]
         rows = [r for r in rows if r is not None]
         figs[f"support_{flag}.png"] = figures.support_curves(results, flag)
-        lines += [f"### {flag}", "", *_table(header, rows), "", f"![support {flag}](figures/support_{flag}.png)", ""]
+        lines += [
+            f"### {flag}",
+            "",
+            *markdown_table(header, rows),
+            "",
+            f"![support {flag}](figures/support_{flag}.png)",
+            "",
+        ]
     figs["acc_gap.png"] = figures.acc_gap_bars(results, k)
     return lines + [f"Acc@1 and the gap G_{k} per modality:", "", "![acc and gap](figures/acc_gap.png)", ""]
 
@@ -89,7 +93,7 @@ def _rl_signal(results: RunResults) -> list[str]:
     return [
         "### What RL had to learn from",
         "",
-        *_table([*header, "groups all right"], rows),
+        *markdown_table([*header, "groups all right"], rows),
         "",
         "A group whose samples are all wrong (or all right) has zero advantage and gives GRPO no gradient: where "
         "the base model has no support, RL from it has nothing to reinforce.",
@@ -105,7 +109,7 @@ def _transfer(results: RunResults, figs: dict[str, bytes]) -> list[str]:
     figs["transfer.png"] = figures.transfer_heatmap(results)
     body = [[r, *[("n/a" if math.isnan(v) else f"{v:+.3f}") for v in d]] for r, d in zip(rows, deltas, strict=True)]
     lines += ["Change in Acc@1 against the base model (rows: trained model; columns: evaluated modality).", ""]
-    return lines + _table(["model", *cols], body) + ["", "![transfer](figures/transfer.png)", ""]
+    return lines + markdown_table(["model", *cols], body) + ["", "![transfer](figures/transfer.png)", ""]
 
 
 def _recipe(results: RunResults) -> list[str]:
@@ -120,7 +124,7 @@ def _recipe(results: RunResults) -> list[str]:
         )
         decisions = "; ".join(f"**{d['action']}**: {d['reason']}" for d in rec["decisions"])
         rows.append([flag, str(rec["tau"]), path, decisions])
-    return lines + _table(["target", "tau", "measurements", "decisions"], rows) + [""]
+    return lines + markdown_table(["target", "tau", "measurements", "decisions"], rows) + [""]
 
 
 def _data_sources(results: RunResults) -> list[str]:
@@ -159,7 +163,12 @@ def _runcard(results: RunResults) -> list[str]:
     if results.stages:
         rows = [[name, rec.get("status", "?"), f"{rec.get('seconds', 0):.1f}"] for name, rec in results.stages.items()]
         total = sum(rec.get("seconds", 0) for rec in results.stages.values())
-        lines += ["", *_table(["stage", "status", "seconds"], rows), "", f"Total wall time of stages: {total:.0f} s"]
+        lines += [
+            "",
+            *markdown_table(["stage", "status", "seconds"], rows),
+            "",
+            f"Total wall time of stages: {total:.0f} s",
+        ]
     return lines + [""]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import os
 import random
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medrl.core.seeds import derive_seed
 from medrl.rollout.base import (
     Engine,
     Item,
@@ -43,8 +43,7 @@ from medrl.rollout.base import (
 def _request_seed(seed: int, index: int) -> int:
     """A seed per prompt: vLLM gives the i-th of n samples ``seed + i``, so prompts need spread-out seeds,
     or sample j of every question would share one random stream."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x3FFFFFFF
+    return derive_seed([seed, index])
 
 
 def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:

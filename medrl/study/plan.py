@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
+from medrl.core.io import atomic_write_json
 from medrl.data.medmnist_files import FLAGS_2D, check_size
-from medrl.io import atomic_write_json
 
 
 @dataclass

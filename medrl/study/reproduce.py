@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from medrl.io import atomic_write_json
+from medrl.core.io import atomic_write_json
 from medrl.study.plan import StudyPlan, claim_run_dir, load_plan
 from medrl.study.runcard import run_card
 from medrl.study.runner import Stage, StageRunner, json_has_keys

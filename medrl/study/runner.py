@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from medrl.io import atomic_write_json
+from medrl.core.io import atomic_write_json
 
 
 def outputs_exist(paths: Sequence[Path]) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from medrl.core.env import DATA_DIR_ENV, cache_dir, data_dir
+from medrl.core.io import atomic_write_json, atomic_write_text
 from medrl.data import medmnist_files as mf
-from medrl.io import atomic_write_json, atomic_write_text
 from medrl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan
 from medrl.study.runner import Stage, json_has_keys
@@ -29,8 +29,6 @@ PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that 
 
 def default_data_dir() -> Path:
     """Where the study fetches MedMNIST files when no folder is named: ``$MEDRL_CACHE/medmnist``."""
-    from medrl.models.tiny import cache_dir
-
     return cache_dir() / "medmnist"
 
 
@@ -63,11 +61,11 @@ class Study:
     # ---- data -------------------------------------------------------------------------------------------
     def resolve_data(self) -> None:
         """Decide, per flag, whether the official file is there (or can be fetched) or a stand-in is used."""
-        if self.root in (None, "") and not os.environ.get(mf.DATA_DIR_ENV):
+        if self.root in (None, "") and data_dir() is None:
             # A laptop with a network needs no setup: the official files are fetched into a cache folder.
             self.root = str(default_data_dir())
-            print(f"    {mf.DATA_DIR_ENV} is not set and no --root was given: using {self.root} "
-                  f"(set {mf.DATA_DIR_ENV} or pass --root to read your own folder)")  # fmt: skip
+            print(f"    {DATA_DIR_ENV} is not set and no --root was given: using {self.root} "
+                  f"(set {DATA_DIR_ENV} or pass --root to read your own folder)")  # fmt: skip
         root = mf.resolve_root(self.root)
         root.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {}

@@ -1,0 +1,43 @@
+"""The environment variables medrl reads, each read in one place.
+
+- ``MEDRL_DATA_DIR``: the folder of MedMNIST files (and ``pmc_vqa/``, ``benchmarks/`` below it);
+- ``MEDRL_CACHE``: where built artefacts (the tiny models, feature caches) live, default ``~/.cache/medrl``;
+- ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``MEDRL_OFFLINE``: any of them true means "never download";
+- ``MEDRL_DEBUG``: show full tracebacks for errors the CLI would otherwise print as one line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "MEDRL_DATA_DIR"
+CACHE_ENV = "MEDRL_CACHE"
+OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEDRL_OFFLINE")
+DEBUG_ENV = "MEDRL_DEBUG"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def is_offline() -> bool:
+    """True when any offline variable is set to a true value (``1``, ``true``, ``yes``, ``on``)."""
+    return any(_flag(name) for name in OFFLINE_ENVS)
+
+
+def is_debug() -> bool:
+    """True when ``MEDRL_DEBUG`` asks for full tracebacks."""
+    return _flag(DEBUG_ENV)
+
+
+def data_dir() -> Path | None:
+    """``$MEDRL_DATA_DIR`` as a path, or None when it is unset or empty."""
+    value = os.environ.get(DATA_DIR_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def cache_dir() -> Path:
+    """Where medrl keeps built artefacts: ``$MEDRL_CACHE`` or ``~/.cache/medrl``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medrl").expanduser()
