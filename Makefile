@@ -33,7 +33,7 @@ endif
 	$(PY) -c "import torch, torchvision, transformers, lightning, vllm; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| transformers', transformers.__version__, '| lightning', lightning.__version__, '| vllm', vllm.__version__)"
 	@touch $(STAMP)
 
-test: install ## run the fast CPU suite (installs first if needed)
+test: lint ## the lint, then the fast CPU suite (installs first if needed)
 	$(PY) -m pytest -q
 
 test-slow: install ## run the slow CPU tests
@@ -42,9 +42,10 @@ test-slow: install ## run the slow CPU tests
 test-all: install ## run every test this machine can (GPU tests skip without a GPU)
 	$(PY) -m pytest -q -m ""
 
-lint: install ## ruff check and format check
+lint: install ## ruff check, format check, and the layer contract (import-linter, see docs/architecture.md)
 	$(VENV)/bin/ruff check medrl tests bench
 	$(VENV)/bin/ruff format --check medrl tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix medrl tests bench

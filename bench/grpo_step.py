@@ -38,6 +38,7 @@ def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, floa
     from torch.utils.data import DataLoader
 
     from medrl.lit.grpo import GRPOModule
+    from medrl.lit.grpo_args import CareArgs, EngineArgs, LossArgs, OptimArgs, SamplingArgs
     from medrl.models.tiny import tiny_dir
 
     stamps: list[float] = []
@@ -52,15 +53,12 @@ def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, floa
     module = GRPOModule(
         model=str(tiny_dir(0)),
         dtype="float32",  # as TRL's side (bf16=False); "auto" would pick it on CPU anyway
-        engine=engine,
-        engine_options={"max_model_len": 1024, "kv_cache_gib": 0.5} if engine == "vllm" else None,
-        num_generations=args.generations,
-        max_completion_length=args.completion_length,
+        engine=EngineArgs(engine, {"max_model_len": 1024, "kv_cache_gib": 0.5} if engine == "vllm" else None),
+        sampling=SamplingArgs(num_generations=args.generations, max_completion_length=args.completion_length),
         rewards={"accuracy": 1.0, "format": 1.0},
-        care=False,  # TRL has no CARE bonus
-        lr=1e-5,
-        micro_batch_size=args.prompts * args.generations,
-        old_logprobs="recompute",  # as TRL with one iteration: no extra log-prob pass
+        care=CareArgs(enabled=False),  # TRL has no CARE bonus
+        optim=OptimArgs(lr=1e-5, micro_batch_size=args.prompts * args.generations),
+        loss=LossArgs(old_logprobs="recompute"),  # as TRL with one iteration: no extra log-prob pass
     )
     items = _items(args.prompts * (args.steps + args.warmup))
     loader = DataLoader(items, batch_size=args.prompts, shuffle=False, collate_fn=list)

@@ -67,8 +67,8 @@ def write_files(root: Path) -> dict[str, float]:
 
 
 def run(root: Path) -> dict[str, float]:
-    from medrl.data.pmc_subset import pmc_subset
     from medrl.data.pmc_vqa import PMCVQADataModule
+    from medrl.study.data_commands import pmc_subset
 
     out: dict[str, float] = write_files(root)
     started, cpu = time.perf_counter(), time.process_time()

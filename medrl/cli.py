@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
 
-from lightning.pytorch.cli import LightningCLI
+from medrl.core.env import DEBUG_ENV, is_debug
+from medrl.core.errors import one_line, user_error_in
+from medrl.study.configs import MedRLCLI
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -25,27 +28,27 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
     "data": (
         "MedMNIST files: verify against the official MD5s, synthesise, fetch; PMC-VQA balanced subsets",
         {
-            "verify": "medrl.data.commands:verify",
-            "synth": "medrl.data.commands:synth",
-            "fetch": "medrl.data.commands:fetch",
-            "pmc-subset": "medrl.data.pmc_subset:pmc_subset",
+            "verify": "medrl.study.data_commands:verify",
+            "synth": "medrl.study.data_commands:synth",
+            "fetch": "medrl.study.data_commands:fetch",
+            "pmc-subset": "medrl.study.data_commands:pmc_subset",
         },
     ),
     "probe-table": (
         "linear probes: encoders x flags x sizes -> CSV, markdown and chart",
-        "medrl.probe_table:probe_table",
+        "medrl.study.probe_table:probe_table",
     ),
     "bench-eval": (
         "a model on the six medical VQA benchmarks: Acc@1 (and Pass@K) per benchmark",
-        "medrl.bench_eval:bench_eval",
+        "medrl.study.bench_eval:bench_eval",
     ),
     "recipe": (
         "the boundary-aware recipe on one target: measure support, SFT while low, GRPO once high",
         "medrl.study.recipe_command:recipe",
     ),
     "reproduce": ("the whole study, narrated and resumable, ending in report.md", "medrl.study.reproduce:reproduce"),
-    "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.evaluation:evaluate_command"),
-    "report": ("report.md and figures from a study run directory", "medrl.report.build:report"),
+    "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.study.evaluate:evaluate_command"),
+    "report": ("report.md and figures from a study run directory", "medrl.study.report_command:report"),
 }
 # Verbs whose required arguments are positional (`medrl report RUN_DIR`); the others take only --flags.
 POSITIONAL_VERBS = {"report"}
@@ -54,47 +57,6 @@ POSITIONAL_VERBS = {"report"}
 def _load(target: str) -> Callable[..., int]:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-class MedRLCLI(LightningCLI):
-    """LightningCLI with medrl's defaults: any LightningModule and DataModule by class path, configs saved."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            model_class=None,
-            datamodule_class=None,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-        )
-
-
-class _ParseOnlyCLI(MedRLCLI):
-    """Parses and type-checks configs against the code, but builds and runs nothing."""
-
-    def instantiate_classes(self) -> None:
-        """Skip building the trainer, model and data."""
-
-    def after_instantiate_classes(self) -> None:
-        """Nothing was built."""
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run nothing."""
-
-
-def check_configs(paths: list[str], subcommand: str = "fit"):
-    """Parse ``--config`` files in order (as ``medrl SUBCOMMAND --config A --config B``) without building anything.
-
-    Raises on an unknown key, a class path that does not import, or a value of the wrong type; returns the
-    merged config namespace.
-    """
-    args = [subcommand, *(arg for path in paths for arg in ("--config", str(path)))]
-    with warnings.catch_warnings():
-        # Called from inside another command, LightningCLI warns that sys.argv differs from `args`: intended here.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return _ParseOnlyCLI(args=args).config
 
 
 def _overview() -> str:
@@ -113,6 +75,8 @@ def _overview() -> str:
         *(f"  {verb:<12} {doc}" for verb, (doc, _) in STUDY_VERBS.items()),
         "",
         "`medrl VERB --help` explains a verb's options; `medrl fit --print_config --config X` shows a full config.",
+        f"Errors you can fix (a bad file, row, option or path) print one line and exit 2; {DEBUG_ENV}=1 shows",
+        "their traceback.",
     ]
     return "\n".join(lines)
 
@@ -143,24 +107,43 @@ def _quiet_known_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``medrl`` console script."""
+    """Entry point of the ``medrl`` console script; returns the exit code.
+
+    The error boundary: a user error (:func:`medrl.core.errors.user_error_in`: a bad file, row, option or
+    path, a model not on disk) prints one line on stderr, ``medrl VERB: error: ...``, and returns 2, with no
+    traceback (``MEDRL_DEBUG=1`` raises it instead). Any other exception is a bug and propagates whole.
+    """
     from_command_line = argv is None
     _quiet_known_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         return 0
-    if argv[0] in STUDY_VERBS:
-        return _run_study_verb(argv[0], argv[1:])
-    if argv[0] not in LIGHTNING_VERBS:
-        print(f"medrl: unknown verb {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
+    verb = argv[0]
+    if verb not in STUDY_VERBS and verb not in LIGHTNING_VERBS:
+        print(f"medrl: unknown verb {verb!r}\n\n{_overview()}", file=sys.stderr)
         return 2
-    # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an explicit
-    # argv (tests, other commands) is passed through.
-    MedRLCLI(args=None if from_command_line else argv)
-    return 0
+    try:
+        if verb in STUDY_VERBS:
+            return _run_study_verb(verb, argv[1:])
+        # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an explicit
+        # argv (tests, other commands) is passed through.
+        MedRLCLI(args=None if from_command_line else argv)
+        return 0
+    except Exception as exc:
+        cause = user_error_in(exc)
+        if is_debug() or cause is None:
+            raise
+        command = " ".join(["medrl", *argv[: 2 if isinstance(STUDY_VERBS.get(verb, ("", ""))[1], dict) else 1]])
+        print(f"{command}: error: {_without_prefix(one_line(cause))}", file=sys.stderr)
+        return 2
+
+
+def _without_prefix(message: str) -> str:
+    """Messages raised inside a verb often start with ``medrl VERB:`` already; say it once."""
+    return re.sub(r"^medrl [\w-]+( [\w-]+)?: ", "", message)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Acc@1 / Pass@K evaluation of a VLM on VQA items: sample, score, summarise, write.
 
-Shared by the Pass@K callback (during validation) and ``medrl eval`` (a model, zero-shot). The flow is
+Shared by the Pass@K callback (during validation), ``medrl eval`` (a model, zero-shot) and the study's
+evaluations. The flow is
 ``items -> Engine.generate(n samples + greedy) -> parse_answer -> PassAtK -> files``, where the files of one
 evaluation are, in one folder: ``questions.jsonl`` (one row per question), ``summary.json``, ``summary.md``
 (a table per modality) and ``pass_at_k.png`` (Pass@k against k, Acc@1 as a dashed line), each written
@@ -13,12 +14,13 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.tables import markdown_table
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
-from medrl.rollout.base import Engine, Item, SamplingParams
+from medrl.rollout.engine import Engine
+from medrl.rollout.types import Item, SamplingParams
 
 ALL = "all"
 
@@ -168,100 +170,3 @@ def write_outputs(
     atomic_write_text(folder / "summary.md", _table(summary, ks))
     atomic_write_json(folder / "summary.json", {"meta": meta or {}, "ks": list(ks), "metrics": summary})
     return folder
-
-
-def open_engine(engine: Literal["hf", "vllm"], model: str, seed: int = 0) -> Engine:
-    """An engine on a model argument (``tiny``, a folder, a hub id): ``vllm`` loads it itself; ``hf`` loads
-    the policy on the GPU when there is one. The caller closes it."""
-    import torch
-
-    from medrl.models.hub import load_vlm, resolve_model
-    from medrl.rollout.base import make_engine
-
-    if engine == "vllm":
-        return make_engine("vllm", resolve_model(model), seed=seed)
-    policy, processor = load_vlm(model, device="cuda" if torch.cuda.is_available() else "cpu")
-    return make_engine("hf", policy, processor)
-
-
-def evaluate_command(
-    model: str = "tiny",
-    flags: list[str] | None = None,
-    split: Literal["val", "test"] = "test",
-    questions: int | None = 64,
-    root: str | None = None,
-    size: int = 28,
-    synthetic: bool = False,
-    num_options: int | None = 4,
-    engine: Literal["hf", "vllm"] = "hf",
-    n: int = 16,
-    ks: list[int] | None = None,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
-    top_k: int = 0,
-    max_new_tokens: int = 256,
-    seed: int = 0,
-    batch_size: int = 64,
-    out: str = "runs/eval",
-    keep_texts: bool = False,
-) -> int:
-    """Acc@1 and Pass@k of a model on MedMNIST multiple-choice VQA, zero-shot.
-
-    Writes OUT/questions.jsonl, OUT/summary.json, OUT/summary.md (printed) and OUT/pass_at_k.png.
-
-    Args:
-        model: ``tiny``, a local model folder, or a Hugging Face id.
-        flags: MedMNIST flags to evaluate (default: pneumoniamnist); several give a row per modality.
-        split: which split's questions to ask.
-        questions: questions per flag (a seeded subset; None: the whole split).
-        root: folder of the MedMNIST files (default: $MEDRL_DATA_DIR).
-        size: image size of the files.
-        synthetic: use synthetic files instead of the official ones (offline smoke runs).
-        num_options: options per question, gold included (None: every class).
-        engine: ``hf`` (transformers generate) or ``vllm``.
-        n: samples per question.
-        ks: the k of Pass@k (default: powers of two up to n, and n).
-        temperature: sampling temperature.
-        top_p: nucleus mass.
-        top_k: top-k cut (0: off).
-        max_new_tokens: completion length limit.
-        seed: seeds the questions' options and the sampling.
-        batch_size: questions per engine call.
-        out: output folder.
-        keep_texts: also store every sampled completion's text in the JSONL.
-    """
-    from medrl.data.medmnist import MedMNISTDataModule
-
-    flags = flags or ["pneumoniamnist"]
-    ks = sorted(set(ks)) if ks else default_ks(n)
-    if max(ks) > n:
-        raise ValueError(f"ks {ks} go above n={n}: pass@k needs k <= n samples")
-    items: list[Item] = []
-    for flag in flags:
-        dm = MedMNISTDataModule(
-            flag=flag,
-            size=size,
-            root=root,
-            mode="vqa",
-            synthetic=synthetic,
-            num_options=num_options,
-            seed=seed,
-            **{f"{split}_samples": questions},
-        )
-        dataset = dm.dataset(split)
-        items.extend(dataset[i] for i in range(len(dataset)))
-    rollout = open_engine(engine, model, seed)
-    params = SamplingParams(
-        n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed
-    )
-    try:
-        scored = sample_and_score(rollout, items, params, batch_size, keep_texts=keep_texts)
-    finally:
-        rollout.close()
-    summary = summarise(scored, ks)
-    meta = {"model": model, "engine": engine, "split": split, "flags": flags, "n": n, "temperature": temperature}
-    meta |= {"top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
-    folder = write_outputs(out, [row for _, row in scored], summary, ks, meta)
-    print((folder / "summary.md").read_text(), end="")
-    print(f"wrote {folder}/questions.jsonl, summary.json, summary.md, pass_at_k.png")
-    return 0

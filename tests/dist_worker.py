@@ -24,7 +24,9 @@ import lightning as L
 import torch
 
 from medrl.models.sharding import full_tensor
-from medrl.rollout.base import Completion, Engine, Item, PromptResult, SamplingParams, end_token_ids
+from medrl.rollout.decoding import end_token_ids
+from medrl.rollout.engine import Engine
+from medrl.rollout.types import Completion, Item, PromptResult, SamplingParams
 
 
 class FixedRollouts(Engine):
@@ -106,7 +108,7 @@ def run(argv: list[str]) -> None:
     """Parse the worker's own flags, build ``medrl fit`` from the rest, and train with the recorder."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from medrl.cli import MedRLCLI
+    from medrl.study.configs import MedRLCLI
 
     argv = list(argv)
     out = Path(argv.pop(argv.index("--out") + 1))

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medrl.bench_eval import evaluate_items
-from medrl.cli import MedRLCLI, main
+from medrl.cli import main
 from medrl.data.benchmarks import (
     BENCHMARKS,
     BenchmarkSuiteDataModule,
@@ -21,8 +20,11 @@ from medrl.data.benchmarks import (
 )
 from medrl.data.pmc_vqa import PMCVQADataModule
 from medrl.data.vqa import INSTRUCTION, format_prompt
-from medrl.metrics.benchmark_table import score, table_rows
-from medrl.rollout.base import Completion, Engine, PromptResult, SamplingParams
+from medrl.report.benchmark_table import score, table_rows
+from medrl.rollout.engine import Engine
+from medrl.rollout.types import Completion, PromptResult, SamplingParams
+from medrl.study.bench_eval import evaluate_items
+from medrl.study.configs import MedRLCLI
 
 ABCD = {"A": "CT", "B": "MRI", "C": "X-ray", "D": "ultrasound"}
 
@@ -303,8 +305,8 @@ def test_bench_eval_command(suite: Path, tiny_dir: Path, tmp_path: Path, capsys:
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[0].startswith("| model | metric | PMC (n=4) | SLAKE (n=2) | mean |")
     assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 6
-    with pytest.raises(SystemExit, match="other settings"):  # same folder, other settings: refused
-        main([*args, "--n", "4"])
+    assert main([*args, "--n", "4"]) == 2  # same folder, other settings: refused
+    assert "other settings" in capsys.readouterr().err
 
 
 REPO = Path(__file__).resolve().parents[1]

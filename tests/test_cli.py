@@ -57,5 +57,6 @@ def test_data_synth_then_verify_says_synthetic(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_data_fetch_offline_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["data", "fetch", "--flag", "bloodmnist", "--root", str(tmp_path)]) == 1
-    assert "bloodmnist.npz" in capsys.readouterr().out
+    assert main(["data", "fetch", "--flag", "bloodmnist", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medrl data fetch: error: offline mode is set") and "bloodmnist.npz" in err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medrl.cli import check_configs
+from medrl.study.configs import check_configs
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = sorted((REPO / "configs").glob("*.yaml"))
@@ -60,9 +60,19 @@ def test_every_config_file_is_covered() -> None:
 
 
 @pytest.mark.parametrize("path", STUDY_PLANS, ids=_id)
-def test_study_plan_loads_and_its_configs_parse(path: Path) -> None:
+def test_study_plan_loads_and_its_configs_parse(path: Path, tmp_path: Path) -> None:
+    import yaml
+
     from medrl.study.plan import load_plan
 
     plan = load_plan(path)
-    for train in (plan.sft, plan.rl):
-        check_configs([str(REPO / train.config)])
+    for name, train in (("sft", plan.sft), ("rl", plan.rl)):
+        # The plan's overrides go on top of the experiment config, as the study passes them to `medrl fit`.
+        override = tmp_path / f"{name}.yaml"
+        override.write_text(yaml.safe_dump(train.overrides))
+        config = check_configs([str(REPO / train.config), str(override)])
+        merged = config.fit if "fit" in config else config
+        for key, value in train.overrides.get("model", {}).get("init_args", {}).items():
+            got = merged.model.init_args[key]
+            for field, expected in value.items() if isinstance(value, dict) else [(None, value)]:
+                assert (got if field is None else got[field]) == expected, (name, key, field)

@@ -40,10 +40,10 @@ COMMON = [
     "--data.init_args.train_samples=8",
 ]
 # Both normalisers that span the batch: dapo's token count and the batch-wide advantage std.
-GRPO = ["--model.init_args.loss_aggregation=dapo", "--model.init_args.advantage_scale=batch", "--fixed-rollouts"]
+GRPO = ["--model.init_args.loss.aggregation=dapo", "--model.init_args.loss.advantage_scale=batch", "--fixed-rollouts"]
 # Micro-batches of 2 rows (the reference runs one of 16): the processes then run different numbers of CARE
 # scoring forwards, which FSDP must keep in step, and the micro-batch losses must add up to the batch's.
-SMALL_MICRO_BATCHES = ["--model.init_args.micro_batch_size=2"]
+SMALL_MICRO_BATCHES = ["--model.init_args.optim.micro_batch_size=2"]  # GRPO's
 
 
 def _args(
@@ -188,7 +188,7 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, real_d
 @pytest.mark.slow  # two 2-process launches: 2-3 minutes on 2 shared cores
 def test_grpo_under_fsdp2_matches_one_process_and_resumes(grpo_one_process, real_data_dir, tmp_path) -> None:
     # The EMA reference is updated every step, so step 2's CARE scoring needs the EMA the checkpoint restored.
-    extra = [*GRPO, *SMALL_MICRO_BATCHES, "--model.init_args.ema_every=1"]
+    extra = [*GRPO, *SMALL_MICRO_BATCHES, "--model.init_args.care.ema_every=1"]
     args = _args("rl.yaml", real_data_dir, tmp_path / "straight", 2, "fsdp", 2, extra)
     straight = _launch([*args, "--checkpoint-every-step"], tmp_path / "straight")
     _assert_same_step(grpo_one_process, straight, RL_LR)

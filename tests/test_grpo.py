@@ -19,11 +19,12 @@ from lightning.pytorch.loggers import CSVLogger
 
 from medrl.data.modalities import PneumoniaMNIST
 from medrl.lit.grpo import GRPOModule
-from medrl.lit.grpo_stages import STAGES
+from medrl.lit.grpo_args import MOVED_OPTIONS
+from medrl.lit.grpo_step import STAGES, eval_mode
+from medrl.lit.trajectory import answer_window_mask, build_trajectory
 from medrl.rl.ema import EMAReference
-from medrl.rl.policy import answer_window_mask, build_trajectory
 from medrl.rl.types import Trajectory
-from medrl.rollout.base import Completion, PromptResult
+from medrl.rollout.types import Completion, PromptResult
 
 VOWELS = "toy_rewards:vowel_share"
 
@@ -59,9 +60,20 @@ def _data(root: Path, batch_size: int = 2, train_samples: int = 8) -> PneumoniaM
 
 
 def _module(tiny_dir: Path, **overrides) -> GRPOModule:
-    kwargs = dict(model=str(tiny_dir), num_generations=4, max_completion_length=8, lr=1e-3, micro_batch_size=8, seed=0)
-    kwargs.update(overrides)
-    return GRPOModule(**kwargs)
+    """A GRPOModule on tiny; options by their field names (``beta=0.1`` goes to ``loss``, ``care=False``
+    switches CARE off), gathered into the groups the constructor takes."""
+    flat = dict(num_generations=4, max_completion_length=8, lr=1e-3, micro_batch_size=8) | overrides
+    kwargs: dict = dict(model=str(tiny_dir), seed=0)
+    groups: dict[str, dict] = {"sampling": {}, "loss": {}, "care": {}, "engine": {}, "optim": {}}
+    for name, value in flat.items():
+        if name in ("rewards", "finetune", "lora", "vision", "dtype"):
+            kwargs[name] = value
+        elif name == "care":
+            groups["care"]["enabled"] = value
+        else:
+            group, _, field = MOVED_OPTIONS[name].partition(".")
+            groups[group][field] = value
+    return GRPOModule(**kwargs, **groups)
 
 
 def _trainer(tmp_path: Path, **overrides) -> L.Trainer:
@@ -167,12 +179,12 @@ def test_care_bonus_in_the_module_uses_the_ema_reference(tiny_dir: Path, real_da
         for p in module.model.parameters():
             p.add_(0.05)
     accuracy = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    bonus, confidence = module._care_bonus(traj, accuracy)
+    bonus, confidence = module.step().care_bonus(traj, accuracy)
     # By hand: the reference (EMA = initial weights) scores the answer tokens of the two correct samples.
-    from medrl.rl.policy import batched_logprobs
+    from medrl.lit.trajectory import batched_logprobs
     from medrl.rl.rewards import answer_confidence, care_bonus
 
-    with module.ema.swapped_in(module.model), module._eval_mode():
+    with module.ema.swapped_in(module.model), eval_mode(module.model):
         ref = batched_logprobs(module.model, traj, 8, [0, 1])
     mask = answer_window_mask(processor.tokenizer, traj, [0, 1])
     expected_conf = answer_confidence(ref, mask, 0.95)
@@ -276,7 +288,7 @@ def test_lora_kl_dapo_mu_and_dynamic_sampling(tiny_dir, real_data_dir, toy_rewar
 
 
 def test_cli_fast_dev_run(tiny_dir, real_data_dir, tmp_path):
-    from medrl.cli import MedRLCLI
+    from medrl.study.configs import MedRLCLI
 
     cli = MedRLCLI(
         args=[
@@ -361,19 +373,20 @@ def test_dynamic_sampling_drops_flat_groups_refills_and_checkpoints_its_buffer(t
         traj.rewards = torch.tensor(rewards, dtype=torch.float32)
         return traj
 
-    metrics: dict[str, float] = {}
     # Batch 1: group 0 is flat (no signal) and is dropped; group 1 is kept; 1 of the 2 prompts needed: wait.
-    assert module._advantage(batch([1, 1, 1, 1, 0, 1, 0, 0]), 2, metrics) is None
-    assert metrics["sampling/kept_groups"] == 0.5 and len(module._buffer) == 1
+    ready, metrics = module.step().advantage(batch([1, 1, 1, 1, 0, 1, 0, 0]), 2, module.buffer)
+    assert ready is None and metrics["sampling/waiting"] == 1.0
+    assert metrics["sampling/kept_groups"] == 0.5 and len(module.buffer.parts) == 1 and module.buffer.rounds == 1
     # The waiting buffer survives a checkpoint.
     checkpoint = {"state_dict": {k: v for k, v in module.state_dict().items()}}
     module.on_save_checkpoint(checkpoint)
     other = _module(tiny_dir, care=False, dynamic_sampling=True, max_sampling_rounds=3)
     other.on_load_checkpoint(checkpoint)
-    assert len(other._buffer) == 1 and other._buffer[0].texts == ["e", "f", "g", "h"]
+    assert len(other.buffer.parts) == 1 and other.buffer.parts[0].texts == ["e", "f", "g", "h"]
+    assert other.buffer.rounds == 1
     # Batch 2 brings two more signal groups: the batch is full (2 groups), the surplus is dropped.
-    merged = other._advantage(batch([0, 1, 0, 0, 2, 0, 0, 0]), 2, metrics)
-    assert merged is not None and merged.num_groups == 2 and other._buffer == []
+    merged, metrics = other.step().advantage(batch([0, 1, 0, 0, 2, 0, 0, 0]), 2, other.buffer)
+    assert merged is not None and merged.num_groups == 2 and other.buffer.parts == [] and other.buffer.rounds == 0
     assert merged.texts == ["e", "f", "g", "h", "a", "b", "c", "d"]
     # Advantages come from each sample's own group: (0, 1, 0, 0) -> mean 0.25, std 0.5 -> 1.4997 / -0.4999.
     expected = [-0.25 / 0.5001, 0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001]

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medrl.cli import MedRLCLI, main
+from medrl.cli import main
 from medrl.data.medmnist_files import synthesize
 from medrl.features import FeatureCache, FeatureDataModule, feature_key
 from medrl.lit.probe import LinearProbe, fit_logistic_regression
 from medrl.models.encoders import TimmEncoder
+from medrl.study.configs import MedRLCLI
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/probe*.yaml"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medrl.recipe import Measurement, decide, run_recipe
+from medrl.rl.recipe import Measurement, decide, run_recipe
 
 
 def _m(label: str, acc1: float, s8: float) -> Measurement:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from medrl.cli import main
+from medrl.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,12 +79,12 @@ def test_cpu_pipeline_end_to_end_on_synthetic_files(tmp_path: Path, monkeypatch:
     assert (out / "eval" / "sft_breastmnist" / "breastmnist" / "summary.json").stat().st_mtime_ns == mtime
 
 
-def test_a_run_directory_made_with_another_plan_is_refused(tmp_path: Path) -> None:
+def test_a_run_directory_made_with_another_plan_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "plan.json").write_text(json.dumps({"name": "something else"}))
-    with pytest.raises(SystemExit, match="different plan"):
-        main(["reproduce", "--scale", "cpu", "--out", str(out), "--root", str(tmp_path)])
+    assert main(["reproduce", "--scale", "cpu", "--out", str(out), "--root", str(tmp_path)]) == 2
+    assert "different plan" in capsys.readouterr().err
 
 
 def test_force_takes_names_and_groups_and_rejects_unknown_ones(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ def test_force_takes_names_and_groups_and_rejects_unknown_ones(tmp_path: Path) -
     assert picked == ["eval:base:breastmnist", "sft:sft_breastmnist", "sft:sft_pneumoniamnist", "sft:sft_retinamnist"]
     assert _forced(stages, ["recipe:retinamnist"]) == ["recipe:retinamnist"]
     assert _forced(stages, None) == []
-    with pytest.raises(SystemExit, match="--force sfft names no stage; groups: data, eval, recipe, report, rl, sft"):
+    with pytest.raises(ConfigError, match="--force sfft names no stage; groups: data, eval, recipe, report, rl, sft"):
         _forced(stages, "sfft")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 from medrl.data.medmnist import MedMNISTDataModule
 from medrl.models.tiny import VISION_PLACEHOLDERS
 from medrl.rollout import SamplingParams, make_engine
-from medrl.rollout.base import end_token_ids, pad_completions
+from medrl.rollout.decoding import end_token_ids
 from medrl.rollout.hf import HFEngine
+from medrl.rollout.types import Completion
 from medrl.rollout.weights import policy_weights
 
 
@@ -31,6 +33,32 @@ def items(real_data_dir: Path) -> list[dict]:
 def engine(tiny) -> HFEngine:
     model, processor = tiny
     return make_engine("hf", model, processor)
+
+
+def pad_completions(
+    completions: Sequence[Completion], pad_id: int, max_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad completions into tensors for a loss.
+
+    Returns:
+        ``(ids [N, T] long, mask [N, T] bool, logprobs [N, T] float32 or None)`` where ``N`` is
+        ``len(completions)`` and ``T`` the longest completion (or ``max_len``); padding has mask False and
+        log-prob 0. Log-probs are returned only when every completion carries them.
+    """
+    if not completions:
+        raise ValueError("no completions to pad")
+    width = max_len if max_len is not None else max(max(len(c) for c in completions), 1)
+    ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width), dtype=torch.bool)
+    has_lp = all(c.logprobs is not None for c in completions)
+    logprobs = torch.zeros((len(completions), width), dtype=torch.float32) if has_lp else None
+    for row, c in enumerate(completions):
+        length = min(len(c), width)
+        ids[row, :length] = torch.tensor(c.token_ids[:length], dtype=torch.long)
+        mask[row, :length] = True
+        if logprobs is not None:
+            logprobs[row, :length] = torch.tensor(c.logprobs[:length], dtype=torch.float32)  # type: ignore[index]
+    return ids, mask, logprobs
 
 
 def test_samples_and_greedy_follow_the_conventions(engine: HFEngine, items: list[dict]) -> None:

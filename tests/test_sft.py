@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from medrl.cli import MedRLCLI, main
+from medrl.cli import main
 from medrl.data import vqa
 from medrl.data.collate import SFTCollator
 from medrl.lit.sft import SFTModule
 from medrl.models.lora import LoRAConfig
+from medrl.study.configs import MedRLCLI
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "sft.yaml")

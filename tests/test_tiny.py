@@ -86,3 +86,27 @@ def test_hub_id_offline_fails_at_once_with_instructions() -> None:
         load_vlm("Qwen/Qwen2.5-VL-3B-Instruct")
     message = str(excinfo.value)
     assert "--model DIR" in message and "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct" in message
+
+
+def _corpus_from_data() -> list[str]:
+    """tiny's tokenizer text as the data layer would write it today: prompts, questions, class names, format."""
+    from medrl.data import vqa
+    from medrl.data.medmnist_files import FLAGS_2D, info
+
+    lines = [vqa.INSTRUCTION, "You are a helpful assistant.", "Options:", "system user assistant"]
+    lines += list(vqa.QUESTIONS.values())
+    lines += [" ".join(vqa.class_names(flag, info(flag)["label"])) for flag in FLAGS_2D]
+    lines += [f"<think> The image shows it, so the answer is {c}. </think> <answer>{c}</answer>" for c in "ABCDEFGH"]
+    lines += [f"{c}. " for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"] + ["0 1 2 3 4 5 6 7 8 9 yes no"]
+    return lines
+
+
+def test_frozen_tokenizer_corpus_matches_the_data_layer() -> None:
+    # models/ may not import data/ (the layer contract), so the corpus is frozen; this catches drift.
+    from medrl.models.tiny_corpus import CORPUS
+
+    expected = _corpus_from_data()
+    assert list(CORPUS) == expected, (
+        "medrl/models/tiny_corpus.py is stale: replace CORPUS with these lines (and bump TINY_VERSION):\n"
+        + "\n".join(repr(line) + "," for line in expected)
+    )

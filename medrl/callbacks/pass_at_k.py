@@ -1,7 +1,7 @@
 """Acc@1 / Pass@K of the policy during validation, logged live and written per evaluation.
 
 Works with any LightningModule exposing its policy as ``model`` and the processor as ``processor`` (see
-:class:`medrl.rollout.base.PolicyModule`), and any validation data whose dataset yields VQA items
+:class:`medrl.rollout.types.PolicyModule`), and any validation data whose dataset yields VQA items
 (``MedMNISTDataModule(mode="vqa")`` and the PMC-VQA/benchmark modules do). Questions are split across
 ranks without padding (rank r takes every world-th question), so each is scored exactly once and the
 metric's sync gives every rank the global numbers.
@@ -17,8 +17,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from medrl.core.errors import ConfigError
 from medrl.evaluation import ALL, default_ks, sample_and_score, summarise, write_outputs
-from medrl.rollout.base import Engine, PolicyModule, SamplingParams, make_engine
+from medrl.rollout.engine import Engine
+from medrl.rollout.factory import make_engine
+from medrl.rollout.types import PolicyModule, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,12 @@ class PassAtKCallback(L.Callback):
     ) -> None:
         super().__init__()
         if engine not in ("hf", "vllm"):
-            raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+            raise ConfigError(f"engine must be 'hf' or 'vllm', got {engine!r}")
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+            raise ConfigError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.ks = sorted(set(ks)) if ks else default_ks(n)
         if max(self.ks) > n:
-            raise ValueError(f"ks {self.ks} go above n={n}: pass@k needs k <= n samples")
+            raise ConfigError(f"ks {self.ks} go above n={n}: pass@k needs k <= n samples")
         self.engine_kind, self.engine_options = engine, dict(engine_options or {})
         self.params = SamplingParams(
             n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed
@@ -126,7 +129,7 @@ class PassAtKCallback(L.Callback):
         if not isinstance(pl_module, PolicyModule):
             raise TypeError(
                 f"{type(pl_module).__name__} has no `model` and `processor` attributes: the Pass@K callback "
-                "needs the policy model and its processor (see medrl.rollout.base.PolicyModule)"
+                "needs the policy model and its processor (see medrl.rollout.types.PolicyModule)"
             )
         if self.engine is None:
             self.engine = make_engine(self.engine_kind, pl_module.model, pl_module.processor, **self.engine_options)

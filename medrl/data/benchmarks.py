@@ -23,6 +23,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
+from medrl.core.errors import UserError
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.mcq_items import MCQItem, MCQItemsDataset, ValidationReport, check_images, seeded_subset
 from medrl.data.medmnist import vqa_collate
@@ -46,7 +47,7 @@ YES_NO = {"A": "yes", "B": "no"}
 SUITE_SUBDIR = "medvqa_suite"
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError, ValueError):
     """A suite that cannot be read at all (no file, no usable row); row-level problems go to the report."""
 
 

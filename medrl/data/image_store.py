@@ -17,6 +17,8 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from medrl.core.errors import ConfigError
+
 ImageCheck = Literal["decode", "exists", "none"]
 _SUBFOLDERS = ("", "images")
 
@@ -34,7 +36,7 @@ class ImageStore:
             raise FileNotFoundError(f"image folder or zip {self.location} does not exist")
         self.is_zip = self.location.is_file()
         if self.is_zip and not zipfile.is_zipfile(self.location):
-            raise ValueError(f"{self.location} is a file but not a zip archive: pass an image folder or images.zip")
+            raise ConfigError(f"{self.location} is a file but not a zip archive: pass an image folder or images.zip")
         self._members: dict[str, str] | None = None
         self._by_base: dict[str, str | None] | None = None
         self._zip: zipfile.ZipFile | None = None

@@ -19,6 +19,7 @@ from typing import Any
 from rich.progress import track
 from torch.utils.data import Dataset
 
+from medrl.core.errors import ConfigError
 from medrl.data import vqa
 from medrl.data.image_store import ImageCheck, ImageStore, tile
 
@@ -138,7 +139,7 @@ def check_images(
     if level == "none" or not names_per_row:
         return [[] for _ in names_per_row]
     if store is None:
-        raise ValueError(f"checking images at level {level!r} needs an image folder or zip")
+        raise ConfigError(f"checking images at level {level!r} needs an image folder or zip")
     workers = workers or min(8, os.cpu_count() or 1)
 
     def one(names: tuple[str, ...]) -> list[tuple[str, str]]:

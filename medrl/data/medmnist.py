@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from medrl.core.errors import ConfigError
 from medrl.data import vqa
 from medrl.data.medmnist_files import (
     MedMNISTArrays,
@@ -194,11 +195,11 @@ class MedMNISTDataModule(L.LightningDataModule):
         super().__init__()
         flag = flag or self.default_flag
         if flag is None:
-            raise ValueError("MedMNISTDataModule needs a `flag` (e.g. pneumoniamnist)")
+            raise ConfigError("MedMNISTDataModule needs a `flag` (e.g. pneumoniamnist)")
         info(flag)
         check_size(size)
         if mode not in ("image", "vqa"):
-            raise ValueError(f"mode must be 'image' or 'vqa', got {mode!r}")
+            raise ConfigError(f"mode must be 'image' or 'vqa', got {mode!r}")
         self.save_hyperparameters()
         self.flag, self.size, self.mode, self.synthetic = flag, size, mode, synthetic
         self.root = root

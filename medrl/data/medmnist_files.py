@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from medrl.core.env import DATA_DIR_ENV, data_dir, is_offline
+from medrl.core.errors import ConfigError, UserError
 from medrl.core.hashing import bytes_digest, file_digest
 from medrl.core.io import atomic_write_bytes
 
@@ -47,7 +48,7 @@ SYNTHETIC_KEY = "medrl_synthetic"
 _READ_ERRORS = (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
 
-class MedMNISTFileError(RuntimeError):
+class MedMNISTFileError(UserError, RuntimeError):
     """A MedMNIST file is missing, corrupt or not in the official format; the message says how to fix it.
 
     ``reason`` is the cause alone, for callers that give the fix in their own words (default: the message).
@@ -61,7 +62,7 @@ class MedMNISTFileError(RuntimeError):
 def info(flag: str) -> dict:
     """The ``medmnist`` package's INFO entry for a 2D flag, with a clear error for unknown flags."""
     if flag not in FLAGS_2D:
-        raise ValueError(f"unknown MedMNIST 2D flag {flag!r}; choose one of: {', '.join(FLAGS_2D)}")
+        raise ConfigError(f"unknown MedMNIST 2D flag {flag!r}; choose one of: {', '.join(FLAGS_2D)}")
     # Imported lazily: `import medmnist` creates ~/.medmnist as a side effect.
     from medmnist.info import INFO
 
@@ -71,7 +72,7 @@ def info(flag: str) -> dict:
 def check_size(size: int) -> int:
     """Validate an image size against the sizes MedMNIST+ publishes."""
     if size not in SIZES:
-        raise ValueError(f"MedMNIST size must be one of {SIZES}, got {size}")
+        raise ConfigError(f"MedMNIST size must be one of {SIZES}, got {size}")
     return size
 
 

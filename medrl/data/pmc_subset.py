@@ -24,11 +24,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medrl.core.errors import ConfigError
 from medrl.core.hashing import file_digest
 from medrl.core.io import atomic_write_json, atomic_write_jsonl
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.mcq_items import MCQItem, ValidationReport, check_images
-from medrl.data.pmc_vqa import PMC_LETTERS, PMCVQAError, csv_header, read_pmc_csv, read_pmc_rows, resolve_pmc_root
+from medrl.data.pmc_vqa import PMC_LETTERS, PMCVQAError, csv_header, read_pmc_csv, read_pmc_rows
 
 Stratify = Literal["equal", "proportional"]
 # Count fields an evaluation JSONL may carry: medrl's own per-question files and the MedVLThinker format.
@@ -119,7 +120,7 @@ def allocate(total: int, capacity: dict[str, int], weights: dict[str, float]) ->
     {'easy': 2, 'mid': 5, 'hard': 5}
     """
     if total > sum(capacity.values()):
-        raise ValueError(f"cannot place {total} items in strata holding {sum(capacity.values())}")
+        raise ConfigError(f"cannot place {total} items in strata holding {sum(capacity.values())}")
     alloc = dict.fromkeys(capacity, 0)
     remaining = total
     open_ = [s for s in capacity if capacity[s] > 0 and weights.get(s, 0) > 0]
@@ -229,7 +230,7 @@ def build_subset(
     records the JSONL's own SHA-256, so a manifest always describes the JSONL beside it.
     """
     if n < 4:
-        raise ValueError(f"n must be at least 4 (one item per letter), got {n}")
+        raise ConfigError(f"n must be at least 4 (one item per letter), got {n}")
     train, out = Path(train), Path(out)
     bands = sorted(bands or [0.0, 0.25, 0.5, 0.75, 1.0])
     items, report = read_pmc_csv(train, None, "none")  # images are checked lazily, on the items drawn
@@ -332,69 +333,3 @@ def manifest_path(out: str | os.PathLike) -> Path:
     """Where the manifest of subset ``out`` goes: ``<stem>.manifest.json`` beside it."""
     out = Path(out)
     return out.with_name(f"{out.stem}.manifest.json")
-
-
-def pmc_subset(
-    n: int = 8000,
-    root: str | None = None,
-    train: str = "train.csv",
-    tests: list[str] | None = None,
-    images: str | None = None,
-    out: str | None = None,
-    seed: int = 0,
-    stratify_by: str | None = None,
-    pass_rates: str | None = None,
-    pass_rate_key: str = "dataset_index",
-    bands: list[float] | None = None,
-    min_pass_rate: float | None = None,
-    max_pass_rate: float | None = None,
-    stratify: Stratify = "equal",
-    image_check: ImageCheck = "decode",
-) -> int:
-    """Build a balanced PMC-VQA training subset: gold letters A-D equal, test questions and images excluded.
-
-    Writes a JSONL in the unified evaluation format (train with it through
-    ``PMCVQADataModule(train_file=...)``) and ``<stem>.manifest.json`` beside it.
-
-    Args:
-        n: items in the subset (a multiple of 4 balances the letters exactly).
-        root: the PMC-VQA folder (default: $MEDRL_DATA_DIR/pmc_vqa).
-        train: the training CSV, relative to root.
-        tests: CSVs whose questions and images are excluded (default: test.csv and test_clean.csv).
-        images: image folder or zip (default: root/images, else root/images.zip).
-        out: output JSONL (default: root/pmc_vqa_<n/1000>k.jsonl, or pmc_vqa_<n>.jsonl).
-        seed: seeds the draw and the output order.
-        stratify_by: a CSV column to stratify by (e.g. a modality column you added).
-        pass_rates: an evaluation JSONL with per-item pass rates (or correct/sample counts) to stratify by.
-        pass_rate_key: the field of pass_rates rows naming the item (dataset_index = row of train.csv).
-        bands: pass-rate band edges (default 0, 0.25, 0.5, 0.75, 1).
-        min_pass_rate: keep only items measured at or above this rate.
-        max_pass_rate: keep only items measured at or below this rate.
-        stratify: strata get equal shares (equal) or shares proportional to the pool (proportional).
-        image_check: check the drawn items' images: decode, exists or none.
-    """
-    # An absolute train path needs no PMC-VQA folder setting: the other files default to its folder.
-    base = Path(train).parent if Path(train).is_absolute() and not root else resolve_pmc_root(root)
-    train_path = Path(train) if Path(train).is_absolute() else base / train
-    test_paths = [Path(t) if Path(t).is_absolute() else base / t for t in (tests or ["test.csv", "test_clean.csv"])]
-    store = None if image_check == "none" else (ImageStore(images) if images else ImageStore.find(base))
-    name = f"pmc_vqa_{n // 1000}k.jsonl" if n % 1000 == 0 else f"pmc_vqa_{n}.jsonl"
-    out_path = Path(out) if out else base / name
-    manifest = build_subset(
-        train_path, test_paths, store, out_path, n, seed, stratify_by, pass_rates, pass_rate_key, bands,
-        min_pass_rate, max_pass_rate, stratify, image_check,
-    )  # fmt: skip
-    pool, counts = manifest["pool"], manifest["counts"]
-    print(f"wrote {out_path} ({manifest['n']} items) and {manifest_path(out_path).name}")
-    print(f"  per letter: {counts['per_letter']}")
-    if len(counts["per_stratum"]) > 1:
-        print(f"  per stratum: {counts['per_stratum']}")
-    print(
-        f"  train rows {pool['train_rows']}, valid {pool['valid_rows']}, excluded as test {pool['excluded_as_test']} "
-        f"(question {pool['test_question']}, image {pool['test_image']}), eligible {pool['eligible']}"
-    )
-    dropped = manifest["validation"]["rows"]["dropped_by_reason"]
-    bad_images = manifest["validation"]["images"]["dropped_by_reason"]
-    if dropped or bad_images:
-        print(f"  dropped rows: {dropped}; drawn items replaced for their images: {bad_images}")
-    return 0

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from medrl.core.env import DATA_DIR_ENV, data_dir
+from medrl.core.errors import ConfigError, UserError
 from medrl.core.io import atomic_write_json
 from medrl.data.benchmarks import load_suite, per_benchmark_subset, read_jsonl_items
 from medrl.data.image_store import ImageCheck, ImageStore
@@ -39,7 +40,7 @@ _PAD = string.whitespace + "'\"\xa0\u200a"
 _PREFIX = re.compile(r"^([A-Za-z])\s*:(.*)$", re.DOTALL)
 
 
-class PMCVQAError(ValueError):
+class PMCVQAError(UserError, ValueError):
     """A PMC-VQA file that cannot be read at all (missing, wrong columns); bad rows go to the report instead."""
 
 
@@ -219,7 +220,7 @@ class PMCVQADataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if validate_on not in ("file", "suite"):
-            raise ValueError(f"validate_on must be 'file' or 'suite', got {validate_on!r}")
+            raise ConfigError(f"validate_on must be 'file' or 'suite', got {validate_on!r}")
         self.root, self.images, self.validate_on, self.suite = root, images, validate_on, suite
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.samples = {"train": train_samples, "val": val_samples, "test": test_samples}

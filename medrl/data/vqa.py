@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medrl.core.errors import ConfigError
+
 LETTERS = string.ascii_uppercase
 INSTRUCTION = (
     "Think step by step inside <think> </think> tags, then give ONLY the letter of the correct option "
@@ -104,7 +106,7 @@ def build_mcq(
     """
     k = len(class_names) if num_options is None else min(num_options, len(class_names))
     if k < 2:
-        raise ValueError(f"a multiple-choice question needs at least 2 options, got {k}")
+        raise ConfigError(f"a multiple-choice question needs at least 2 options, got {k}")
     rng = np.random.default_rng([seed, index])
     others = [c for c in range(len(class_names)) if c != gold]
     distractors = list(rng.choice(others, size=k - 1, replace=False)) if k - 1 < len(others) else others

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
+from medrl.core.errors import ConfigError
 from medrl.data.medmnist_files import atomic_write_bytes
 from medrl.metrics import medmnist_eval as me
 
@@ -73,7 +74,7 @@ class LinearProbe(L.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw", "lbfgs"):
-            raise ValueError(f"optimizer must be sgd, adamw or lbfgs, got {optimizer!r}")
+            raise ConfigError(f"optimizer must be sgd, adamw or lbfgs, got {optimizer!r}")
         self.save_hyperparameters()
         self.automatic_optimization = optimizer != "lbfgs"
         self.head: nn.Sequential | None = None

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from medrl.core.dtypes import DType, resolve_dtype
+from medrl.core.errors import ConfigError
 from medrl.core.seeds import derive_seed
 from medrl.data.collate import SFTCollator
 from medrl.models.hub import is_hub_id, load_vlm, resolve_model
@@ -63,9 +64,9 @@ class SFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+            raise ConfigError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if finetune == "full" and lora is not None:
-            raise ValueError("lora settings were given but finetune is 'full': drop one of them")
+            raise ConfigError("lora settings were given but finetune is 'full': drop one of them")
         if isinstance(lora, dict):  # as stored in a checkpoint's hyper_parameters (see below)
             lora = LoRAConfig(**lora)
         self.save_hyperparameters()

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from medrl.core.dtypes import resolve_dtype
+from medrl.core.errors import ConfigError, UserError
 from medrl.core.hashing import json_digest
 
 ImageSize = int | Literal["native"]
 _SMALL_FILE = 64 << 20  # weight files up to this size are hashed whole; larger ones by size, head and tail
 
 
-class EncoderUnavailableError(RuntimeError):
+class EncoderUnavailableError(UserError, RuntimeError):
     """The encoder's weights cannot be found or loaded; the message says what to do instead."""
 
 
@@ -110,7 +111,7 @@ class Encoder(ABC):
 
 def _size_policy(image_size: ImageSize) -> ImageSize:
     if image_size != "native" and (not isinstance(image_size, int) or image_size < 8):
-        raise ValueError(f"image_size must be 'native' or a size in pixels (>= 8), got {image_size!r}")
+        raise ConfigError(f"image_size must be 'native' or a size in pixels (>= 8), got {image_size!r}")
     return image_size
 
 
@@ -323,9 +324,9 @@ class QwenVisionEncoder(Encoder):
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "max"):
-            raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'mean' or 'max', got {pooling!r}")
         if features not in ("merger", "pre_merger"):
-            raise ValueError(f"features must be 'merger' or 'pre_merger', got {features!r}")
+            raise ConfigError(f"features must be 'merger' or 'pre_merger', got {features!r}")
         self.model, self.pooling, self.features = model, pooling, features
         self.image_size, self.dtype = _size_policy(image_size), dtype
         self.tower: torch.nn.Module | None = None
@@ -448,7 +449,9 @@ def encoder_from_spec(spec: str) -> Encoder:
     """
     kind, _, rest = spec.partition(":")
     if kind not in ENCODER_KINDS or not rest:
-        raise ValueError(f"encoder spec {spec!r}: expected KIND:NAME[,key=value...] with KIND in {list(ENCODER_KINDS)}")
+        raise ConfigError(
+            f"encoder spec {spec!r}: expected KIND:NAME[,key=value...] with KIND in {list(ENCODER_KINDS)}"
+        )
     cls = ENCODER_KINDS[kind]
     name, *options = rest.split(",")
     params = inspect.signature(cls.__init__).parameters
@@ -457,7 +460,7 @@ def encoder_from_spec(spec: str) -> Encoder:
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in params:
-            raise ValueError(f"encoder spec {spec!r}: bad option {option!r}; known keys: {list(params)[1:]}")
+            raise ConfigError(f"encoder spec {spec!r}: bad option {option!r}; known keys: {list(params)[1:]}")
         lowered = value.lower()
         kwargs[key] = (
             lowered == "true" if lowered in ("true", "false") else int(value) if value.isdigit() else value or None

@@ -15,10 +15,11 @@ import torch
 
 from medrl.core.dtypes import resolve_dtype
 from medrl.core.env import is_offline
+from medrl.core.errors import UserError
 from medrl.models.tiny import tiny_dir
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(UserError, RuntimeError):
     """A model argument could not be resolved to files on disk; the message says how to fix it."""
 
 

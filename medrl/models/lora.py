@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from medrl.core.errors import ConfigError
+
 LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VisionTraining = Literal["frozen", "projector", "all"]
 # Where Qwen2-VL / Qwen2.5-VL keep the vision side: the tower is `visual`, its projector `visual.merger`.
@@ -62,14 +64,14 @@ def language_target_regex(names: Sequence[str]) -> str:
     False
     """
     if not names:
-        raise ValueError("LoRA needs at least one target module name (e.g. q_proj, v_proj)")
+        raise ConfigError("LoRA needs at least one target module name (e.g. q_proj, v_proj)")
     alternatives = "|".join(re.escape(n) for n in names)
     return rf"^(?!.*(?:visual|vision)).*\blayers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})$"
 
 
 def _vision_modules_to_save(vision: VisionTraining) -> list[str] | None:
     if vision not in ("frozen", "projector", "all"):
-        raise ValueError(f"vision must be 'frozen', 'projector' or 'all', got {vision!r}")
+        raise ConfigError(f"vision must be 'frozen', 'projector' or 'all', got {vision!r}")
     return {"frozen": None, "projector": [_PROJECTOR_MODULE], "all": [_VISION_MODULE]}[vision]
 
 

@@ -27,6 +27,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from medrl.core.errors import ConfigError
+
 MixedPrecision = Literal["auto", "bf16", "none"]
 # Set on a transformers model so its generate() keeps ranks in step (transformers reads this attribute).
 _HF_FSDP_FLAG = "_is_fsdp_managed_module"
@@ -76,7 +78,7 @@ def mixed_precision_dtype(mode: MixedPrecision, device: torch.device) -> torch.d
     torch.bfloat16
     """
     if mode not in ("auto", "bf16", "none"):
-        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'none', got {mode!r}")
+        raise ConfigError(f"mixed_precision must be 'auto', 'bf16' or 'none', got {mode!r}")
     if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

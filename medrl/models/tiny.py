@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from medrl.core.env import cache_dir
+from medrl.models.tiny_corpus import CORPUS
 
 # Bump when anything below changes what gets built, so stale cached copies are rebuilt.
 TINY_VERSION = 1
@@ -53,21 +54,8 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    """Text the tokenizer learns merges from: medrl's prompts, options and answer format."""
-    from medrl.data import vqa
-
-    lines = [vqa.INSTRUCTION, "You are a helpful assistant.", "Options:", "system user assistant"]
-    lines += list(vqa.QUESTIONS.values())
-    try:
-        from medrl.data.medmnist_files import FLAGS_2D, info
-
-        for flag in FLAGS_2D:
-            lines.append(" ".join(vqa.class_names(flag, info(flag)["label"])))
-    except ImportError:  # medmnist absent: the letters and tags below still make a usable vocabulary
-        pass
-    lines += [f"<think> The image shows it, so the answer is {c}. </think> <answer>{c}</answer>" for c in "ABCDEFGH"]
-    lines += [f"{c}. " for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"] + ["0 1 2 3 4 5 6 7 8 9 yes no"]
-    return lines
+    """Text the tokenizer learns merges from (see :mod:`medrl.models.tiny_corpus`)."""
+    return list(CORPUS)
 
 
 def build_tokenizer(vocab_size: int = 1024):

@@ -186,14 +186,3 @@ def build_report(run_dir: str | Path) -> Path:
     for name, data in figs.items():
         atomic_write_bytes(results.root / "figures" / name, data)
     return atomic_write_text(results.root / "report.md", "\n".join(lines))
-
-
-def report(run_dir: str) -> int:
-    """Build report.md and its figures from a study run directory.
-
-    Args:
-        run_dir: the run directory (written by `medrl reproduce`).
-    """
-    path = build_report(run_dir)
-    print(f"wrote {path} and {path.parent / 'figures'}/")
-    return 0

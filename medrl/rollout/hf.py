@@ -14,17 +14,9 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from medrl.rollout.base import (
-    Completion,
-    Engine,
-    Item,
-    PromptResult,
-    SamplingParams,
-    banned_token_ids,
-    end_token_ids,
-    finish_completion,
-    prompt_texts,
-)
+from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_completion, prompt_texts
+from medrl.rollout.engine import Engine
+from medrl.rollout.types import Completion, Item, PromptResult, SamplingParams
 
 # Generation settings a checkpoint's generation_config.json may carry (Qwen2.5-VL-Instruct ships
 # repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): transformers fills every field left

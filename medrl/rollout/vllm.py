@@ -28,16 +28,9 @@ import numpy as np
 import torch
 
 from medrl.core.seeds import derive_seed
-from medrl.rollout.base import (
-    Engine,
-    Item,
-    PromptResult,
-    SamplingParams,
-    banned_token_ids,
-    end_token_ids,
-    finish_completion,
-    prompt_texts,
-)
+from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_completion, prompt_texts
+from medrl.rollout.engine import Engine
+from medrl.rollout.types import Item, PromptResult, SamplingParams
 
 
 def _request_seed(seed: int, index: int) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
 from medrl.data.medmnist_files import FLAGS_2D, check_size
 
@@ -122,7 +123,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name) if cls is not TrainPlan else None
@@ -137,17 +138,17 @@ def load_plan(path: str | Path) -> StudyPlan:
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a study plan is a YAML mapping")
+        raise ConfigError(f"{path}: a study plan is a YAML mapping")
     for key in ("sft", "rl"):
         if isinstance(data.get(key), dict):
             data[key] = _build(TrainPlan, data[key], f"{path}:{key}")
     plan = _build(StudyPlan, data, str(path))
     bad = [f for f in plan.flags if f not in FLAGS_2D]
     if bad:
-        raise ValueError(f"{path}: unknown flags {bad}; choose from {list(FLAGS_2D)}")
+        raise ConfigError(f"{path}: unknown flags {bad}; choose from {list(FLAGS_2D)}")
     check_size(plan.size)
     if plan.support.n < max(plan.support.ks) or plan.support.k not in plan.support.ks:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: support needs n >= max(ks) and k among ks (n={plan.support.n}, ks={plan.support.ks})"
         )
     return plan
@@ -161,7 +162,7 @@ def claim_run_dir(run_dir: Path, plan: StudyPlan, command: str) -> None:
     path = run_dir / "plan.json"
     wanted = json.loads(json.dumps(plan.to_dict()))  # JSON's view of it: tuples as lists, keys as strings
     if path.is_file() and json.loads(path.read_text()) != wanted:
-        raise SystemExit(
+        raise ConfigError(
             f"{command}: {run_dir} was made with a different plan or other settings; "
             f"pass another --out (or delete {run_dir}) to start afresh"
         )

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from medrl.core.errors import ConfigError
 from medrl.data.medmnist_files import FLAGS_2D as FLAGS
-from medrl.recipe import Measurement, RecipeRecord, run_recipe
+from medrl.rl.recipe import Measurement, RecipeRecord, run_recipe
 from medrl.study.plan import TrainPlan, claim_run_dir, load_plan
 from medrl.study.reproduce import PLANS
 from medrl.study.stages import PMC_PREFIX, Study, exported_model, target_slug
@@ -62,7 +63,7 @@ def recipe(
     """
     for name, flag in (("target", target), ("bridge", bridge)):
         if flag is not None and flag not in FLAGS and not (flag.startswith(PMC_PREFIX) and len(flag) > len(PMC_PREFIX)):
-            raise SystemExit(
+            raise ConfigError(
                 f"medrl recipe: --{name} {flag!r} is not a MedMNIST 2D flag ({', '.join(FLAGS)}) "
                 f"nor {PMC_PREFIX}<train file> for PMC-VQA"
             )
@@ -72,7 +73,7 @@ def recipe(
         **{key: value for key, value in (("k", k), ("n", n), ("questions", questions)) if value is not None},
     )
     if support.n < support.k:
-        raise SystemExit(f"medrl recipe: n={support.n} samples cannot estimate Pass@{support.k}; pass --n >= --k")
+        raise ConfigError(f"medrl recipe: n={support.n} samples cannot estimate Pass@{support.k}; pass --n >= --k")
     support.ks = sorted({j for j in [*base.support.ks, support.k] if j <= support.n})
     bridge = bridge or target
     study_plan = dataclasses.replace(

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
 from medrl.study.plan import StudyPlan, claim_run_dir, load_plan
 from medrl.study.runcard import run_card
@@ -31,7 +32,7 @@ def build_stages(study: Study) -> list[Stage]:
     plan, out = study.plan, study.out
 
     def vision() -> None:
-        from medrl.probe_table import probe_table
+        from medrl.study.probe_table import probe_table
 
         study._load_sources()
         for flag in plan.flags:  # one call per flag: each may come from a different folder (stand-ins)
@@ -100,7 +101,7 @@ def reproduce(
     """
     plan_path = Path(plan) if plan else PLANS / f"{scale}.yaml"
     if not plan_path.is_file():
-        raise SystemExit(
+        raise ConfigError(
             f"medrl reproduce: no plan {plan_path}; scales: {sorted(p.stem for p in PLANS.glob('*.yaml'))}"
         )
     study_plan = load_plan(plan_path)
@@ -131,7 +132,7 @@ def _forced(stages: list[Stage], force: str | list[str] | None) -> list[str]:
     unknown = [w for w in wanted if not any(n == w or n.split(":")[0] == w for n in names)]
     if unknown:
         groups = sorted({n.split(":")[0] for n in names})
-        raise SystemExit(f"medrl reproduce: --force {','.join(unknown)} names no stage; groups: {', '.join(groups)}; "
+        raise ConfigError(f"medrl reproduce: --force {','.join(unknown)} names no stage; groups: {', '.join(groups)}; "
                          f"stages: see `medrl reproduce --dry_run true`")  # fmt: skip
     return picked
 
@@ -144,7 +145,7 @@ def write_run_card(run_dir: Path, plan: StudyPlan) -> None:
 
 
 def _dry_run(study: Study, stages: list[Stage], plan_path: Path) -> int:
-    from medrl.cli import check_configs
+    from medrl.study.configs import check_configs
 
     plan = study.plan
     print(f"plan {plan_path} ({plan.name}): model {plan.model}; flags {', '.join(plan.flags)} at {plan.size}px")

@@ -20,7 +20,7 @@ import yaml
 from medrl.core.env import DATA_DIR_ENV, cache_dir, data_dir
 from medrl.core.io import atomic_write_json, atomic_write_text
 from medrl.data import medmnist_files as mf
-from medrl.recipe import Measurement, run_recipe
+from medrl.rl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan
 from medrl.study.runner import Stage, json_has_keys
 
@@ -126,8 +126,9 @@ class Study:
 
     def evaluate(self, model: str, model_label: str, flag: str) -> None:
         """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
-        from medrl.evaluation import open_engine, sample_and_score, summarise, write_outputs
-        from medrl.rollout.base import SamplingParams
+        from medrl.evaluation import sample_and_score, summarise, write_outputs
+        from medrl.rollout.factory import open_engine
+        from medrl.rollout.types import SamplingParams
 
         s = self.plan.support
         data = self.data_config(flag)

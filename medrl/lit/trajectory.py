@@ -17,7 +17,7 @@ from medrl.data.collate import encode_chat
 from medrl.rl.logprobs import token_entropy, token_logprobs
 from medrl.rl.rewards import answer_mask, answer_token_span
 from medrl.rl.types import Trajectory
-from medrl.rollout.base import PromptResult
+from medrl.rollout.types import PromptResult
 
 # Item fields that are model inputs, not columns a reward function could use.
 _NOT_COLUMNS = ("image", "messages")

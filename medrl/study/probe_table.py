@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from medrl.core.errors import ConfigError
 from medrl.core.hashing import json_digest
 from medrl.core.tables import markdown_table
 from medrl.data.medmnist_files import atomic_write_bytes
@@ -37,7 +38,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if rows and "cell" not in rows[0]:
-        raise ValueError(f"{path} is not a probe-table CSV (no `cell` column); pick another --out")
+        raise ConfigError(f"{path} is not a probe-table CSV (no `cell` column); pick another --out")
     return rows
 
 

@@ -17,13 +17,16 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.seeds import derive_seed
 from medrl.data.benchmarks import BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
-from medrl.metrics.benchmark_table import score, table_rows, to_csv, to_markdown
-from medrl.rollout.base import Engine, SamplingParams
+from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
+from medrl.rollout.engine import Engine
+from medrl.rollout.factory import open_engine
+from medrl.rollout.types import SamplingParams
 
 ITEMS, RUN, SCORES = "items.jsonl", "run.json", "scores.json"
 
@@ -101,26 +104,11 @@ def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
             (out / ITEMS).unlink()
         elif previous != settings:
             changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-            raise SystemExit(
+            raise ConfigError(
                 f"medrl bench-eval: {out} holds an evaluation with other settings ({', '.join(changed)}); "
                 "use another --out, or --resume false to start over"
             )
     atomic_write_json(run, settings)
-
-
-def _make_engine(engine: str, model: str, device: str, dtype: str, options: dict[str, Any]) -> Engine:
-    import torch
-
-    from medrl.rollout.base import make_engine
-
-    if engine == "vllm":
-        return make_engine("vllm", model, None, **options)
-    from medrl.models.hub import load_vlm
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    policy, processor = load_vlm(model, device=device, dtype=torch_dtype)
-    return make_engine("hf", policy, processor, **options)
 
 
 def print_table(header: list[str], rows: list[list[str]], title: str) -> None:
@@ -190,10 +178,10 @@ def bench_eval(
     from medrl.evaluation import default_ks
 
     if n < 0:
-        raise SystemExit(f"medrl bench-eval: n must be >= 0, got {n}")
+        raise ConfigError(f"medrl bench-eval: n must be >= 0, got {n}")
     ks = sorted(set(ks)) if ks else (default_ks(n) if n > 0 else [])
     if ks and max(ks) > n:
-        raise SystemExit(f"medrl bench-eval: pass@{max(ks)} needs n >= {max(ks)} samples per item, got n={n}")
+        raise ConfigError(f"medrl bench-eval: pass@{max(ks)} needs n >= {max(ks)} samples per item, got n={n}")
     out_dir = Path(out)
     data = BenchmarkSuiteDataModule(suite, image_root, benchmarks, samples_per_benchmark, image_check,
                                     instruction=instruction, system_prompt=system_prompt, seed=seed)  # fmt: skip
@@ -210,7 +198,7 @@ def bench_eval(
     }  # fmt: skip
     _check_resume(out_dir, settings, resume)
     print(f"medrl bench-eval: {len(dataset)} items, {model} on {engine}, greedy + {n} samples -> {out_dir}")
-    with _make_engine(engine, model, device, dtype, dict(engine_options or {})) as runner:
+    with open_engine(engine, model, seed, device, dtype, engine_options) as runner:
         rows = evaluate_items(runner, dataset, params, out_dir, batch_size, keep_texts)
     label = name or model
     scores = score(rows, ks)
