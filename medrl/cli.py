@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from medrl.core.env import DEBUG_ENV, is_debug
 from medrl.core.errors import one_line, user_error_in
-from medrl.study.configs import MedRLCLI
+from medrl.study.configs import MedRLCLI, moved_grpo_options
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -130,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an explicit
         # argv (tests, other commands) is passed through.
-        MedRLCLI(args=None if from_command_line else argv)
+        try:
+            MedRLCLI(args=None if from_command_line else argv)
+        except SystemExit as stop:
+            if stop.code == 2 and (moved := moved_grpo_options(argv)):  # a parse error on an old GRPO config
+                where = ", ".join(f"{old} -> {new}" for old, new in moved)
+                print(f"medrl {verb}: GRPO's options are grouped now (docs/grpo.md): {where}", file=sys.stderr)
+            raise
         return 0
     except Exception as exc:
         cause = user_error_in(exc)

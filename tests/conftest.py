@@ -1,8 +1,9 @@
-"""Shared fixtures: the real-data directory, a scratch data root, and the offline tiny VLM."""
+"""Shared fixtures: the real-data directory, MedMNIST files for data-agnostic tests, and the offline tiny VLM."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,40 @@ def real_data_dir() -> Path:
     if not (path / "pneumoniamnist.npz").is_file() or not (path / "breastmnist.npz").is_file():
         pytest.fail(f"{DATA_DIR_ENV}={path} lacks pneumoniamnist.npz / breastmnist.npz")
     return path
+
+
+@dataclass(frozen=True)
+class MedMNISTFolder:
+    """A folder of PneumoniaMNIST and BreastMNIST files: the real ones, or synthetic stand-ins."""
+
+    root: Path
+    synthetic: bool
+
+    def kwargs(self) -> dict[str, object]:
+        """``root`` and ``synthetic`` for a MedMNIST DataModule."""
+        return {"root": str(self.root), "synthetic": self.synthetic}
+
+    def cli(self, prefix: str = "--data.init_args.") -> list[str]:
+        """The same two settings as ``medrl fit`` options."""
+        return [f"{prefix}root={self.root}", f"{prefix}synthetic={str(self.synthetic).lower()}"]
+
+
+@pytest.fixture(scope="session")
+def medmnist(tmp_path_factory: pytest.TempPathFactory) -> MedMNISTFolder:
+    """For tests that need MedMNIST-format files but not the real images (training, rollouts, callbacks).
+
+    The real files when $MEDRL_DATA_DIR holds them (as on CI); otherwise synthetic files in the official
+    format (``medrl data synth``), so a clone without the shared data still tests the SFT and RL paths.
+    """
+    value = os.environ.get(DATA_DIR_ENV)
+    if value and all((Path(value) / f"{flag}.npz").is_file() for flag in ("pneumoniamnist", "breastmnist")):
+        return MedMNISTFolder(Path(value), synthetic=False)
+    from medrl.data.medmnist_files import synthesize
+
+    root = tmp_path_factory.mktemp("medmnist-synthetic")
+    for flag in ("pneumoniamnist", "breastmnist"):
+        synthesize(flag, out=root)
+    return MedMNISTFolder(root, synthetic=True)
 
 
 @pytest.fixture(scope="session")

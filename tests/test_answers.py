@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from medrl.metrics.answers import UNPARSEABLE, is_correct, parse_answer
+from medrl.metrics.answers import UNPARSEABLE, parse_answer
+
+
+def is_correct(text: str, gold: str, letters: str = "ABCD") -> bool:
+    """What the accuracy reward and Pass@K count as correct: the parsed letter is the gold one, any case."""
+    return parse_answer(text, letters) == gold.upper()
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,11 +18,11 @@ def _item(answer: str = "B", seed: int = 0, size: int = 28, **extra) -> dict:
     return {"image": image, "messages": vqa.chat_messages(prompt), "answer": answer, **extra}
 
 
-def test_only_answer_tokens_carry_loss_token_by_token(tiny, real_data_dir: Path) -> None:
+def test_only_answer_tokens_carry_loss_token_by_token(tiny, medmnist) -> None:
     from medrl.data.medmnist import MedMNISTDataModule
 
     _, processor = tiny
-    item = MedMNISTDataModule("pneumoniamnist", root=str(real_data_dir), mode="vqa").dataset("train")[0]
+    item = MedMNISTDataModule("pneumoniamnist", **medmnist.kwargs(), mode="vqa").dataset("train")[0]
     batch = SFTCollator(processor)([item])
     ids, labels = batch.inputs["input_ids"][0].tolist(), batch.labels[0].tolist()
     tok = processor.tokenizer

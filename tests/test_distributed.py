@@ -47,9 +47,9 @@ SMALL_MICRO_BATCHES = ["--model.init_args.optim.micro_batch_size=2"]  # GRPO's
 
 
 def _args(
-    config: str, data: Path, out: Path, processes: int, strategy: str | None, steps: int, extra: list[str]
+    config: str, data, out: Path, processes: int, strategy: str | None, steps: int, extra: list[str]
 ) -> list[str]:
-    args = ["--out", str(out), "--config", str(REPO / "configs" / config), f"--data.init_args.root={data}"]
+    args = ["--out", str(out), "--config", str(REPO / "configs" / config), *data.cli()]
     if strategy:
         args += ["--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml")]
         args += ["--trainer.accelerator=cpu", f"--trainer.devices={processes}"]
@@ -120,32 +120,32 @@ def _assert_same_step(one: dict, many: list[dict], lr: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def grpo_one_process(tmp_path_factory, real_data_dir) -> dict:
+def grpo_one_process(tmp_path_factory, medmnist) -> dict:
     out = tmp_path_factory.mktemp("grpo1") / "run"
-    return _run_here(_args("rl.yaml", real_data_dir, out, 1, None, 1, GRPO), out)
+    return _run_here(_args("rl.yaml", medmnist, out, 1, None, 1, GRPO), out)
 
 
 @pytest.fixture(scope="module")
-def sft_one_process(tmp_path_factory, real_data_dir) -> dict:
+def sft_one_process(tmp_path_factory, medmnist) -> dict:
     out = tmp_path_factory.mktemp("sft1") / "run"
-    record = _run_here([*_args("sft.yaml", real_data_dir, out, 1, None, 2, []), "--checkpoint-every-step"], out)
+    record = _run_here([*_args("sft.yaml", medmnist, out, 1, None, 2, []), "--checkpoint-every-step"], out)
     return record | {"dir": out}
 
 
 # ------------------------------------------------------------------------------------------- DDP
 
 
-def test_grpo_step_is_the_same_on_one_and_two_ddp_processes(grpo_one_process, real_data_dir, tmp_path) -> None:
+def test_grpo_step_is_the_same_on_one_and_two_ddp_processes(grpo_one_process, medmnist, tmp_path) -> None:
     # configs/rl.yaml + configs/strategy/ddp.yaml, CARE on, dapo, batch-scaled advantages. About 30 s of CPU
     # in all (two interpreters importing torch, transformers and Lightning); on a busy machine, minutes.
-    many = _launch(_args("rl.yaml", real_data_dir, tmp_path / "run", 2, "ddp", 1, GRPO), tmp_path / "run")
+    many = _launch(_args("rl.yaml", medmnist, tmp_path / "run", 2, "ddp", 1, GRPO), tmp_path / "run")
     assert len(many) == 2
     _assert_same_step(grpo_one_process, many, RL_LR)
 
 
 @pytest.mark.slow  # a 2-process launch: 30-90 s on 2 shared cores
-def test_sft_step_is_the_same_on_one_and_two_ddp_processes(sft_one_process, real_data_dir, tmp_path) -> None:
-    many = _launch(_args("sft.yaml", real_data_dir, tmp_path / "run", 2, "ddp", 1, []), tmp_path / "run")
+def test_sft_step_is_the_same_on_one_and_two_ddp_processes(sft_one_process, medmnist, tmp_path) -> None:
+    many = _launch(_args("sft.yaml", medmnist, tmp_path / "run", 2, "ddp", 1, []), tmp_path / "run")
     _assert_same_step(sft_one_process, many, SFT_LR)
 
 
@@ -164,18 +164,16 @@ def _resume_matches(straight: list[dict], run: Path, args: list[str]) -> None:
 
 
 @pytest.mark.slow  # three 2-process launches: 3-5 minutes on 2 shared cores
-def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, real_data_dir, tmp_path) -> None:
-    args = _args("sft.yaml", real_data_dir, tmp_path / "straight", 2, "fsdp", 2, [])
+def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, medmnist, tmp_path) -> None:
+    args = _args("sft.yaml", medmnist, tmp_path / "straight", 2, "fsdp", 2, [])
     straight = _launch([*args, "--checkpoint-every-step"], tmp_path / "straight")
     _assert_same_step(sft_one_process, straight, SFT_LR)
-    _resume_matches(
-        straight, tmp_path / "resumed", _args("sft.yaml", real_data_dir, tmp_path / "resumed", 2, "fsdp", 2, [])
-    )
+    _resume_matches(straight, tmp_path / "resumed", _args("sft.yaml", medmnist, tmp_path / "resumed", 2, "fsdp", 2, []))
     # A one-process checkpoint (one file) resumes on two FSDP processes: the same weights to start from, and
     # AdamW's moments carried over, so step 2 lands where the one-process run's step 2 did.
     one_file = sft_one_process["dir"] / "ckpt" / "epoch=0-step=1.ckpt"
     run = tmp_path / "from_one_process"
-    moved = _launch([*_args("sft.yaml", real_data_dir, run, 2, "fsdp", 2, []), "--ckpt_path", str(one_file)], run)
+    moved = _launch([*_args("sft.yaml", medmnist, run, 2, "fsdp", 2, []), "--ckpt_path", str(one_file)], run)
     for record in moved:
         assert record["start_step"] == 1
         for name, weight in sft_one_process["weights"][1].items():
@@ -186,14 +184,14 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, real_d
 
 
 @pytest.mark.slow  # two 2-process launches: 2-3 minutes on 2 shared cores
-def test_grpo_under_fsdp2_matches_one_process_and_resumes(grpo_one_process, real_data_dir, tmp_path) -> None:
+def test_grpo_under_fsdp2_matches_one_process_and_resumes(grpo_one_process, medmnist, tmp_path) -> None:
     # The EMA reference is updated every step, so step 2's CARE scoring needs the EMA the checkpoint restored.
     extra = [*GRPO, *SMALL_MICRO_BATCHES, "--model.init_args.care.ema_every=1"]
-    args = _args("rl.yaml", real_data_dir, tmp_path / "straight", 2, "fsdp", 2, extra)
+    args = _args("rl.yaml", medmnist, tmp_path / "straight", 2, "fsdp", 2, extra)
     straight = _launch([*args, "--checkpoint-every-step"], tmp_path / "straight")
     _assert_same_step(grpo_one_process, straight, RL_LR)
     _resume_matches(
-        straight, tmp_path / "resumed", _args("rl.yaml", real_data_dir, tmp_path / "resumed", 2, "fsdp", 2, extra)
+        straight, tmp_path / "resumed", _args("rl.yaml", medmnist, tmp_path / "resumed", 2, "fsdp", 2, extra)
     )
 
 

@@ -79,3 +79,24 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "_load", lambda target: broken)
     with pytest.raises(ZeroDivisionError):
         main(["report", "somewhere"])
+
+
+def test_an_old_flat_grpo_config_is_told_where_each_option_went(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs/rl.yaml").read_text())
+    init = config["model"]["init_args"]
+    for group in ("sampling", "loss", "care", "engine", "optim"):
+        init.pop(group)
+    # The flat names GRPOModule took before its options were grouped.
+    init |= {"engine": "hf", "care": True, "beta": 0.0, "loss_aggregation": "grpo", "num_generations": 4}
+    old = tmp_path / "old_rl.yaml"
+    old.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(old)])
+    assert stop.value.code == 2
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert hint.startswith("medrl fit: GRPO's options are grouped now")
+    for moved in ("engine -> engine.name", "care -> care.enabled", "beta -> loss.beta",
+                  "loss_aggregation -> loss.aggregation", "num_generations -> sampling.num_generations"):  # fmt: skip
+        assert moved in hint, hint

@@ -1,4 +1,6 @@
-"""The GRPO LightningModule on the tiny VLM and real PneumoniaMNIST VQA: stages, updates, skips, resume, CLI.
+"""The GRPO LightningModule on the tiny VLM and PneumoniaMNIST VQA: stages, updates, skips, resume, CLI.
+
+The files are the real ones when $MEDRL_DATA_DIR holds them, synthetic stand-ins otherwise (conftest).
 
 The tiny model's random weights never write a well-formed answer, so the runs that must move the weights use
 a dense verifiable reward written to a temporary module and passed by import path (the way users add their
@@ -55,8 +57,10 @@ def toy_rewards(tmp_path_factory: pytest.TempPathFactory):
     sys.path.remove(str(folder))
 
 
-def _data(root: Path, batch_size: int = 2, train_samples: int = 8) -> PneumoniaMNIST:
-    return PneumoniaMNIST(root=str(root), mode="vqa", batch_size=batch_size, train_samples=train_samples, val_samples=2)
+def _data(medmnist, batch_size: int = 2, train_samples: int = 8) -> PneumoniaMNIST:
+    return PneumoniaMNIST(
+        **medmnist.kwargs(), mode="vqa", batch_size=batch_size, train_samples=train_samples, val_samples=2
+    )
 
 
 def _module(tiny_dir: Path, **overrides) -> GRPOModule:
@@ -142,9 +146,9 @@ def _fake_results(tokenizer, texts: list[list[str]]) -> list[PromptResult]:
     return out
 
 
-def test_trajectory_from_engine_results(tiny, real_data_dir: Path) -> None:
+def test_trajectory_from_engine_results(tiny, medmnist) -> None:
     _, processor = tiny
-    items = [_data(real_data_dir).dataset("train")[i] for i in range(2)]
+    items = [_data(medmnist).dataset("train")[i] for i in range(2)]
     texts = [["<think>x</think><answer>A</answer>", "no answer"], ["<answer> B </answer>", "<answer>C</answer> ok"]]
     traj = build_trajectory(processor, items, _fake_results(processor.tokenizer, texts))
     assert (traj.num_rows, traj.num_groups, traj.group_size) == (4, 2, 2)
@@ -165,10 +169,10 @@ def test_trajectory_from_engine_results(tiny, real_data_dir: Path) -> None:
     assert torch.equal(state.completion_mask, traj.completion_mask) and state.texts == traj.texts
 
 
-def test_care_bonus_in_the_module_uses_the_ema_reference(tiny_dir: Path, real_data_dir: Path) -> None:
+def test_care_bonus_in_the_module_uses_the_ema_reference(tiny_dir: Path, medmnist) -> None:
     module = _module(tiny_dir, num_generations=4)
     processor = module.processor
-    items = [_data(real_data_dir).dataset("train")[0]]
+    items = [_data(medmnist).dataset("train")[0]]
     gold = items[0]["answer"]
     wrong = "A" if gold != "A" else "B"
     texts = [
@@ -197,10 +201,10 @@ def test_care_bonus_in_the_module_uses_the_ema_reference(tiny_dir: Path, real_da
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def test_steps_change_every_trainable_weight_and_log_stage_times(tiny_dir, real_data_dir, toy_rewards, tmp_path):
+def test_steps_change_every_trainable_weight_and_log_stage_times(tiny_dir, medmnist, toy_rewards, tmp_path):
     module = _module(tiny_dir, rewards={"accuracy": 1.0, toy_rewards: 1.0}, ema_every=1)
     before = _trained(module)
-    _trainer(tmp_path, max_steps=2).fit(module, _data(real_data_dir))
+    _trainer(tmp_path, max_steps=2).fit(module, _data(medmnist))
     after = _trained(module)
     unchanged = [n for n in before if torch.equal(before[n], after[n])]
     assert not unchanged, f"{len(unchanged)} trainable weights did not move, e.g. {unchanged[:3]}"
@@ -219,27 +223,27 @@ def test_steps_change_every_trainable_weight_and_log_stage_times(tiny_dir, real_
     assert all(0 <= float(r[f"reward/{toy_rewards}"]) <= 1 for r in rows)
 
 
-def test_non_finite_loss_is_skipped_and_logged(tiny_dir, real_data_dir, tmp_path):
+def test_non_finite_loss_is_skipped_and_logged(tiny_dir, medmnist, tmp_path):
     # advantage_eps = 0 and groups whose rewards are all equal (the tiny model never answers, so accuracy and
     # format are 0 everywhere) make every advantage 0 / 0 = NaN: the loss is NaN and must not be applied.
     module = _module(tiny_dir, care=False, advantage_eps=0.0)
     before = _trained(module)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
-    trainer.fit(module, _data(real_data_dir))
+    trainer.fit(module, _data(medmnist))
     assert trainer.global_step == 0
     assert all(torch.equal(before[n], p) for n, p in _trained(module).items())
     rows = [r for r in _metrics(tmp_path) if r.get("train/skipped_nonfinite")]
     assert [float(r["train/skipped_nonfinite"]) for r in rows] == [1.0, 1.0]
 
 
-def test_resumed_run_continues_identically(tiny_dir, real_data_dir, toy_rewards, tmp_path):
+def test_resumed_run_continues_identically(tiny_dir, medmnist, toy_rewards, tmp_path):
     # Six batches per epoch; a checkpoint after step 2 (mid-epoch) resumed to step 4 must reach exactly the
     # weights, EMA reference and logged rewards of a run that never stopped.
     def module() -> GRPOModule:
         return _module(tiny_dir, rewards={"accuracy": 1.0, toy_rewards: 1.0}, ema_every=1)
 
     def data() -> PneumoniaMNIST:
-        return _data(real_data_dir, batch_size=2, train_samples=12)
+        return _data(medmnist, batch_size=2, train_samples=12)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     straight = module()
@@ -257,7 +261,7 @@ def test_resumed_run_continues_identically(tiny_dir, real_data_dir, toy_rewards,
     assert len(rewards_a) == 4 and rewards_b == rewards_a[2:]
 
 
-def test_lora_kl_dapo_mu_and_dynamic_sampling(tiny_dir, real_data_dir, toy_rewards, tmp_path):
+def test_lora_kl_dapo_mu_and_dynamic_sampling(tiny_dir, medmnist, toy_rewards, tmp_path):
     # The other branches in one short run: LoRA (KL reference = adapters disabled), beta > 0, token mean over
     # the batch, two optimizer steps per batch with recomputed old log-probs, and dynamic sampling.
     module = _module(
@@ -274,7 +278,7 @@ def test_lora_kl_dapo_mu_and_dynamic_sampling(tiny_dir, real_data_dir, toy_rewar
     )
     before = _trained(module)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
-    trainer.fit(module, _data(real_data_dir))
+    trainer.fit(module, _data(medmnist))
     assert trainer.global_step == 4  # 2 batches x mu = 2 optimizer steps
     assert all(n.count("lora_") for n in before) and all(
         not torch.equal(before[n], p) for n, p in _trained(module).items()
@@ -287,7 +291,7 @@ def test_lora_kl_dapo_mu_and_dynamic_sampling(tiny_dir, real_data_dir, toy_rewar
     assert all(float(r["sampling/kept_groups"]) == 1.0 for r in rows)  # a continuous reward always has signal
 
 
-def test_cli_fast_dev_run(tiny_dir, real_data_dir, tmp_path):
+def test_cli_fast_dev_run(tiny_dir, medmnist, tmp_path):
     from medrl.study.configs import MedRLCLI
 
     cli = MedRLCLI(
@@ -298,7 +302,7 @@ def test_cli_fast_dev_run(tiny_dir, real_data_dir, tmp_path):
             "--trainer.fast_dev_run=1",
             f"--trainer.default_root_dir={tmp_path}",
             f"--model.init_args.model={tiny_dir}",
-            f"--data.init_args.root={real_data_dir}",
+            *medmnist.cli(),
         ]
     )
     assert cli.trainer.global_step == 1
@@ -306,7 +310,7 @@ def test_cli_fast_dev_run(tiny_dir, real_data_dir, tmp_path):
     assert {"time/generate", "time/update", "reward/accuracy", "reward/format", "val/accuracy"} <= set(metrics)
 
 
-def test_mean_reward_rises_on_a_learnable_task(tiny_dir, real_data_dir, toy_rewards, tmp_path):
+def test_mean_reward_rises_on_a_learnable_task(tiny_dir, medmnist, toy_rewards, tmp_path):
     # 25 steps of 2 prompts x 8 samples x 16 tokens, with CARE and the accuracy reward on as in the study.
     # Measured on this CPU (seeded, deterministic): the vowel share goes 0.349, 0.398, 0.368, 0.374, 0.403 in
     # the first five steps (mean 0.378) and 0.575, 0.583, 0.607, 0.632, 0.626 in the last five (mean 0.605).
@@ -318,7 +322,7 @@ def test_mean_reward_rises_on_a_learnable_task(tiny_dir, real_data_dir, toy_rewa
         micro_batch_size=32,
         rewards={"accuracy": 1.0, toy_rewards: 1.0},
     )
-    _trainer(tmp_path, max_steps=25).fit(module, _data(real_data_dir, batch_size=2, train_samples=64))
+    _trainer(tmp_path, max_steps=25).fit(module, _data(medmnist, batch_size=2, train_samples=64))
     rewards = [float(r[f"reward/{toy_rewards}"]) for r in _metrics(tmp_path) if r.get(f"reward/{toy_rewards}")]
     assert len(rewards) == 25
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -326,7 +330,7 @@ def test_mean_reward_rises_on_a_learnable_task(tiny_dir, real_data_dir, toy_rewa
 
 
 @pytest.mark.slow  # vLLM starts in about 30 s on CPU; the run itself takes about 20 s
-def test_vllm_engine_receives_the_weights_after_each_step(tiny_dir, real_data_dir, toy_rewards, tmp_path):
+def test_vllm_engine_receives_the_weights_after_each_step(tiny_dir, medmnist, toy_rewards, tmp_path):
     # With mu = 1 the old log-probs are vLLM's own: if the sync stage failed to push the new weights, vLLM
     # would keep sampling from the initial policy and the ratio would drift from 1 as the policy moves.
     # Measured: ratio means within 0.9916..1.0015 over 25 steps while the reward rose 0.365 -> 0.597.
@@ -340,7 +344,7 @@ def test_vllm_engine_receives_the_weights_after_each_step(tiny_dir, real_data_di
         micro_batch_size=32,
         rewards={"accuracy": 1.0, toy_rewards: 1.0},
     )
-    _trainer(tmp_path, max_steps=16).fit(module, _data(real_data_dir, batch_size=2, train_samples=64))
+    _trainer(tmp_path, max_steps=16).fit(module, _data(medmnist, batch_size=2, train_samples=64))
     rows = [r for r in _metrics(tmp_path) if r.get("time/sync")]
     assert len(rows) == 16
     assert all(float(r["time/sync"]) > 0 for r in rows)
@@ -350,22 +354,22 @@ def test_vllm_engine_receives_the_weights_after_each_step(tiny_dir, real_data_di
 
 
 @pytest.mark.slow  # two spawned processes: 1-2 minutes on 2 busy cores
-def test_ddp_on_two_processes(tiny_dir, real_data_dir, toy_rewards, tmp_path):
+def test_ddp_on_two_processes(tiny_dir, medmnist, toy_rewards, tmp_path):
     # Manual optimization under DDP: several backward passes per step, the non-finite flags and the dapo token
     # count agreed across processes, and both ranks stepping in lockstep.
     module = _module(tiny_dir, rewards={"accuracy": 1.0, toy_rewards: 1.0}, loss_aggregation="dapo", micro_batch_size=4)
     before = _trained(module)
-    _trainer(tmp_path, max_steps=2, strategy="ddp_spawn", devices=2).fit(module, _data(real_data_dir))
+    _trainer(tmp_path, max_steps=2, strategy="ddp_spawn", devices=2).fit(module, _data(medmnist))
     # ddp_spawn hands rank 0's weights back to this process (its loop state stays in the workers).
     assert any(not torch.equal(before[n], p) for n, p in _trained(module).items())
     rows = [r for r in _metrics(tmp_path) if r.get("time/update")]
     assert len(rows) == 2 and all(float(r["train/skipped_nonfinite"]) == 0 for r in rows)
 
 
-def test_dynamic_sampling_drops_flat_groups_refills_and_checkpoints_its_buffer(tiny_dir, real_data_dir) -> None:
+def test_dynamic_sampling_drops_flat_groups_refills_and_checkpoints_its_buffer(tiny_dir, medmnist) -> None:
     module = _module(tiny_dir, care=False, dynamic_sampling=True, max_sampling_rounds=3)
     processor = module.processor
-    items = [_data(real_data_dir).dataset("train")[i] for i in range(2)]
+    items = [_data(medmnist).dataset("train")[i] for i in range(2)]
 
     def batch(rewards: list[float]) -> Trajectory:
         texts = [["a", "b", "c", "d"], ["e", "f", "g", "h"]]
@@ -394,10 +398,10 @@ def test_dynamic_sampling_drops_flat_groups_refills_and_checkpoints_its_buffer(t
 
 
 @pytest.mark.parametrize("kl_reference", ["initial", "ema"])
-def test_kl_reference_for_full_finetuning(tiny_dir, real_data_dir, toy_rewards, tmp_path, kl_reference):
+def test_kl_reference_for_full_finetuning(tiny_dir, medmnist, toy_rewards, tmp_path, kl_reference):
     # On the first of two passes the policy equals both references (KL 0); on the second it has moved.
     module = _module(tiny_dir, rewards={toy_rewards: 1.0}, care=False, beta=0.1, mu=2, kl_reference=kl_reference)
-    _trainer(tmp_path, max_steps=2).fit(module, _data(real_data_dir))
+    _trainer(tmp_path, max_steps=2).fit(module, _data(medmnist))
     rows = [r for r in _metrics(tmp_path) if r.get("train/kl")]
     assert len(rows) == 1 and float(rows[0]["train/kl"]) > 0
     assert (module._reference_model is not None) == (kl_reference == "initial")

@@ -189,7 +189,7 @@ def test_summary_has_a_row_per_group_only_when_there_are_several() -> None:
 class _MixedVQA:
     """Two modalities in one validation set (PneumoniaMNIST and BreastMNIST), as a LightningDataModule."""
 
-    def __new__(cls, root: Path):
+    def __new__(cls, medmnist):
         import lightning as L
         from torch.utils.data import ConcatDataset, DataLoader
 
@@ -198,7 +198,9 @@ class _MixedVQA:
         class Mixed(L.LightningDataModule):
             def _loader(self, split: str) -> DataLoader:
                 parts = [
-                    MedMNISTDataModule(flag=f, mode="vqa", root=root, **{f"{split}_samples": 2}).dataset(split)
+                    MedMNISTDataModule(flag=f, mode="vqa", **medmnist.kwargs(), **{f"{split}_samples": 2}).dataset(
+                        split
+                    )
                     for f in ("pneumoniamnist", "breastmnist")
                 ]
                 return DataLoader(ConcatDataset(parts), batch_size=2, collate_fn=vqa_collate)
@@ -212,7 +214,7 @@ class _MixedVQA:
         return Mixed()
 
 
-def run_callback_fast_dev_run(tiny_dir: Path, root: Path, out: Path, engine: object | None = None):
+def run_callback_fast_dev_run(tiny_dir: Path, medmnist, out: Path, engine: object | None = None):
     """Fit an SFT module (LoRA) for one fast_dev_run step with the Pass@K callback; returns (trainer, callback)."""
     import lightning as L
 
@@ -232,12 +234,12 @@ def run_callback_fast_dev_run(tiny_dir: Path, root: Path, out: Path, engine: obj
     module = SFTWithOptimizer(model=str(tiny_dir), finetune="lora", max_completion_tokens=8)
     quiet = {"enable_progress_bar": False, "enable_model_summary": False}
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[callback], **quiet)
-    trainer.fit(module, datamodule=_MixedVQA(root))
+    trainer.fit(module, datamodule=_MixedVQA(medmnist))
     return trainer, callback
 
 
-def test_callback_logs_and_writes_in_fast_dev_run(tiny_dir: Path, real_data_dir: Path, tmp_path: Path) -> None:
-    trainer, callback = run_callback_fast_dev_run(tiny_dir, real_data_dir, tmp_path)
+def test_callback_logs_and_writes_in_fast_dev_run(tiny_dir: Path, medmnist, tmp_path: Path) -> None:
+    trainer, callback = run_callback_fast_dev_run(tiny_dir, medmnist, tmp_path)
     logged = trainer.callback_metrics
     for key in ("acc@1", "pass@1", "pass@2", "gap@2", "majority", "format_fail", "unique"):
         assert f"val/{key}" in logged
@@ -255,11 +257,11 @@ def test_callback_logs_and_writes_in_fast_dev_run(tiny_dir: Path, real_data_dir:
     assert callback.engine is None  # closed at teardown
 
 
-def test_eval_command_writes_table_jsonl_and_curve(tiny_dir: Path, real_data_dir: Path, tmp_path: Path) -> None:
+def test_eval_command_writes_table_jsonl_and_curve(tiny_dir: Path, medmnist, tmp_path: Path) -> None:
     from medrl.cli import main
 
     out = tmp_path / "eval"
-    args = ["eval", "--model", str(tiny_dir), "--root", str(real_data_dir), "--questions", "3", "--n", "2"]
+    args = ["eval", "--model", str(tiny_dir), *medmnist.cli("--"), "--questions", "3", "--n", "2"]
     assert main([*args, "--max_new_tokens", "6", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["id"].startswith("pneumoniamnist/") for r in rows)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from medrl.rollout.weights import policy_weights
 
 
 @pytest.fixture(scope="module")
-def items(real_data_dir: Path) -> list[dict]:
-    ds = MedMNISTDataModule(flag="pneumoniamnist", mode="vqa", root=real_data_dir, val_samples=3).dataset("val")
+def items(medmnist) -> list[dict]:
+    ds = MedMNISTDataModule(flag="pneumoniamnist", mode="vqa", **medmnist.kwargs(), val_samples=3).dataset("val")
     out = [ds[i] for i in range(3)]
     # A longer prompt, so the batch really needs left padding.
     long = dict(out[2])

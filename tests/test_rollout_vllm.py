@@ -21,8 +21,8 @@ GREEDY = SamplingParams(n=0, greedy=True, max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
-def items(real_data_dir: Path) -> list[dict]:
-    ds = MedMNISTDataModule(flag="pneumoniamnist", mode="vqa", root=real_data_dir, val_samples=4).dataset("val")
+def items(medmnist) -> list[dict]:
+    ds = MedMNISTDataModule(flag="pneumoniamnist", mode="vqa", **medmnist.kwargs(), val_samples=4).dataset("val")
     return [ds[i] for i in range(4)]
 
 
@@ -114,13 +114,13 @@ def test_samples_are_seeded_and_follow_the_conventions(vllm_engine: VLLMEngine, 
 
 
 def test_pass_at_k_callback_on_vllm_pushes_the_trained_policy(
-    vllm_engine: VLLMEngine, tiny_dir: Path, real_data_dir: Path, tmp_path: Path
+    vllm_engine: VLLMEngine, tiny_dir: Path, medmnist, tmp_path: Path
 ) -> None:
     import json
 
     from test_pass_at_k import run_callback_fast_dev_run
 
-    trainer, callback = run_callback_fast_dev_run(tiny_dir, real_data_dir, tmp_path, engine=vllm_engine)
+    trainer, callback = run_callback_fast_dev_run(tiny_dir, medmnist, tmp_path, engine=vllm_engine)
     assert callback.engine is vllm_engine  # shared, so left open at teardown
     assert "val/pass@2" in trainer.callback_metrics and "val/breastmnist/acc@1" in trainer.callback_metrics
     rows = [json.loads(line) for line in (tmp_path / "epoch000" / "questions.jsonl").read_text().splitlines()]
@@ -132,13 +132,13 @@ def test_pass_at_k_callback_on_vllm_pushes_the_trained_policy(
     assert [row["greedy_text"] for row in rows] == expected
 
 
-def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, root: str, synthetic: bool, out: str) -> None:
     import json
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    ds = MedMNISTDataModule(flag="pneumoniamnist", mode="vqa", root=root, val_samples=4).dataset("val")
+    ds = MedMNISTDataModule("pneumoniamnist", mode="vqa", root=root, synthetic=synthetic, val_samples=4).dataset("val")
     items = [ds[i] for i in range(rank, 4, world)]
     base, processor = build_tiny(0)
     engine = make_engine("vllm", base, processor, max_model_len=512, kv_cache_gib=0.25, max_num_seqs=32)
@@ -154,7 +154,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_one_engine_per_rank_under_two_process_ddp(real_data_dir: Path, tmp_path: Path) -> None:
+def test_one_engine_per_rank_under_two_process_ddp(medmnist, tmp_path: Path) -> None:
     import json
     import socket
 
@@ -163,7 +163,7 @@ def test_one_engine_per_rank_under_two_process_ddp(real_data_dir: Path, tmp_path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(real_data_dir), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, str(medmnist.root), medmnist.synthetic, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["before"] != result["expected"] and result["after"] == result["expected"]

@@ -21,13 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "sft.yaml")
 
 
-def _cli(tiny_dir: Path, data_dir: Path, *extra: str) -> MedRLCLI:
+def _cli(tiny_dir: Path, medmnist, *extra: str) -> MedRLCLI:
     """configs/sft.yaml on the session's tiny model, with a small subset: 64 items = 8 batches per epoch."""
     args = [
         "--config",
         CONFIG,
         f"--model.init_args.model={tiny_dir}",
-        f"--data.init_args.root={data_dir}",
+        *medmnist.cli(),
         "--data.init_args.train_samples=64",
         "--data.init_args.val_samples=8",
         "--data.init_args.batch_size=8",
@@ -64,7 +64,7 @@ def _fit(cli: MedRLCLI, max_steps: int, callbacks: list[L.Callback], root: Path,
 
 
 @pytest.fixture(scope="module")
-def resumed_run(tiny_dir: Path, real_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def resumed_run(tiny_dir: Path, medmnist, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Three runs of the config: 6 steps straight; 3 steps with a checkpoint; resumed from it to step 6."""
     from medrl.callbacks.hf_checkpoint import HFCheckpoint
 
@@ -72,13 +72,13 @@ def resumed_run(tiny_dir: Path, real_data_dir: Path, tmp_path_factory: pytest.Te
     # Strong dropout and a large step make the adapters matter, so a replayed-wrong dropout mask would show.
     args = ["--model.init_args.finetune=lora", "--model.init_args.lora.dropout=0.3", "--optimizer.init_args.lr=0.02"]
     straight, first, resumed = Recorder(), Recorder(), Recorder()
-    _fit(_cli(tiny_dir, real_data_dir, *args), 6, [straight], root / "straight")
+    _fit(_cli(tiny_dir, medmnist, *args), 6, [straight], root / "straight")
     saver = HFCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True, merged=True)
-    cli = _cli(tiny_dir, real_data_dir, *args)
+    cli = _cli(tiny_dir, medmnist, *args)
     _fit(cli, 3, [first, saver], root / "first")
     ckpt = root / "ckpt" / "epoch=0-step=3.ckpt"
     trained = cli.model
-    _fit(_cli(tiny_dir, real_data_dir, *args), 6, [resumed], root / "resumed", ckpt_path=str(ckpt))
+    _fit(_cli(tiny_dir, medmnist, *args), 6, [resumed], root / "resumed", ckpt_path=str(ckpt))
     return {"straight": straight, "first": first, "resumed": resumed, "ckpt": ckpt, "module": trained}
 
 
@@ -168,13 +168,13 @@ def test_saved_adapter_and_merged_model_reproduce_the_trained_model(resumed_run:
     assert not any("lora" in k for k in merged.state_dict())
 
 
-def test_config_fast_dev_run_through_the_cli(tiny_dir: Path, real_data_dir: Path, tmp_path: Path) -> None:
+def test_config_fast_dev_run_through_the_cli(tiny_dir: Path, medmnist, tmp_path: Path) -> None:
     args = [
         "fit",
         "--config",
         CONFIG,
         f"--model.init_args.model={tiny_dir}",
-        f"--data.init_args.root={real_data_dir}",
+        *medmnist.cli(),
         "--trainer.fast_dev_run=2",
         f"--trainer.default_root_dir={tmp_path}",
     ]

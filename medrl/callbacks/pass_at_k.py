@@ -132,9 +132,17 @@ class PassAtKCallback(L.Callback):
                 "needs the policy model and its processor (see medrl.rollout.types.PolicyModule)"
             )
         if self.engine is None:
-            self.engine = make_engine(self.engine_kind, pl_module.model, pl_module.processor, **self.engine_options)
-        else:
-            self.engine.sync(pl_module.model)  # a no-op for hf, which generates with the policy itself
+            shared = getattr(pl_module, "rollout_engine", None)
+            engine = shared() if callable(shared) else None
+            if engine is not None and engine.name == self.engine_kind:
+                # One engine, not two: a second vLLM would hold its own copy of the weights and its own KV cache.
+                log.info("Pass@K samples with the module's own %s engine (its engine options apply)", engine.name)
+                self.use_engine(engine)
+            else:
+                # A new engine starts from the policy's current weights: nothing to push yet.
+                self.engine = make_engine(self.engine_kind, pl_module.model, pl_module.processor, **self.engine_options)
+                return self.engine
+        self.engine.sync(pl_module.model)  # a no-op for hf, which generates with the policy itself
         return self.engine
 
     def _items(self, trainer: L.Trainer) -> list[dict[str, Any]]:

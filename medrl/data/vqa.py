@@ -58,11 +58,6 @@ class MCQ:
         """The option letters, e.g. ``"ABCD"``."""
         return "".join(self.options)
 
-    @property
-    def answer_text(self) -> str:
-        """The gold option's text."""
-        return self.options[self.answer]
-
 
 def format_prompt(question: str, options: dict[str, str], instruction: str = INSTRUCTION) -> str:
     """The user turn of the authors' format.

@@ -186,6 +186,11 @@ class GRPOModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self._ensure_engine()
 
+    def rollout_engine(self) -> Engine:
+        """The module's rollout engine, started if need be; the Pass@K callback samples with it when it asks
+        for the same kind, so GRPO and its evaluation share one vLLM (weights and KV cache held once)."""
+        return self._ensure_engine()
+
     def teardown(self, stage: str) -> None:
         if self.engine is not None and self.engine_args.name == "vllm":
             self.engine.close()

@@ -65,8 +65,3 @@ def parse_answer(text: str, letters: str = "ABCD") -> str:
         if candidate in letters:
             return candidate
     return UNPARSEABLE
-
-
-def is_correct(text: str, gold: str, letters: str = "ABCD") -> bool:
-    """True when the parsed letter equals the gold letter (case-insensitive)."""
-    return parse_answer(text, letters) == gold.upper()

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from medrl.core.dtypes import resolve_dtype
+from medrl.core.dtypes import dtype_name, resolve_dtype
 from medrl.core.errors import ConfigError, UserError
 from medrl.core.hashing import json_digest
 
@@ -388,7 +388,7 @@ class QwenVisionEncoder(Encoder):
             "min_max_pixels": list(_size_bounds(ip)) if self.image_size == "native" else [self.image_size**2] * 2,
             "pooling": self.pooling,
             "features": self.features,
-            "dtype": str(self._torch_dtype()).removeprefix("torch."),
+            "dtype": dtype_name(self._torch_dtype()),
             "mean": list(ip.image_mean),
             "std": list(ip.image_std),
         }

@@ -115,6 +115,8 @@ class PolicyModule(Protocol):
     """What a LightningModule exposes so engines and the Pass@K callback can use its policy.
 
     ``model`` is a transformers VLM (possibly a PEFT model wrapping one) and ``processor`` its processor.
+    A module that runs an engine of its own (GRPO) may also offer it as ``rollout_engine() -> Engine``, so the
+    Pass@K callback samples with it instead of starting a second one.
     """
 
     model: torch.nn.Module

@@ -50,3 +50,43 @@ def check_configs(paths: list[str], subcommand: str = "fit"):
         # Called from inside another command, LightningCLI warns that sys.argv differs from `args`: intended here.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return _ParseOnlyCLI(args=args).config
+
+
+# GRPO options that were scalars and are groups now: `engine: vllm` is `engine: {name: vllm}`.
+SCALAR_GROUPS = {"engine": "engine.name", "care": "care.enabled"}
+
+
+def moved_grpo_options(args: list[str]) -> list[tuple[str, str]]:
+    """``(old, new)`` for each flat GRPO option name (from before the options were grouped) that ``args`` use.
+
+    Looks at ``--model.init_args.NAME`` / ``--model.NAME`` flags and at the ``model.init_args`` of every
+    ``--config`` file whose model is :class:`medrl.lit.grpo.GRPOModule`. Used for a hint after a parse error,
+    so an old config says where each option went instead of only that it is unknown.
+    """
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from medrl.lit.grpo_args import MOVED_OPTIONS
+
+    names: list[str] = []
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    grpo = False
+    for path in configs:
+        try:
+            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(model, dict) and str(model.get("class_path", "")).endswith("GRPOModule"):
+            grpo = True
+            init = model.get("init_args") or {}
+            names += [k for k in init if k in MOVED_OPTIONS or (k in SCALAR_GROUPS and not isinstance(init[k], dict))]
+    for arg in args:
+        match = re.match(r"--model\.(?:init_args\.)?(\w+)(?:=|$)", arg)
+        name = match.group(1) if match else ""
+        if (name in MOVED_OPTIONS or name in SCALAR_GROUPS) and (grpo or name != "gradient_checkpointing"):
+            names.append(name)
+    moved = MOVED_OPTIONS | SCALAR_GROUPS
+    return [(name, moved[name]) for name in dict.fromkeys(names)]
