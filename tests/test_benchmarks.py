@@ -354,7 +354,7 @@ def test_grpo_on_a_pmc_subset_with_the_octomed_config_fast_dev_run(suite: Path, 
     cli = MedRLCLI(args=[
         "fit", "--config", str(REPO / "configs/rl_octomed_pmc.yaml"), "--trainer.accelerator", "cpu",
         "--trainer.precision", "32-true", "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
-        "--model.model", str(tiny_dir), "--model.engine.name", "hf", "--model.engine.options", "null",
+        "--model.model", str(tiny_dir), "--model.engine.name", "hf", "--model.engine.options", "{}",
         "--model.dtype", "float32", "--model.optim.gradient_checkpointing", "false",
         "--model.sampling.num_generations", "2", "--model.sampling.max_completion_length", "8",
         "--model.sampling.val_max_new_tokens", "8",
