@@ -10,6 +10,7 @@ own rewards): the share of vowels among the completion's letters.
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -261,34 +262,45 @@ def test_resumed_run_continues_identically(tiny_dir, medmnist, toy_rewards, tmp_
     assert len(rewards_a) == 4 and rewards_b == rewards_a[2:]
 
 
-def test_lora_kl_dapo_mu_and_dynamic_sampling(tiny_dir, medmnist, toy_rewards, tmp_path):
-    # The other branches in one short run: LoRA (KL reference = adapters disabled), beta > 0, token mean over
-    # the batch, two optimizer steps per batch with recomputed old log-probs, and dynamic sampling.
-    module = _module(
-        tiny_dir,
-        finetune="lora",
-        rewards={toy_rewards: 1.0},
-        care=False,
-        beta=0.04,
-        loss_aggregation="dapo",
-        mu=2,
-        old_logprobs="recompute",
-        dynamic_sampling=True,
-        epsilon_high=0.28,
-    )
-    before = _trained(module)
+def _short_run(tiny_dir, medmnist, toy_rewards, tmp_path, **options) -> tuple[GRPOModule, L.Trainer, list[dict]]:
+    """Two batches of GRPO on the dense toy reward (CARE off), with ``options`` on top; returns the logged rows."""
+    module = _module(tiny_dir, rewards={toy_rewards: 1.0}, care=False, **options)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
     trainer.fit(module, _data(medmnist))
+    return module, trainer, [r for r in _metrics(tmp_path) if r.get("train/loss")]
+
+
+def test_lora_trains_only_the_adapters_with_the_disabled_adapters_as_kl_reference(
+    tiny_dir, medmnist, toy_rewards, tmp_path
+):
+    before = _trained(_module(tiny_dir, finetune="lora", rewards={toy_rewards: 1.0}, care=False))
+    module, _, rows = _short_run(tiny_dir, medmnist, toy_rewards, tmp_path, finetune="lora", beta=0.04)
+    after = _trained(module)
+    assert set(after) == set(before) and all("lora_" in n for n in after)
+    assert all(not torch.equal(before[n], after[n]) for n in after)
+    # Step 1: the adapters start at B = 0, so the policy is its reference and the KL is 0; step 2 has moved.
+    assert float(rows[0]["train/kl"]) == pytest.approx(0.0, abs=1e-6) and float(rows[1]["train/kl"]) > 0
+
+
+def test_dapo_aggregation_trains(tiny_dir, medmnist, toy_rewards, tmp_path):
+    module, trainer, rows = _short_run(tiny_dir, medmnist, toy_rewards, tmp_path, loss_aggregation="dapo")
+    assert trainer.global_step == 2 and len(rows) == 2
+    assert all(torch.isfinite(torch.tensor(float(r["train/loss"]))) for r in rows)
+    assert all(float(r["train/grad_norm"]) > 0 for r in rows)
+
+
+def test_mu_two_reuses_rollouts_off_policy_with_recomputed_old_logprobs(tiny_dir, medmnist, toy_rewards, tmp_path):
+    options = dict(mu=2, old_logprobs="recompute", epsilon_high=0.28)  # with DAPO's clip-higher
+    _, trainer, rows = _short_run(tiny_dir, medmnist, toy_rewards, tmp_path, **options)
     assert trainer.global_step == 4  # 2 batches x mu = 2 optimizer steps
-    assert all(n.count("lora_") for n in before) and all(
-        not torch.equal(before[n], p) for n, p in _trained(module).items()
-    )
-    rows = [r for r in _metrics(tmp_path) if r.get("train/kl")]
-    assert len(rows) == 2
-    # The second pass over each batch runs off-policy: the ratio moves away from 1 and the KL from 0.
-    assert all(float(r["train/kl"]) > 0 for r in rows)
-    assert all(float(r["train/ratio_mean"]) != 1.0 for r in rows)
-    assert all(float(r["sampling/kept_groups"]) == 1.0 for r in rows)  # a continuous reward always has signal
+    # The second pass over each batch runs off-policy: the ratio, averaged over both passes, is no longer 1.
+    assert len(rows) == 2 and all(float(r["train/ratio_mean"]) != 1.0 for r in rows)
+
+
+def test_dynamic_sampling_keeps_every_group_of_a_continuous_reward(tiny_dir, medmnist, toy_rewards, tmp_path):
+    _, trainer, rows = _short_run(tiny_dir, medmnist, toy_rewards, tmp_path, dynamic_sampling=True)
+    assert trainer.global_step == 2  # no batch waited: a continuous reward always has signal
+    assert all(float(r["sampling/kept_groups"]) == 1.0 and float(r["sampling/waiting"]) == 0.0 for r in rows)
 
 
 def test_cli_fast_dev_run(tiny_dir, medmnist, tmp_path):
@@ -351,6 +363,32 @@ def test_vllm_engine_receives_the_weights_after_each_step(tiny_dir, medmnist, to
     assert all(abs(float(r["train/ratio_mean"]) - 1) < 0.02 for r in rows)
     rewards = [float(r[f"reward/{toy_rewards}"]) for r in rows]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards
+
+
+@pytest.mark.slow  # vLLM starts in about 30 s on CPU
+def test_pass_at_k_callback_samples_with_the_grpo_modules_own_vllm_engine(tiny_dir, medmnist, tmp_path):
+    # One engine, not two: a second vLLM would hold another copy of the weights and its own KV cache
+    # (bench/engine_sharing.py measures what that costs).
+    from medrl.callbacks.pass_at_k import PassAtKCallback
+
+    module = _module(
+        tiny_dir,
+        engine="vllm",
+        engine_options={"max_model_len": 512, "kv_cache_gib": 0.25},
+        num_generations=2,
+        max_completion_length=8,
+    )
+    callback = PassAtKCallback(engine="vllm", n=2, max_new_tokens=8, batch_size=4, output_dir=str(tmp_path / "pk"))
+    seen: dict[str, bool] = {}
+
+    class Watch(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: GRPOModule) -> None:
+            seen["shared"] = pl_module.engine is not None and callback.engine is pl_module.engine
+
+    _trainer(tmp_path, max_steps=1, callbacks=[callback, Watch()]).fit(module, _data(medmnist))
+    assert seen == {"shared": True} and not callback._owns_engine
+    summary = json.loads((tmp_path / "pk" / "before_training" / "summary.json").read_text())
+    assert summary["metrics"]["all"]["questions"] > 0
 
 
 @pytest.mark.slow  # two spawned processes: 1-2 minutes on 2 busy cores

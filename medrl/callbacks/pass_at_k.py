@@ -21,7 +21,7 @@ from medrl.core.errors import ConfigError
 from medrl.evaluation import ALL, default_ks, sample_and_score, summarise, write_outputs
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import make_engine
-from medrl.rollout.types import PolicyModule, SamplingParams
+from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, PolicyModule, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class PassAtKCallback(L.Callback):
         engine: Literal["hf", "vllm"] = "hf",
         n: int = 16,
         ks: list[int] | None = None,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
+        temperature: float = PASS_AT_K_TEMPERATURE,
+        top_p: float = PASS_AT_K_TOP_P,
         top_k: int = 0,
         max_new_tokens: int = 256,
         every_n_epochs: int = 1,

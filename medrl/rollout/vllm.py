@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medrl.core.dtypes import dtype_name
+from medrl.core.dtypes import dtype_name, resolve_dtype
 from medrl.core.seeds import derive_seed
 from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_completion, prompt_texts
 from medrl.rollout.engine import Engine
@@ -122,7 +122,7 @@ class VLLMEngine(Engine):
         self.banned = banned_token_ids(self.tokenizer)
         on_gpu = torch.cuda.is_available()
         if dtype == "auto":
-            dtype = dtype_name(param_dtype or (torch.bfloat16 if on_gpu else torch.float32))
+            dtype = dtype_name(param_dtype or resolve_dtype("auto"))  # an in-memory policy's own dtype first
         kwargs: dict[str, Any] = dict(
             model=str(path),
             dtype=dtype,

@@ -26,7 +26,7 @@ from medrl.data.mcq_items import MCQItemsDataset
 from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import open_engine
-from medrl.rollout.types import SamplingParams
+from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, SamplingParams
 
 ITEMS, RUN, SCORES = "items.jsonl", "run.json", "scores.json"
 
@@ -132,8 +132,8 @@ def bench_eval(
     max_new_tokens: int = 2048,
     n: int = 0,
     ks: list[int] | None = None,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
+    temperature: float = PASS_AT_K_TEMPERATURE,
+    top_p: float = PASS_AT_K_TOP_P,
     batch_size: int = 32,
     seed: int = 0,
     image_root: str | None = None,

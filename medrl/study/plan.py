@@ -16,6 +16,7 @@ import yaml
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
 from medrl.data.medmnist_files import FLAGS_2D, check_size
+from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
 
 
 @dataclass
@@ -56,8 +57,8 @@ class SupportPlan:
     n: int = 16
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     k: int = 8
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float = PASS_AT_K_TEMPERATURE
+    top_p: float = PASS_AT_K_TOP_P
     max_new_tokens: int = 64
     questions: int = 64
     engine: Literal["hf", "vllm"] = "hf"
