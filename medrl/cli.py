@@ -138,13 +138,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"medrl {verb}: GRPO's options are grouped now (docs/grpo.md): {where}", file=sys.stderr)
             raise
         return 0
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM in the study commands: what ran is recorded
+        print(f"{_command(argv)}: stopped ({str(stop) or 'interrupted'})", file=sys.stderr)
+        return 130
     except Exception as exc:
         cause = user_error_in(exc)
         if is_debug() or cause is None:
             raise
-        command = " ".join(["medrl", *argv[: 2 if isinstance(STUDY_VERBS.get(verb, ("", ""))[1], dict) else 1]])
-        print(f"{command}: error: {_without_prefix(one_line(cause))}", file=sys.stderr)
+        print(f"{_command(argv)}: error: {_without_prefix(one_line(cause))}", file=sys.stderr)
         return 2
+
+
+def _command(argv: list[str]) -> str:
+    """``medrl VERB`` (``medrl data verify`` for a verb with sub-verbs), as the user typed it."""
+    target = STUDY_VERBS.get(argv[0], ("", ""))[1]
+    return " ".join(["medrl", *argv[: 2 if isinstance(target, dict) else 1]])
 
 
 def _without_prefix(message: str) -> str:

@@ -75,6 +75,8 @@ def _module(tiny_dir: Path, **overrides) -> GRPOModule:
             kwargs[name] = value
         elif name == "care":
             groups["care"]["enabled"] = value
+        elif name == "engine":
+            groups["engine"]["name"] = value
         else:
             group, _, field = MOVED_OPTIONS[name].partition(".")
             groups[group][field] = value

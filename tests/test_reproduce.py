@@ -46,7 +46,8 @@ def _small_plan(tmp_path: Path) -> Path:
              "data": {"init_args": {"train_samples": 32, "val_samples": 8, "batch_size": 8}}}},
         rl={"config": "configs/rl.yaml", "overrides": {"trainer": {"max_steps": 2, "val_check_interval": 2},
             "data": {"init_args": {"train_samples": 8, "val_samples": 4, "batch_size": 2}},
-            "model": {"init_args": {"num_generations": 2, "max_completion_length": 8, "val_max_new_tokens": 8}}}},
+            "model": {"init_args": {"sampling": {"num_generations": 2, "max_completion_length": 8,
+                                                "val_max_new_tokens": 8}}}}},
     )  # fmt: skip
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))

@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from medrl.callbacks.checkpoint import Checkpoint
 from medrl.models.lora import is_peft, save_merged, save_pretrained, write_folder
 
 HF_SUFFIX = ".hf"
@@ -33,8 +33,10 @@ def hf_dir(ckpt_path: str | Path) -> Path:
     return path.with_name(path.stem + HF_SUFFIX)
 
 
-class HFCheckpoint(ModelCheckpoint):
+class HFCheckpoint(Checkpoint):
     """``ModelCheckpoint`` that also exports the policy in Hugging Face / PEFT format beside each checkpoint.
+
+    ``last`` (and its export) is always the final step of training (:class:`medrl.callbacks.checkpoint.Checkpoint`).
 
     Args:
         merged: also write the adapter merged into its base model (reloads the base on CPU at each save).

@@ -150,10 +150,17 @@ def parse_file_name(name: str) -> tuple[str, int, bool] | None:
     return None
 
 
+def unreadable(path: Path) -> str:
+    """What to say about a file this process may not read."""
+    return f"cannot read {path.name}: permission denied (give this user read access, e.g. `chmod a+r {path}`)"
+
+
 def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     # allow_pickle=False: a user's file is data, never code.
     try:
         return np.load(path, allow_pickle=False)
+    except PermissionError as exc:  # the data may be fine: never advise deleting it
+        raise MedMNISTFileError(f"{path}: {unreadable(path)}") from exc
     except _READ_ERRORS as exc:
         raise MedMNISTFileError(
             f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc}). The file is truncated or "
@@ -183,7 +190,11 @@ def verify_file(path: str | os.PathLike, flag: str | None = None, size: int | No
     if not path.is_file():
         report.problems.append(f"missing; fetch it with `medrl data fetch --flag {flag} --size {size}`")
         return report
-    report.md5 = md5sum(path)
+    try:
+        report.md5 = md5sum(path)
+    except PermissionError:
+        report.problems.append(unreadable(path))
+        return report
     try:
         npz = _open_npz(path)
     except MedMNISTFileError as exc:

@@ -73,16 +73,18 @@ def moved_grpo_options(args: list[str]) -> list[tuple[str, str]]:
     names: list[str] = []
     configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
     configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    grpo = False
+    models = []
     for path in configs:
         try:
             model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
         except (OSError, yaml.YAMLError, AttributeError):
             continue
-        if isinstance(model, dict) and str(model.get("class_path", "")).endswith("GRPOModule"):
-            grpo = True
-            init = model.get("init_args") or {}
-            names += [k for k in init if k in MOVED_OPTIONS or (k in SCALAR_GROUPS and not isinstance(init[k], dict))]
+        models += [model] if isinstance(model, dict) else []
+    # Later configs often give only init_args (the study's override.yaml): one GRPO class_path covers them all.
+    grpo = any(str(m.get("class_path", "")).endswith("GRPOModule") for m in models)
+    for model in models if grpo else []:
+        init = model.get("init_args") or {}
+        names += [k for k in init if k in MOVED_OPTIONS or (k in SCALAR_GROUPS and not isinstance(init[k], dict))]
     for arg in args:
         match = re.match(r"--model\.(?:init_args\.)?(\w+)(?:=|$)", arg)
         name = match.group(1) if match else ""

@@ -17,6 +17,7 @@ from medrl.data.medmnist_files import FLAGS_2D as FLAGS
 from medrl.rl.recipe import Measurement, RecipeRecord, run_recipe
 from medrl.study.plan import TrainPlan, claim_run_dir, load_plan
 from medrl.study.reproduce import PLANS
+from medrl.study.runner import run_lock, stop_on_sigterm
 from medrl.study.stages import PMC_PREFIX, Study, exported_model, target_slug
 
 
@@ -87,36 +88,39 @@ def recipe(
         rl=TrainPlan(rl_config, {}) if rl_config else base.rl,
     )
     run_dir = Path(out or f"runs/recipe-{target_slug(target)}")
-    claim_run_dir(run_dir, study_plan, "medrl recipe")
-    study = Study(study_plan, run_dir, root=root, pmc_root=pmc_root)
-    print(f"medrl recipe: {study_plan.model} on {target} (tau {study_plan.tau} on Pass@{support.k}) -> {run_dir}")
-    study.resolve_data()
-    labels = {study_plan.model: "base"}
+    with run_lock(run_dir, f"medrl recipe --target {target} --out {run_dir}"), stop_on_sigterm():
+        claim_run_dir(run_dir, study_plan, "medrl recipe")
+        study = Study(study_plan, run_dir, root=root, pmc_root=pmc_root)
+        print(f"medrl recipe: {study_plan.model} on {target} (tau {study_plan.tau} on Pass@{support.k}) -> {run_dir}")
+        study.resolve_data()
+        labels = {study_plan.model: "base"}
 
-    def measure(model_path: str, step: str) -> Measurement:
-        label = labels[model_path]
-        if not (study.eval_dir(label, target) / "summary.json").is_file():
-            print(f"  measuring {label} on {target}: {support.questions} questions x {support.n} samples")
-            study.evaluate(model_path, label, target)
-        found = study.measurement(label, target, step)
-        print(f"  {step}: Acc@1 {found.acc1:.3f}, Pass@{support.k} {found.support(support.k):.3f}")
-        return found
+        def measure(model_path: str, step: str) -> Measurement:
+            label = labels[model_path]
+            if not (study.eval_dir(label, target) / "summary.json").is_file():
+                print(f"  measuring {label} on {target}: {support.questions} questions x {support.n} samples")
+                study.evaluate(model_path, label, target)
+            found = study.measurement(label, target, step)
+            print(f"  {step}: Acc@1 {found.acc1:.3f}, Pass@{support.k} {found.support(support.k):.3f}")
+            return found
 
-    def train(kind: str, label: str, flag: str, start: str) -> str:
-        if exported_model(study.train_dir(label)) is None:
-            print(f"  {kind.upper()} {label} on {flag} from {labels[start]} (log: {study.train_dir(label)}/fit.log)")
-            study.train(kind, label, flag, start)
-        path = study.model_path(label)
-        labels[path] = label
-        return path
+        def train(kind: str, label: str, flag: str, start: str) -> str:
+            if exported_model(study.train_dir(label)) is None:
+                print(
+                    f"  {kind.upper()} {label} on {flag} from {labels[start]} (log: {study.train_dir(label)}/fit.log)"
+                )
+                study.train(kind, label, flag, start)
+            path = study.model_path(label)
+            labels[path] = label
+            return path
 
-    record: RecipeRecord = run_recipe(
-        target, study_plan.model, measure,
-        sft=lambda current, rnd: train("sft", f"sft_{rnd}", bridge, current),
-        rl=lambda current: train("rl", f"rl_{labels[current]}", target, current),
-        tau=study_plan.tau, k=support.k, out=run_dir, max_sft_rounds=max_sft_rounds,
-    )  # fmt: skip
-    for decision in record.decisions:
-        print(f"  decision {decision.action}: {decision.reason}")
-    print(f"final model: {record.final_model}\nwrote {run_dir / 'recipe.json'} and {run_dir / 'recipe.md'}")
-    return 0
+        record: RecipeRecord = run_recipe(
+            target, study_plan.model, measure,
+            sft=lambda current, rnd: train("sft", f"sft_{rnd}", bridge, current),
+            rl=lambda current: train("rl", f"rl_{labels[current]}", target, current),
+            tau=study_plan.tau, k=support.k, out=run_dir, max_sft_rounds=max_sft_rounds,
+        )  # fmt: skip
+        for decision in record.decisions:
+            print(f"  decision {decision.action}: {decision.reason}")
+        print(f"final model: {record.final_model}\nwrote {run_dir / 'recipe.json'} and {run_dir / 'recipe.md'}")
+        return 0

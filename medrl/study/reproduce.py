@@ -12,7 +12,7 @@ from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
 from medrl.study.plan import StudyPlan, claim_run_dir, load_plan
 from medrl.study.runcard import run_card
-from medrl.study.runner import Stage, StageRunner, json_has_keys
+from medrl.study.runner import Stage, StageRunner, json_has_keys, run_lock, stop_on_sigterm
 from medrl.study.stages import Study
 
 PLANS = Path(__file__).resolve().parents[2] / "configs" / "study"
@@ -111,15 +111,17 @@ def reproduce(
     forced = _forced(stages, force)
     if dry_run:
         return _dry_run(study, stages, plan_path)
-    claim_run_dir(run_dir, study_plan, "medrl reproduce")
-    start = time.perf_counter()
-    print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
-    try:
-        StageRunner(run_dir, resume_hint=f"medrl reproduce --plan {plan_path} --out {run_dir}").run(stages, forced)
-    except Exception:
-        return 1  # the runner has printed the error, the end of its traceback and the command that resumes
-    finally:
-        write_run_card(run_dir, study_plan)  # also after a failure: what ran, on what, with which versions
+    resume = f"medrl reproduce --plan {plan_path} --out {run_dir}"
+    with run_lock(run_dir, resume), stop_on_sigterm():
+        claim_run_dir(run_dir, study_plan, "medrl reproduce")
+        start = time.perf_counter()
+        print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
+        try:
+            StageRunner(run_dir, resume_hint=resume).run(stages, forced)
+        except Exception:
+            return 1  # the runner has printed the error, the end of its traceback and the command that resumes
+        finally:
+            write_run_card(run_dir, study_plan)  # also after a failure: what ran, on what, with which versions
     print(f"report: {run_dir / 'report.md'} ({time.perf_counter() - start:.0f}s)")
     return 0
 

@@ -10,17 +10,29 @@ to resume.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console
 
+from medrl.core.errors import UserError
 from medrl.core.io import atomic_write_json
+
+# A stage recorded as running (started, not finished) or failed is redone, whatever its outputs say: they may
+# be a set-aside model's, or half of a new one's.
+UNFINISHED = ("running", "failed")
 
 
 def outputs_exist(paths: Sequence[Path]) -> bool:
@@ -100,16 +112,28 @@ class StageRunner:
             outputs = ", ".join(
                 str(p.relative_to(self.out)) if p.is_relative_to(self.out) else str(p) for p in stage.outputs
             )
-            finished = records.get(stage.name, {}).get("finished", 0.0)
+            record = records.get(stage.name, {})
+            finished = record.get("finished", 0.0)
             upstream = [name for name in stage.after if records.get(name, {}).get("finished", 0.0) > finished]
+            interrupted = record.get("status") in UNFINISHED
             done = stage.done()
-            if done and stage.name not in force and not upstream:
+            if done and stage.name not in force and not upstream and not interrupted:
                 self.console.print(f"{head}\n    [green]done already[/] ({outputs}); skipping")
                 continue
             self.console.print(f"{head}\n    writes: {outputs}")
             if done:
-                why = "forced" if stage.name in force else f"{', '.join(upstream)} ran since it last did"
+                why = (
+                    "forced"
+                    if stage.name in force
+                    else f"{', '.join(upstream)} ran since it last did"
+                    if upstream
+                    else f"it was {record['status']} when the last run stopped"
+                )
                 self.console.print(f"    [yellow]rerunning[/]: {why}")
+            # Recorded before anything is reset or written: a kill from here on leaves the stage marked
+            # unfinished, so the next run redoes it (and, through `after`, everything that reads it).
+            records[stage.name] = {"status": "running", "started": time.time()}
+            self._record(records)
             start = time.perf_counter()
             try:
                 if done and stage.reset is not None:
@@ -136,3 +160,81 @@ class StageRunner:
             self.console.print(f"    [green]done in {seconds:.1f}s[/]")
         self.console.print(f"all {len(stages)} stages finished; this run took {time.perf_counter() - total:.1f}s")
         return records
+
+
+@contextmanager
+def run_lock(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold ``RUN/.lock`` while a command writes into ``run_dir``; a second command on it is refused.
+
+    The lock is an ``flock`` on an open file: the kernel drops it when its holder exits in any way (``kill
+    -9`` included), so a stale lock never blocks a rerun.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        os.close(fd)
+        raise UserError(
+            f"{run_dir} is in use by {holder}: wait for it to finish (or stop it), then rerun `{command}`; "
+            "two runs in one folder would overwrite each other"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{command} (pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was asked to stop (SIGTERM); it stops like on Ctrl-C: the stage is recorded, the hint printed."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Stopped` for the block, so a stopped run says how to resume."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def setup() -> None:
+        if sys.platform.startswith("linux"):
+            # PR_SET_PDEATHSIG (1): the kernel sends the child SIGTERM when its parent dies, even by kill -9.
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return setup
+
+
+def run_child(command: Sequence[str], cwd: Path, log: IO[bytes] | IO[str], grace: float = 30.0) -> int:
+    """Run a stage's subprocess (``medrl fit``) that never outlives this process; returns its exit code.
+
+    Killed with this process (``kill -9`` included, through the parent-death signal), and stopped first
+    (SIGTERM, then SIGKILL after ``grace`` seconds) when this process is interrupted, so no training goes
+    on writing into a run folder that nothing watches.
+    """
+    proc = subprocess.Popen(
+        list(command), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid())
+    )
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from medrl.core.io import atomic_write_json, atomic_write_text
 from medrl.data import medmnist_files as mf
 from medrl.rl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan
-from medrl.study.runner import Stage, json_has_keys
+from medrl.study.runner import Stage, json_has_keys, run_child
 
 PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
 
@@ -205,11 +204,11 @@ class Study:
         command = [sys.executable, "-m", "medrl.cli", "fit", "--config", train.config, "--config", str(override_path)]
         atomic_write_text(folder / "command.txt", " ".join(command) + "\n")
         with open(folder / "fit.log", "w") as log:
-            result = subprocess.run(command, cwd=self.repo, stdout=log, stderr=subprocess.STDOUT)
-        if result.returncode != 0:
+            returncode = run_child(command, self.repo, log)
+        if returncode != 0:
             tail = (folder / "fit.log").read_text().splitlines()[-15:]
             raise RuntimeError(
-                f"`medrl fit` for {model_label} exited {result.returncode}; log {folder}/fit.log:\n" + "\n".join(tail)
+                f"`medrl fit` for {model_label} exited {returncode}; log {folder}/fit.log:\n" + "\n".join(tail)
             )
         self.model_path(model_label)  # fails clearly when the export is missing
 
@@ -227,11 +226,12 @@ class Study:
         def reset() -> None:
             # Rerunning a finished stage trains anew; the previous run is set aside (outside train/, where the
             # report looks), not deleted.
-            folder = self.train_dir(label)
-            if folder.exists():
-                aside = self.out / "replaced" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                folder.rename(aside)
+            # Its evaluation goes with it: it measured the set-aside model, not the one about to be trained.
+            aside = self.out / "replaced" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+            for part, moved in ((self.train_dir(label), aside), (self.eval_dir(label, flag), aside / "eval")):
+                if part.exists():
+                    moved.parent.mkdir(parents=True, exist_ok=True)
+                    part.rename(moved)
 
         what = "SFT" if kind == "sft" else f"GRPO from the {start} model"
         return Stage(
