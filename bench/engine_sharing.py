@@ -3,9 +3,10 @@
 Each variant runs in a fresh process: GRPO with ``engine.name: vllm`` on ``tiny`` plus ``PassAtKCallback``
 on ``vllm`` (one training step with its validation, ``fast_dev_run``). ``shared`` is medrl as it is: the
 callback samples with the module's engine. ``separate`` hides the module's engine from the callback, which
-then starts a second one (medrl before the engines were shared). Peak memory is the largest sum of the
-resident set sizes of the process and its children (vLLM may run its engine core in a child), sampled
-every 50 ms.
+then starts a second one (medrl before the engines were shared). Peak memory is the largest sum over the
+process and its children (vLLM may run its engine core in a child), sampled every 50 ms: resident (RSS)
+and virtual. On CPU vLLM's KV cache is allocated but mostly never touched at this size, so it shows in the
+virtual size, not the resident one; on a GPU it is ``gpu_memory_utilization`` of the card, per engine.
 
     python bench/engine_sharing.py               # both variants, a table on stdout, JSON with --json FILE
 """
@@ -24,21 +25,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """``(rss, vms)`` summed over the process and its children, in bytes."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    rss = vms = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        rss, vms = rss + info.rss, vms + info.vms
+    return rss, vms
 
 
 def child(variant: str, kv_cache_gib: float) -> dict[str, float | int | str]:
@@ -80,12 +83,13 @@ def child(variant: str, kv_cache_gib: float) -> dict[str, float | int | str]:
     callback = PassAtKCallback(engine="vllm", n=2, max_new_tokens=8, batch_size=4, engine_options=options)
     root = tempfile.mkdtemp(prefix="medrl-engine-sharing-")  # a synthetic file is written there on first use
     data = PneumoniaMNIST(root=root, synthetic=True, mode="vqa", batch_size=2, train_samples=4, val_samples=2)
-    peak = [0]
+    peak = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(os.getpid()))
+            rss, vms = _tree_memory(os.getpid())
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], vms)
             time.sleep(0.05)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -97,7 +101,8 @@ def child(variant: str, kv_cache_gib: float) -> dict[str, float | int | str]:
     seconds = time.perf_counter() - start
     done.set()
     thread.join()
-    return {"variant": variant, "engines_started": len(started), "peak_rss_gib": peak[0] / 2**30, "seconds": seconds}
+    return {"variant": variant, "engines_started": len(started), "peak_rss_gib": peak[0] / 2**30,
+            "peak_vms_gib": peak[1] / 2**30, "seconds": seconds}  # fmt: skip
 
 
 def main() -> int:
@@ -117,10 +122,11 @@ def main() -> int:
             print(out.stderr[-4000:], file=sys.stderr)
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print("| variant | vLLM engines started | peak RSS (GiB) | wall (s) |")
-    print("|---|---|---|---|")
+    print("| variant | vLLM engines started | peak RSS (GiB) | peak virtual (GiB) | wall (s) |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['engines_started']} | {r['peak_rss_gib']:.2f} | {r['seconds']:.1f} |")
+        cells = f"{r['peak_rss_gib']:.2f} | {r['peak_vms_gib']:.1f} | {r['seconds']:.1f}"
+        print(f"| {r['variant']} | {r['engines_started']} | {cells} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

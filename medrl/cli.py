@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from medrl.core.env import DEBUG_ENV, is_debug
 from medrl.core.errors import one_line, user_error_in
-from medrl.study.configs import MedRLCLI, moved_grpo_options
+from medrl.study.configs import MedRLCLI, check_checkpoint, check_yaml_files, ckpt_path_of, moved_grpo_options
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an explicit
         # argv (tests, other commands) is passed through.
+        check_yaml_files([argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"])
+        check_checkpoint(ckpt_path_of(argv))  # LightningCLI reads the checkpoint's hyperparameters first
         try:
             MedRLCLI(args=None if from_command_line else argv)
         except SystemExit as stop:

@@ -57,3 +57,32 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Atomic JSON-lines write, one object per line."""
     return atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def umask_modes(root: str | os.PathLike) -> Path:
+    """Give a folder built through ``mkdtemp`` (0700) and everything in it the modes a plain ``mkdir`` and
+    ``open`` would: folders ``0777``, files ``0666``, less the umask. Exported and cached models then share
+    like every other output."""
+    root = Path(root)
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return root
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's content; a syntax error names the file, line and column (yaml alone says
+    ``<unicode string>`` when given the text)."""
+    import yaml
+
+    from medrl.core.errors import ConfigError
+
+    text = Path(path).read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}; fix the file and rerun") from exc

@@ -217,7 +217,7 @@ def read_jsonl_items(
     report = ValidationReport(str(path))
     parsed: list[tuple[int, int, MCQItem]] = []
     seen: dict[tuple[str, int], int] = {}
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: an editor's byte-order mark must not cost row 0
         for row_no, line in enumerate(fh):
             if not line.strip():
                 continue

@@ -11,6 +11,7 @@ VQA format of ``MedMNISTDataModule(mode="vqa")``, so SFT, GRPO and the Pass@K ca
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import string
@@ -38,6 +39,9 @@ DATASET_NAME = "pmc_vqa"
 # The official files pad values with spaces, and some with stray quotes or non-breaking spaces.
 _PAD = string.whitespace + "'\"\xa0\u200a"
 _PREFIX = re.compile(r"^([A-Za-z])\s*:(.*)$", re.DOTALL)
+
+
+log = logging.getLogger(__name__)
 
 
 class PMCVQAError(UserError, ValueError):
@@ -117,8 +121,16 @@ def parse_pmc_row(row: dict[str, Any], index: int, dataset_name: str = DATASET_N
 
 def csv_header(path: str | os.PathLike) -> list[str]:
     """The column names of a CSV (stripped of the padding the official files have)."""
-    with Path(path).open(encoding="utf-8-sig", newline="") as fh:
-        return [h.strip() for h in next(csv.reader(fh), [])]
+    with Path(path).open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        return [_recode(h).strip() for h in next(csv.reader(fh), [])]
+
+
+def _recode(value: str) -> str:
+    """A field read with ``surrogateescape``: bytes that were not UTF-8 are read again as Windows-1252 (what a
+    spreadsheet saves), so one stray byte costs neither the row nor the file."""
+    if not any("\udc80" <= c <= "\udcff" for c in value):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("cp1252", errors="replace")
 
 
 def read_pmc_rows(path: str | os.PathLike) -> list[tuple[int, int, dict[str, str]]]:
@@ -126,7 +138,7 @@ def read_pmc_rows(path: str | os.PathLike) -> list[tuple[int, int, dict[str, str
     path = Path(path)
     if not path.is_file():
         raise PMCVQAError(f"{path} does not exist: put the official PMC-VQA CSV there or pass its path")
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in reader.fieldnames or []]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -136,7 +148,20 @@ def read_pmc_rows(path: str | os.PathLike) -> list[tuple[int, int, dict[str, str
                 f"test.csv / test_clean.csv with columns {list(REQUIRED_COLUMNS)}"
             )
         reader.fieldnames = header  # the official headers are sometimes padded with spaces too
-        return [(i, reader.line_num, row) for i, row in enumerate(reader)]
+        rows, recoded = [], []
+        for i, row in enumerate(reader):
+            fixed = {k: _recode(v) if isinstance(v, str) else v for k, v in row.items()}
+            if fixed != row:
+                recoded.append(reader.line_num)
+            rows.append((i, reader.line_num, fixed))
+    if recoded:
+        log.warning(
+            "%s: %d row(s) are not UTF-8 (line %s); read as Windows-1252. Save the file as UTF-8 to silence this",
+            path,
+            len(recoded),
+            ", ".join(map(str, recoded[:10])) + (" ..." if len(recoded) > 10 else ""),
+        )
+    return rows
 
 
 def read_pmc_csv(

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from medrl.core.errors import ConfigError
+from medrl.core.io import umask_modes
 
 LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VisionTraining = Literal["frozen", "projector", "all"]
@@ -132,6 +133,7 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(tmp)
+        umask_modes(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
             target.rename(old / target.name)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from medrl.core.env import cache_dir
+from medrl.core.env import CACHE_ENV, cache_dir
+from medrl.core.errors import UserError
+from medrl.core.io import umask_modes
 from medrl.models.tiny_corpus import CORPUS
 
 # Bump when anything below changes what gets built, so stale cached copies are rebuilt.
@@ -180,12 +182,20 @@ def tiny_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     target = base / f"tiny-qwen2.5-vl-v{TINY_VERSION}-seed{seed}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{target.name}."))
+    except PermissionError as exc:
+        where = f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if root is None and os.environ.get(CACHE_ENV) else str(base)
+        raise UserError(
+            f"cannot build the tiny model in {base}: {where} is not writable; point {CACHE_ENV} at a folder you "
+            f"can write (e.g. `export {CACHE_ENV}=$HOME/.cache/medrl`)"
+        ) from exc
     model, processor = build_tiny(seed)
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{target.name}."))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        umask_modes(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race: keep its copy

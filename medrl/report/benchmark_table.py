@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from medrl.core.tables import markdown_table
-from medrl.data.benchmarks import benchmark_order
+from medrl.data.benchmarks import BENCHMARKS, benchmark_order
 from medrl.metrics.answers import UNPARSEABLE
 from medrl.metrics.pass_at_k import pass_at_k
 
@@ -33,8 +34,12 @@ def metric_names(ks: Sequence[int]) -> list[str]:
     return ["acc@1", *(f"pass@{k}" for k in sorted(set(ks)))]
 
 
-def score(results: Iterable[Mapping[str, Any]], ks: Sequence[int] = ()) -> dict[str, Any]:
-    """Scores per benchmark and their mean.
+def score(results: Iterable[Mapping[str, Any]], ks: Sequence[int] = (), mean_of_all: bool = False) -> dict[str, Any]:
+    """Scores per benchmark and their mean over the paper's six (``mean_of_all``: over every benchmark).
+
+    A benchmark outside the six (a ``dataset_name`` the suite does not know) is scored on its own but kept
+    out of the mean, which would otherwise stop being comparable with the published six-benchmark means;
+    ``outside_mean`` lists such benchmarks so the caller can say so.
 
     Args:
         results: per-item rows as :func:`medrl.evaluation.sample_and_score` makes them, plus ``benchmark``:
@@ -44,7 +49,7 @@ def score(results: Iterable[Mapping[str, Any]], ks: Sequence[int] = ()) -> dict[
 
     Returns:
         ``{"benchmarks": [...], "per_benchmark": {name: {"n_items", "acc@1", "pass@k"..., "format_failures"}},
-        "mean": {metric: value}}``; values are fractions in [0, 1].
+        "mean": {metric: value}, "outside_mean": [...]}``; values are fractions in [0, 1].
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in results:
@@ -63,8 +68,11 @@ def score(results: Iterable[Mapping[str, Any]], ks: Sequence[int] = ()) -> dict[
             for k in sorted(set(ks)):
                 entry[f"pass@{k}"] = sum(pass_at_k(int(r["n"]), int(r["correct"]), k) for r in rows) / len(rows)
         per[name] = entry
-    mean = {m: sum(per[b][m] for b in names) / len(names) for m in [*metrics, "format_failures"]} if names else {}
-    return {"benchmarks": names, "per_benchmark": per, "mean": mean}
+    averaged = names if mean_of_all else [b for b in names if b in BENCHMARKS]
+    keys = [*metrics, "format_failures"]
+    mean = {m: sum(per[b][m] for b in averaged) / len(averaged) if averaged else math.nan for m in keys}
+    outside = [b for b in names if b not in averaged]
+    return {"benchmarks": names, "per_benchmark": per, "mean": mean, "outside_mean": outside}
 
 
 def table_rows(scores: Mapping[str, Mapping[str, Any]], published: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -84,12 +92,13 @@ def table_rows(scores: Mapping[str, Mapping[str, Any]], published: bool = False)
         metrics = [m for m in s["mean"] if m != "format_failures"]
         for metric in metrics:
             cells = [f"{100 * s['per_benchmark'][b][metric]:.2f}" if b in s["per_benchmark"] else "-" for b in names]
-            rows.append([run, metric, *cells, f"{100 * s['mean'][metric]:.2f}"])
+            value = s["mean"][metric]
+            rows.append([run, metric, *cells, "-" if math.isnan(value) else f"{100 * value:.2f}"])
     if published:
         for run, values in PUBLISHED.items():
             cells = [f"{values[b]:.2f}" if b in values else "-" for b in names]
             # The published mean is over the six benchmarks; over a subset it would not be comparable.
-            mean = f"{sum(values.values()) / len(values):.2f}" if set(names) == set(values) else "-"
+            mean = f"{sum(values.values()) / len(values):.2f}" if set(values) <= set(names) else "-"
             rows.append([run, "acc@1", *cells, mean])
     return header, rows
 

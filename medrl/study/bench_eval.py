@@ -20,7 +20,7 @@ from rich.table import Table
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.seeds import derive_seed
-from medrl.data.benchmarks import BenchmarkSuiteDataModule
+from medrl.data.benchmarks import BENCHMARKS, BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
 from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
@@ -146,6 +146,7 @@ def bench_eval(
     keep_texts: bool = False,
     published: bool = True,
     resume: bool = True,
+    mean_of_all: bool = False,
 ) -> int:
     """Evaluate a model on the six-benchmark suite: greedy Acc@1 per benchmark and the mean (+ Pass@K).
 
@@ -174,6 +175,7 @@ def bench_eval(
         keep_texts: store every sampled completion's text in items.jsonl (greedy texts are always kept).
         published: add the published rows (the paper's model, Qwen2.5-VL-7B) to the table.
         resume: continue an interrupted evaluation in ``out`` (false: start over).
+        mean_of_all: average every benchmark in the suite (default: the six only; others are scored apart).
     """
     from medrl.evaluation import default_ks
 
@@ -201,7 +203,11 @@ def bench_eval(
     with open_engine(engine, model, seed, device, dtype, engine_options) as runner:
         rows = evaluate_items(runner, dataset, params, out_dir, batch_size, keep_texts)
     label = name or model
-    scores = score(rows, ks)
+    scores = score(rows, ks, mean_of_all=mean_of_all)
+    if scores["outside_mean"]:
+        print(f"medrl bench-eval: warning: {', '.join(scores['outside_mean'])} not among the six benchmarks "
+              f"({', '.join(BENCHMARKS)}): scored, but kept out of the mean (--mean_of_all true adds them)",
+              file=sys.stderr)  # fmt: skip
     atomic_write_json(out_dir / SCORES, {"model": label, "ks": ks, **scores, "validation": [
         r.to_dict(examples=20) for r in data.reports]})  # fmt: skip
     header, table = table_rows({label: scores}, published=published)

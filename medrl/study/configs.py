@@ -6,13 +6,80 @@ way in the main process, in spawned DDP workers and in vLLM's engine process.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from medrl.core.errors import ConfigError, UserError
+from medrl.core.io import load_yaml
+
+# --ckpt_path values Lightning resolves itself.
+_NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
+
+
+def check_yaml_files(paths: list[str]) -> None:
+    """Each ``--config`` file parses as YAML; a syntax error names the file, line and column.
+
+    (jsonargparse reads the text first and then reports the error against ``<unicode string>``.)
+    """
+    for path in paths:
+        if Path(path).is_file():  # a missing one: jsonargparse says so, naming it
+            load_yaml(path)
+
+
+def ckpt_path_of(args: list[str]) -> str | None:
+    """The ``--ckpt_path`` of a command line (either spelling), or None."""
+    for i, arg in enumerate(args):
+        if arg == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_checkpoint(ckpt_path: str | os.PathLike | None) -> None:
+    """``--ckpt_path`` names a complete checkpoint: a non-empty zip (``torch.save``) or a sharded folder."""
+    if ckpt_path is None or str(ckpt_path) in _NAMED_CHECKPOINTS:
+        return
+    path = Path(ckpt_path)
+    if path.is_dir():
+        return  # a distributed (FSDP) checkpoint: a folder of shards Lightning checks itself
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {path}: no such file; pass a checkpoint written by this run (e.g. last.ckpt)")
+    if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        raise UserError(
+            f"--ckpt_path {path} is not a complete checkpoint ({size} bytes, not a torch zip archive): it was cut "
+            "short while being written or copied; resume from an earlier checkpoint of the run"
+        )
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """``folder`` (made if need be) accepts a new file; else one line naming it, before any training step."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".medrl-write-check-"):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"cannot write {what} to {path}: {exc.strerror or exc}; pass a folder you can write to "
+            "(it is checked before the first step so no training is lost at the first save)"
+        ) from exc
+
 
 class MedRLCLI(LightningCLI):
-    """LightningCLI with medrl's defaults: any LightningModule and DataModule by class path, configs saved."""
+    """LightningCLI with medrl's defaults: any LightningModule and DataModule by class path, configs saved.
+
+    Before it builds anything it checks what would otherwise fail late or unclearly: a learning rate below
+    zero; before a fit, that every output folder (checkpoints, logs, Pass@K outputs) is writable. (``medrl``
+    checks ``--ckpt_path`` before this class reads the checkpoint's hyperparameters.)
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -24,6 +91,39 @@ class MedRLCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _settings(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Option values torch would reject only when training starts, rejected now with their names."""
+        optimizer = self._settings().get("optimizer")
+        lr = (optimizer or {}).get("init_args", {}).get("lr") if optimizer else None
+        if isinstance(lr, int | float) and lr < 0:
+            raise ConfigError(f"--optimizer.init_args.lr must be >= 0, got {lr}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit":
+            for folder, what in _output_folders(self.trainer):
+                check_writable(folder, what)
+        super()._run_subcommand(subcommand)
+
+
+def _output_folders(trainer: Any) -> list[tuple[Path, str]]:
+    """Where a fit will write: the run folder, checkpoint dirpaths, the logger's folder, Pass@K outputs."""
+    folders = [(Path(trainer.default_root_dir), "the run (trainer.default_root_dir)")]
+    for callback in trainer.callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            folders.append((Path(dirpath), f"checkpoints ({type(callback).__name__}.dirpath)"))
+        output_dir = getattr(callback, "output_dir", None)
+        if output_dir:
+            folders.append((Path(output_dir), f"Pass@K outputs ({type(callback).__name__}.output_dir)"))
+    for logger in trainer.loggers:
+        root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+        if root:
+            folders.append((Path(root), f"logs ({type(logger).__name__})"))
+    return folders
 
 
 class _ParseOnlyCLI(MedRLCLI):

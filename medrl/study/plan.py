@@ -11,10 +11,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from medrl.core.errors import ConfigError
-from medrl.core.io import atomic_write_json
+from medrl.core.io import atomic_write_json, load_yaml
 from medrl.data.medmnist_files import FLAGS_2D, check_size
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
 
@@ -137,7 +135,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def load_plan(path: str | Path) -> StudyPlan:
     """Read and validate a plan file; errors name the file and the offending key."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a study plan is a YAML mapping")
     for key in ("sft", "rl"):

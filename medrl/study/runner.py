@@ -98,6 +98,25 @@ class StageRunner:
         default_factory=lambda: Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     )
 
+    def _read_records(self, path: Path) -> dict:
+        """The stage records; a damaged ``stages.json`` is set aside and rebuilt from the outputs, which are
+        checked anyway (a stage whose outputs pass is done; the others run)."""
+        if not path.is_file():
+            return {}
+        try:
+            records = json.loads(path.read_text())
+            if isinstance(records, dict):
+                return records
+        except (OSError, ValueError):
+            pass
+        aside = path.with_name(f"stages.damaged-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        path.rename(aside)
+        self.console.print(
+            f"[yellow]{path} is damaged (not a JSON object); set aside as {aside.name}[/]: stage records are "
+            "rebuilt from the outputs, which every stage checks"
+        )
+        return {}
+
     def _record(self, records: dict) -> None:
         atomic_write_json(self.out / "stages.json", records)
 
@@ -105,7 +124,7 @@ class StageRunner:
         """Run (or skip) every stage; stop at the first failure. Returns the per-stage records."""
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "stages.json"
-        records: dict = json.loads(path.read_text()) if path.is_file() else {}
+        records = self._read_records(path)
         total = time.perf_counter()
         for i, stage in enumerate(stages, 1):
             head = f"[bold]{i}/{len(stages)} {stage.name}[/]: {stage.purpose}"
@@ -119,6 +138,9 @@ class StageRunner:
             done = stage.done()
             if done and stage.name not in force and not upstream and not interrupted:
                 self.console.print(f"{head}\n    [green]done already[/] ({outputs}); skipping")
+                if stage.name not in records:  # a rebuilt record: in stage order, so nothing looks newer
+                    records[stage.name] = {"status": "done", "outputs": outputs, "finished": time.time()}
+                    self._record(records)
                 continue
             self.console.print(f"{head}\n    writes: {outputs}")
             if done:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -202,7 +203,7 @@ class Study:
         override_path = folder / "override.yaml"
         atomic_write_text(override_path, yaml.safe_dump(override, sort_keys=False))
         command = [sys.executable, "-m", "medrl.cli", "fit", "--config", train.config, "--config", str(override_path)]
-        atomic_write_text(folder / "command.txt", " ".join(command) + "\n")
+        atomic_write_text(folder / "command.txt", shlex.join(command) + "\n")  # pastes back, spaces and all
         with open(folder / "fit.log", "w") as log:
             returncode = run_child(command, self.repo, log)
         if returncode != 0:
