@@ -113,9 +113,10 @@ def _assert_same_step(one: dict, many: list[dict], lr: float) -> None:
         assert max(d.abs().max().item() for d in step.values()) > lr / 2  # the step moved the weights
         for name, delta in step.items():
             # AdamW's first step is about lr x sign(grad), so where a gradient is ~0 float32 noise can move an
-            # element by a fraction of lr; 2 % of lr is far below any real difference (a whole lr).
+            # element by a fraction of lr (measured on the real PneumoniaMNIST files: 4 % of lr, on 1 of
+            # 32,768 elements of one SFT weight); 10 % of lr is far below any real difference (a whole lr).
             torch.testing.assert_close(
-                record["weights"][1][name] - one["weights"][0][name], delta, rtol=0, atol=lr / 50
+                record["weights"][1][name] - one["weights"][0][name], delta, rtol=0, atol=lr / 10
             )
 
 

@@ -23,6 +23,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
+from medrl.core.budget import PromptBudget
 from medrl.core.errors import UserError
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.mcq_items import MCQItem, MCQItemsDataset, ValidationReport, check_images, seeded_subset
@@ -241,6 +242,7 @@ def read_jsonl_items(
             if problems:
                 report.drop(row_no, row_no + 1, problems)
             else:
+                item.meta["_line"] = row_no + 1  # type: ignore[union-attr]
                 parsed.append((row_no, row_no + 1, item))  # type: ignore[arg-type]
     image_problems = check_images(store, [it.images for _, _, it in parsed], image_check, description=path.name)
     items = []
@@ -300,6 +302,13 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
             items = per_benchmark_subset(items, self.samples_per_benchmark, self.seed)
             self._dataset = MCQItemsDataset(items, stores, self.instruction, self.system_prompt)
         return self._dataset
+
+    def apply_prompt_budget(self, budget: PromptBudget) -> int:
+        """Drop the items whose prompt is over ``budget`` (reported as ``too_long``); returns how many."""
+        dropped = self.dataset().apply_budget(budget, self.reports)
+        if dropped:
+            log.warning("%d suite item(s) over the prompt budget of %d tokens dropped", dropped, budget.max_tokens)
+        return dropped
 
     def setup(self, stage: str | None = None) -> None:
         """Read the suite."""

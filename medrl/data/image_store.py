@@ -118,6 +118,11 @@ class ImageStore:
         with Image.open(io.BytesIO(self.read_bytes(name))) as image:
             return image.convert("RGB")
 
+    def size(self, name: str) -> tuple[int, int]:
+        """``(height, width)`` of image ``name``, read from its header (the pixels are not decoded)."""
+        with Image.open(io.BytesIO(self.read_bytes(name))) as image:
+            return image.height, image.width
+
     def check(self, name: str, level: ImageCheck = "decode") -> tuple[str, str] | None:
         """None when image ``name`` passes ``level``; else ``(reason, detail)`` for a validation report."""
         if level == "none":
@@ -132,6 +137,23 @@ class ImageStore:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
             return "bad_image", f"{name!r} cannot be decoded ({type(exc).__name__}: {exc})"
         return None
+
+
+def tiled_size(sizes: list[tuple[int, int]], max_side: int = 1344) -> tuple[int, int]:
+    """``(height, width)`` that :func:`tile` gives images of these ``(height, width)`` sizes, without them.
+
+    >>> tiled_size([(100, 50)]), tiled_size([(100, 100), (50, 50)])
+    ((100, 50), (100, 202))
+    """
+    if len(sizes) == 1:
+        return sizes[0]
+    height = max(h for h, _ in sizes)
+    width = sum(max(1, round(w * height / h)) for h, w in sizes) + max(2, height // 50) * (len(sizes) - 1)
+    longest = max(height, width)
+    if longest > max_side:
+        factor = max_side / longest
+        height, width = max(1, round(height * factor)), max(1, round(width * factor))
+    return height, width
 
 
 def tile(images: list[Image.Image], max_side: int = 1344) -> Image.Image:

@@ -19,9 +19,10 @@ from typing import Any
 from rich.progress import track
 from torch.utils.data import Dataset
 
+from medrl.core.budget import PromptBudget
 from medrl.core.errors import ConfigError
 from medrl.data import vqa
-from medrl.data.image_store import ImageCheck, ImageStore, tile
+from medrl.data.image_store import ImageCheck, ImageStore, tile, tiled_size
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,38 @@ class MCQItemsDataset(Dataset):
     def store_of(self, item: MCQItem) -> ImageStore:
         """The store holding ``item``'s images."""
         return self.store if isinstance(self.store, ImageStore) else self.store[item.meta["_file"]]
+
+    def prompt_text(self, item: MCQItem) -> str:
+        """The text the model reads for ``item`` (system prompt, question, options, instruction)."""
+        prompt = vqa.format_prompt(item.question, item.options, self.instruction or vqa.INSTRUCTION)
+        return f"{self.system_prompt}\n{prompt}" if self.system_prompt else prompt
+
+    def _image_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
+        """Sizes of the item's images that can be read; a bad one is the image check's to report."""
+        store, sizes = self.store_of(item), []
+        for name in item.images:
+            try:
+                sizes.append(store.size(name))
+            except (OSError, ValueError, SyntaxError):
+                continue
+        return sizes
+
+    def apply_budget(self, budget: PromptBudget, reports: list[ValidationReport]) -> int:
+        """Drop the items whose prompt is over ``budget`` (reason ``too_long``, in the report of their file);
+        returns how many were dropped."""
+        kept = []
+        for item in self.items:
+            sizes = self._image_sizes(item)
+            problem = budget.problem(self.prompt_text(item), [tiled_size(sizes)] if sizes else [])
+            if problem is None:
+                kept.append(item)
+                continue
+            report = next((r for r in reports if r.file == item.meta.get("_file", r.file)), None)
+            if report is not None:
+                report.drop(item.dataset_index, int(item.meta.get("_line", 0)), [problem])
+                report.kept -= 1
+        dropped, self.items = len(self.items) - len(kept), kept
+        return dropped
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]

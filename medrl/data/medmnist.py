@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from medrl.core.budget import PromptBudget
 from medrl.core.errors import ConfigError
 from medrl.data import vqa
 from medrl.data.medmnist_files import (
@@ -122,6 +123,17 @@ class MedMNISTDataset(Dataset):
             seed=self.seed,
             index=row,
         )
+
+    def longest_prompt(self) -> str:
+        """The longest prompt any item can get: the question with the longest option texts (VQA mode)."""
+        opts = self.vqa_options
+        k = len(self.class_names) if opts.num_options is None else min(opts.num_options, len(self.class_names))
+        longest = sorted(self.class_names, key=len, reverse=True)[:k]
+        options = {chr(ord("A") + i): name for i, name in enumerate(longest)}
+        prompt = vqa.format_prompt(
+            opts.question or vqa.QUESTIONS[self.flag], options, opts.instruction or vqa.INSTRUCTION
+        )
+        return f"{opts.system_prompt}\n{prompt}" if opts.system_prompt else prompt
 
     def rgb(self, row: int) -> np.ndarray:
         """Image ``row`` as uint8 ``[H, W, 3]``."""
@@ -241,6 +253,20 @@ class MedMNISTDataModule(L.LightningDataModule):
                 self.arrays, self.flag, split, self.mode, indices, self.vqa_options, self.seed
             )
         return self.datasets[split]
+
+    def apply_prompt_budget(self, budget: PromptBudget) -> None:
+        """Check that every VQA prompt fits ``budget`` (the images all have one size, the questions one
+        template, so the longest possible prompt decides for all); a flag that cannot fit is an error."""
+        if self.mode != "vqa":
+            return
+        for split, dataset in self.datasets.items():
+            image = self.size, self.size
+            problem = budget.problem(dataset.longest_prompt(), [image])
+            if problem is not None:
+                raise ConfigError(
+                    f"{self.flag} {split}: {problem[1]}, so every question would be dropped: shorten the "
+                    "instruction or options, or raise max_prompt_length"
+                )
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits the stage needs."""

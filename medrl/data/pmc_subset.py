@@ -24,9 +24,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medrl.core.budget import PromptBudget
 from medrl.core.errors import ConfigError
 from medrl.core.hashing import file_digest
 from medrl.core.io import atomic_write_json, atomic_write_jsonl
+from medrl.data import vqa
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.mcq_items import MCQItem, ValidationReport, check_images
 from medrl.data.pmc_vqa import PMC_LETTERS, PMCVQAError, csv_header, read_pmc_csv, read_pmc_rows
@@ -223,11 +225,14 @@ def build_subset(
     max_pass_rate: float | None = None,
     stratify: Stratify = "equal",
     image_check: ImageCheck = "decode",
+    budget: PromptBudget | None = None,
 ) -> dict[str, Any]:
     """Write the subset JSONL at ``out`` and its manifest next to it (``<stem>.manifest.json``); return the manifest.
 
-    See :func:`pmc_subset` for the arguments. Both files are written atomically, the manifest last, and it
-    records the JSONL's own SHA-256, so a manifest always describes the JSONL beside it.
+    See :func:`pmc_subset` for the arguments; with a ``budget``, rows whose question and options take more
+    prompt tokens than it allows are dropped as ``too_long`` (the text only: the images are read just for the
+    items drawn, and training applies the whole budget again). Both files are written atomically, the
+    manifest last, and it records the JSONL's own SHA-256, so a manifest always describes the JSONL beside it.
     """
     if n < 4:
         raise ConfigError(f"n must be at least 4 (one item per letter), got {n}")
@@ -257,6 +262,11 @@ def build_subset(
         pool_counts.update(reasons)
         if reasons:
             pool_counts["excluded_as_test"] += 1
+            continue
+        if budget is not None and (problem := budget.problem(vqa.format_prompt(item.question, item.options))):
+            report.drop(item.dataset_index, int(item.meta.get("_line", 0)), [problem])
+            report.kept -= 1
+            pool_counts["too_long"] += 1
             continue
         parts = []
         if stratify_by is not None:

@@ -22,6 +22,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from medrl.core.budget import PromptBudget
 from medrl.core.env import DATA_DIR_ENV, data_dir
 from medrl.core.errors import ConfigError, UserError
 from medrl.core.io import atomic_write_json
@@ -299,6 +300,13 @@ class PMCVQADataModule(L.LightningDataModule):
                     name = f"{split}_{Path(report.file).stem}_report.json"
                     atomic_write_json(Path(self.report_dir) / name, report.to_dict())
         return self.datasets[split]
+
+    def apply_prompt_budget(self, budget: PromptBudget) -> None:
+        """Drop the items of every read split whose prompt is over ``budget`` (reported as ``too_long``)."""
+        for split, dataset in self.datasets.items():
+            if dataset.apply_budget(budget, self.reports[split]):
+                for report in self.reports[split]:
+                    rank_zero_info(f"PMC-VQA {split}, over the prompt budget: {report.summary()}")
 
     def setup(self, stage: str | None = None) -> None:
         """Read the splits the stage needs."""

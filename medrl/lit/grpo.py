@@ -37,6 +37,7 @@ from torch import nn
 from medrl.core.dtypes import DType, resolve_dtype
 from medrl.core.errors import ConfigError
 from medrl.core.seeds import derive_seed
+from medrl.lit.budget import apply_prompt_budget
 from medrl.lit.grpo_args import CareArgs, EngineArgs, LossArgs, OptimArgs, SamplingArgs, as_group, group_dict
 from medrl.lit.grpo_step import GRPOStep, RefillBuffer, StepContext, eval_mode
 from medrl.lit.trajectory import reward_columns
@@ -154,6 +155,9 @@ class GRPOModule(L.LightningModule):
         # Under FSDP (configs/strategy/fsdp.yaml) shard the policy, and the EMA reference with it.
         if shard_module(self) and self.ema is not None:
             self.ema.shard_like(self.model)
+
+    def setup(self, stage: str) -> None:
+        apply_prompt_budget(self, self.sampling.max_completion_length, self.sampling.max_prompt_length)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -30,6 +30,8 @@ class SamplingArgs:
         dynamic_sampling: drop groups whose rewards are all equal and refill from the next batches (DAPO).
         max_sampling_rounds: with dynamic sampling, train on what was kept after this many batches.
         val_max_new_tokens: greedy completion length for validation (null: max_completion_length).
+        max_prompt_length: prompt tokens (text and image) a row may take; longer rows are dropped and reported
+            as ``too_long`` (null: the model's context minus max_completion_length).
     """
 
     num_generations: int = 8
@@ -39,6 +41,7 @@ class SamplingArgs:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     val_max_new_tokens: int | None = None
+    max_prompt_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:

@@ -23,6 +23,7 @@ from medrl.core.dtypes import DType, resolve_dtype
 from medrl.core.errors import ConfigError
 from medrl.core.seeds import derive_seed
 from medrl.data.collate import SFTCollator
+from medrl.lit.budget import apply_prompt_budget
 from medrl.models.hub import is_hub_id, load_vlm, resolve_model
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, set_full_finetune
 from medrl.models.sharding import shard_module
@@ -46,6 +47,8 @@ class SFTModule(L.LightningModule):
         think_key: item field holding a reasoning trace to train on before the answer.
         max_completion_tokens: cut targets to this many tokens (null: no limit).
         attn_implementation: transformers attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); null: default.
+        max_prompt_length: prompt tokens (text and image) a row may take; longer rows are dropped and reported
+            as ``too_long`` (null: the model's context minus max_completion_tokens).
         seed: seeds the dropout of each training step, so a resumed run draws the same masks.
     """
 
@@ -60,6 +63,7 @@ class SFTModule(L.LightningModule):
         think_key: str = "think",
         max_completion_tokens: int | None = 512,
         attn_implementation: str | None = None,
+        max_prompt_length: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -94,6 +98,10 @@ class SFTModule(L.LightningModule):
         self.strict_loading = False
         trainable, total = count_parameters(self.model)
         log.info("SFT %s on %s: %s of %s parameters train", finetune, model, f"{trainable:,}", f"{total:,}")
+
+    def setup(self, stage: str) -> None:
+        completion = self.hparams.max_completion_tokens or 512
+        apply_prompt_budget(self, completion, self.hparams.max_prompt_length)
 
     def configure_model(self) -> None:
         shard_module(self)  # under FSDP (configs/strategy/fsdp.yaml); nothing under any other strategy

@@ -23,6 +23,7 @@ from medrl.core.seeds import derive_seed
 from medrl.data.benchmarks import BENCHMARKS, BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
+from medrl.models.budget import model_prompt_budget
 from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import open_engine
@@ -147,6 +148,7 @@ def bench_eval(
     published: bool = True,
     resume: bool = True,
     mean_of_all: bool = False,
+    max_prompt_length: int | None = None,
 ) -> int:
     """Evaluate a model on the six-benchmark suite: greedy Acc@1 per benchmark and the mean (+ Pass@K).
 
@@ -176,6 +178,8 @@ def bench_eval(
         published: add the published rows (the paper's model, Qwen2.5-VL-7B) to the table.
         resume: continue an interrupted evaluation in ``out`` (false: start over).
         mean_of_all: average every benchmark in the suite (default: the six only; others are scored apart).
+        max_prompt_length: prompt tokens (text and image) an item may take; longer ones are dropped and reported
+            as ``too_long`` (default: the model's context minus max_new_tokens).
     """
     from medrl.evaluation import default_ks
 
@@ -188,6 +192,8 @@ def bench_eval(
     data = BenchmarkSuiteDataModule(suite, image_root, benchmarks, samples_per_benchmark, image_check,
                                     instruction=instruction, system_prompt=system_prompt, seed=seed)  # fmt: skip
     dataset = data.dataset()
+    # Before any engine starts: one very long row must be dropped and reported, not tokenised into memory.
+    data.apply_prompt_budget(model_prompt_budget(model, max_new_tokens, max_prompt_length))
     for report in data.reports:
         print(report.summary(), file=sys.stderr)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,

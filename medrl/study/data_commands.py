@@ -13,6 +13,7 @@ from medrl.data import medmnist_files as mf
 from medrl.data.image_store import ImageCheck, ImageStore
 from medrl.data.pmc_subset import Stratify, build_subset, manifest_path
 from medrl.data.pmc_vqa import resolve_pmc_root
+from medrl.models.budget import model_prompt_budget
 
 
 def verify(root: str | None = None, flag: str | None = None, size: int | None = None) -> int:
@@ -116,6 +117,9 @@ def pmc_subset(
     max_pass_rate: float | None = None,
     stratify: Stratify = "equal",
     image_check: ImageCheck = "decode",
+    model: str | None = None,
+    max_prompt_length: int | None = None,
+    max_completion_length: int = 2048,
 ) -> int:
     """Build a balanced PMC-VQA training subset: gold letters A-D equal, test questions and images excluded.
 
@@ -138,6 +142,9 @@ def pmc_subset(
         max_pass_rate: keep only items measured at or below this rate.
         stratify: strata get equal shares (equal) or shares proportional to the pool (proportional).
         image_check: check the drawn items' images: decode, exists or none.
+        model: the model the subset is for; its tokenizer drops rows whose prompt it cannot take (``too_long``).
+        max_prompt_length: that prompt budget in tokens (default: the model's context minus max_completion_length).
+        max_completion_length: the completion budget the model's context must leave room for.
     """
     # An absolute train path needs no PMC-VQA folder setting: the other files default to its folder.
     base = Path(train).parent if Path(train).is_absolute() and not root else resolve_pmc_root(root)
@@ -146,9 +153,12 @@ def pmc_subset(
     store = None if image_check == "none" else (ImageStore(images) if images else ImageStore.find(base))
     name = f"pmc_vqa_{n // 1000}k.jsonl" if n % 1000 == 0 else f"pmc_vqa_{n}.jsonl"
     out_path = Path(out) if out else base / name
+    if max_prompt_length is not None and model is None:
+        raise ConfigError("--max_prompt_length counts tokens with a model's tokenizer: pass --model too")
+    budget = model_prompt_budget(model, max_completion_length, max_prompt_length) if model else None
     manifest = build_subset(
         train_path, test_paths, store, out_path, n, seed, stratify_by, pass_rates, pass_rate_key, bands,
-        min_pass_rate, max_pass_rate, stratify, image_check,
+        min_pass_rate, max_pass_rate, stratify, image_check, budget,
     )  # fmt: skip
     pool, counts = manifest["pool"], manifest["counts"]
     print(f"wrote {out_path} ({manifest['n']} items) and {manifest_path(out_path).name}")

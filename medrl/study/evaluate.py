@@ -7,6 +7,7 @@ from typing import Literal
 from medrl.core.errors import ConfigError
 from medrl.data.medmnist import MedMNISTDataModule
 from medrl.evaluation import default_ks, sample_and_score, summarise, write_outputs
+from medrl.models.budget import model_prompt_budget
 from medrl.rollout.factory import open_engine
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, Item, SamplingParams
 
@@ -62,6 +63,7 @@ def evaluate_command(
     if max(ks) > n:
         raise ConfigError(f"ks {ks} go above n={n}: pass@k needs k <= n samples")
     items: list[Item] = []
+    budget = model_prompt_budget(model, max_new_tokens)
     for flag in flags:
         dm = MedMNISTDataModule(
             flag=flag,
@@ -74,6 +76,7 @@ def evaluate_command(
             **{f"{split}_samples": questions},
         )
         dataset = dm.dataset(split)
+        dm.apply_prompt_budget(budget)
         items.extend(dataset[i] for i in range(len(dataset)))
     rollout = open_engine(engine, model, seed)
     params = SamplingParams(
