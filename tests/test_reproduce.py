@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,11 @@ def test_cpu_pipeline_end_to_end_on_synthetic_files(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(REPO)
     empty = tmp_path / "data"
     empty.mkdir()  # no official files: every flag runs on a declared stand-in
-    out = tmp_path / "run"
+    out = tmp_path / "study run"  # a space in the path: every command the study writes must still paste back
     args = ["reproduce", "--plan", str(_small_plan(tmp_path)), "--out", str(out), "--root", str(empty)]
     assert main(args) == 0
+    command = (out / "train" / "sft_breastmnist" / "command.txt").read_text()
+    assert shlex.split(command)[-1] == str(out / "train" / "sft_breastmnist" / "override.yaml")
     report = (out / "report.md").read_text()
     assert report.startswith("**Illustrative numbers.**") and "Not run." not in report
     # The run card and the data sources are in the report the run ends with, not only in a later rebuild.
