@@ -52,6 +52,8 @@ def toy_rewards(tmp_path_factory: pytest.TempPathFactory):
         "        letters = [c for c in text if c.isalpha()]\n"
         "        out.append(sum(c in 'aeiou' for c in letters) / max(len(letters), 1))\n"
         "    return out\n"
+        "def overflow(completions, **_):\n"
+        "    return [1e39 * (i % 2) for i in range(len(completions))]\n"
     )
     sys.path.insert(0, str(folder))
     yield VOWELS
@@ -226,10 +228,11 @@ def test_steps_change_every_trainable_weight_and_log_stage_times(tiny_dir, medmn
     assert all(0 <= float(r[f"reward/{toy_rewards}"]) <= 1 for r in rows)
 
 
-def test_non_finite_loss_is_skipped_and_logged(tiny_dir, medmnist, tmp_path):
-    # advantage_eps = 0 and groups whose rewards are all equal (the tiny model never answers, so accuracy and
-    # format are 0 everywhere) make every advantage 0 / 0 = NaN: the loss is NaN and must not be applied.
-    module = _module(tiny_dir, care=False, advantage_eps=0.0)
+def test_non_finite_loss_is_skipped_and_logged(tiny_dir, medmnist, toy_rewards, tmp_path):
+    # A reward that overflows float32 (1e39 becomes inf in the reward tensor) makes the advantages inf - inf =
+    # NaN: the loss is NaN and must not be applied. (Groups with all-equal rewards no longer give 0 / 0: their
+    # advantages are exactly 0, see test_advantages.py.)
+    module = _module(tiny_dir, care=False, rewards={"toy_rewards:overflow": 1.0})
     before = _trained(module)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
     trainer.fit(module, _data(medmnist))
@@ -239,11 +242,19 @@ def test_non_finite_loss_is_skipped_and_logged(tiny_dir, medmnist, tmp_path):
     assert [float(r["train/skipped_nonfinite"]) for r in rows] == [1.0, 1.0]
 
 
-def test_resumed_run_continues_identically(tiny_dir, medmnist, toy_rewards, tmp_path):
+# The frontier options together: GSPO ratios, the k2 KL with its bias correction, an entropy bonus on the top
+# half of tokens by entropy, the Pass@k advantage and truncated completions masked.
+FRONTIER = dict(importance_sampling="sequence", beta=0.05, kl_estimator="k2", kl_bias_correction=True,
+                entropy_coef=0.01, top_entropy_quantile=0.5, advantage_estimator="grpo_passk",
+                mask_truncated_completions=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [{}, FRONTIER], ids=["defaults", "frontier"])
+def test_resumed_run_continues_identically(tiny_dir, medmnist, toy_rewards, tmp_path, options):
     # Six batches per epoch; a checkpoint after step 2 (mid-epoch) resumed to step 4 must reach exactly the
     # weights, EMA reference and logged rewards of a run that never stopped.
     def module() -> GRPOModule:
-        return _module(tiny_dir, rewards={"accuracy": 1.0, toy_rewards: 1.0}, ema_every=1)
+        return _module(tiny_dir, rewards={"accuracy": 1.0, toy_rewards: 1.0}, ema_every=1, **options)
 
     def data() -> PneumoniaMNIST:
         return _data(medmnist, batch_size=2, train_samples=12)
@@ -297,6 +308,36 @@ def test_mu_two_reuses_rollouts_off_policy_with_recomputed_old_logprobs(tiny_dir
     assert trainer.global_step == 4  # 2 batches x mu = 2 optimizer steps
     # The second pass over each batch runs off-policy: the ratio, averaged over both passes, is no longer 1.
     assert len(rows) == 2 and all(float(r["train/ratio_mean"]) != 1.0 for r in rows)
+
+
+def test_the_frontier_options_train_and_log_their_diagnostics(tiny_dir, medmnist, toy_rewards, tmp_path):
+    before = _trained(_module(tiny_dir, rewards={toy_rewards: 1.0}, care=False))
+    module, trainer, rows = _short_run(tiny_dir, medmnist, toy_rewards, tmp_path, **FRONTIER)
+    assert trainer.global_step == 2 and any(not torch.equal(before[n], p) for n, p in _trained(module).items())
+    for key in ("train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_min", "train/ratio_max",
+                "train/approx_kl", "train/entropy", "train/entropy_bonus", "train/kl", "completion/length_max",
+                "groups/no_signal", "reward/std", "completion/truncated"):  # fmt: skip
+        assert all(key in r and r[key] != "" for r in rows), key
+    assert all(float(r["train/entropy_bonus"]) > 0 for r in rows)
+    # The hf engine returns its log-probs: the mismatch against the trainer's own is logged (and tiny: fp32 both).
+    assert all(float(r["train/engine_logprob_diff"]) < 1e-3 for r in rows)
+
+
+def test_masked_truncated_completions_carry_no_loss(tiny_dir, medmnist) -> None:
+    # Two completions of one prompt: one ends with <|im_end|>, one reaches the 8-token cap without it.
+    module = _module(tiny_dir, max_completion_length=8, mask_truncated_completions=True)
+    tokenizer = module.processor.tokenizer
+    items = [_data(medmnist).dataset("train")[0]]
+    ended = _fake_results(tokenizer, [["<answer>A</answer>"]])[0].samples[0]
+    ids = tokenizer("a b c d e f g h i j", add_special_tokens=False)["input_ids"][:8]
+    cut = Completion(text=tokenizer.decode(ids), token_ids=ids, logprobs=[-1.0] * 8, finish_reason="length")
+    traj = build_trajectory(module.processor, items, [PromptResult(prompt="", samples=[ended, cut])])
+    step = module.step()
+    assert step.truncated(traj).tolist() == [False, True]
+    mask = step.loss_mask(traj)
+    assert mask[0].sum() == traj.completion_mask[0].sum() > 0 and mask[1].sum() == 0
+    unmasked = _module(tiny_dir, max_completion_length=8).step()
+    assert torch.equal(unmasked.loss_mask(traj), traj.completion_mask)
 
 
 def test_dynamic_sampling_keeps_every_group_of_a_continuous_reward(tiny_dir, medmnist, toy_rewards, tmp_path):

@@ -48,6 +48,7 @@ from medrl.rl.distributed import gather_objects, rank
 from medrl.rl.ema import EMAReference
 from medrl.rl.rewards import load_reward, score_completions
 from medrl.rl.types import Trajectory
+from medrl.rollout.decoding import end_token_ids
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import make_engine
 from medrl.rollout.types import Item, PromptResult, SamplingParams
@@ -241,6 +242,8 @@ class GRPOModule(L.LightningModule):
                 optimizers=lambda: (self.optimizers(), self.lr_schedulers()),
                 backward=self.manual_backward,
                 global_step=lambda: self.global_step,
+                engine_name=self.engine_args.name,
+                end_ids=end_token_ids(self.processor.tokenizer),
             )
         )
 

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
 from medrl.core.errors import ConfigError
-from medrl.rl.advantages import Scale
+from medrl.rl.advantages import Estimator, Scale
+from medrl.rl.kl import KLEstimator
 from medrl.rl.losses import Aggregation
+from medrl.rl.mismatch import Correction, CorrectionLevel
+from medrl.rl.ratios import ImportanceLevel
 
 EngineName = Literal["hf", "vllm"]
 
@@ -32,6 +35,8 @@ class SamplingArgs:
         val_max_new_tokens: greedy completion length for validation (null: max_completion_length).
         max_prompt_length: prompt tokens (text and image) a row may take; longer rows are dropped and reported
             as ``too_long`` (null: the model's context minus max_completion_length).
+        overlong_buffer: tokens before max_completion_length over which the ``overlong`` reward ramps from 0
+            to -1 (DAPO's soft overlong punishment; null: a quarter of max_completion_length).
     """
 
     num_generations: int = 8
@@ -42,6 +47,7 @@ class SamplingArgs:
     max_sampling_rounds: int = 4
     val_max_new_tokens: int | None = None
     max_prompt_length: int | None = None
+    overlong_buffer: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -70,6 +76,20 @@ class LossArgs:
             ``recompute`` runs the policy before the update (needed only when mu > 1).
         advantage_scale: divide centred rewards by the ``group`` std, the ``batch`` std, or ``none``.
         advantage_eps: added to the std in the advantage's denominator.
+        advantage_estimator: ``grpo`` (group-normalised), ``rloo`` (leave-one-out) or ``grpo_passk`` (only each
+            group's best sample moves, by ``r_max - r_second_max``: Pass@k-aware, verl/EasyR1).
+        importance_sampling: ``token`` ratios, or ``sequence`` (GSPO: one length-normalised ratio a sequence).
+        mismatch_correction: reweight the policy gradient by the engine/trainer log-prob ratio: ``tis``
+            (truncated at mismatch_cap), ``mis`` (masked outside [mismatch_low, mismatch_cap]) or ``none``;
+            null: ``tis`` with the vllm engine, ``none`` with hf (which samples from the policy itself).
+        mismatch_level: the correction's ratio per ``token`` or per ``sequence`` (the product over it).
+        mismatch_cap: TIS's cap C, MIS's upper bound.
+        mismatch_low: MIS's lower bound (null: none).
+        kl_estimator: ``k1``, ``k2``, ``k3`` (default, as TRL) or ``low_var_kl`` (k3 clamped to +-10, as verl).
+        kl_bias_correction: weigh the KL by the importance ratio (TRL's use_bias_correction_kl; off as there).
+        entropy_coef: entropy bonus: the loss minus this times the mean entropy of the completion tokens.
+        top_entropy_quantile: only the tokens in this top share of entropy carry the policy gradient (1: all).
+        mask_truncated_completions: a completion that hit max_completion_length without ending carries no loss.
     """
 
     aggregation: Aggregation = "grpo"
@@ -81,8 +101,33 @@ class LossArgs:
     old_logprobs: Literal["engine", "recompute"] = "engine"
     advantage_scale: Scale = "group"
     advantage_eps: float = 1e-4
+    advantage_estimator: Estimator = "grpo"
+    importance_sampling: ImportanceLevel = "token"
+    mismatch_correction: Correction | None = None
+    mismatch_level: CorrectionLevel = "token"
+    mismatch_cap: float = 2.0
+    mismatch_low: float | None = None
+    kl_estimator: KLEstimator = "k3"
+    kl_bias_correction: bool = False
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
+    mask_truncated_completions: bool = False
+
+    def correction_for(self, engine: str) -> Correction:
+        """The mismatch correction in force with ``engine`` (the null default resolved)."""
+        if self.mismatch_correction is not None:
+            return self.mismatch_correction
+        return "tis" if engine == "vllm" else "none"
 
     def __post_init__(self) -> None:
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ConfigError(f"loss.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        if self.mismatch_cap <= 0 or (self.mismatch_low is not None and self.mismatch_low >= self.mismatch_cap):
+            raise ConfigError(
+                f"need 0 < loss.mismatch_low < loss.mismatch_cap; got {self.mismatch_low}, {self.mismatch_cap}"
+            )
+        if self.entropy_coef < 0:
+            raise ConfigError(f"loss.entropy_coef must be >= 0, got {self.entropy_coef}")
         if self.mu < 1 or self.beta < 0:
             raise ConfigError(f"need loss.mu >= 1 and loss.beta >= 0; got {self.mu}, {self.beta}")
         if self.epsilon_low < 0 or self.epsilon_high < 0:

@@ -7,6 +7,7 @@ the previous one returned and returns what the next needs; everything else a sta
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,10 +27,12 @@ from medrl.lit.trajectory import (
     reward_columns,
 )
 from medrl.models.sharding import full_tensor, is_sharded
-from medrl.rl.advantages import as_groups, group_advantages, group_stats, signal_groups
-from medrl.rl.distributed import global_max, global_min, global_std, world_size
+from medrl.rl.advantages import as_groups, compute_advantages, group_stats, signal_groups
+from medrl.rl.distributed import gather_objects, global_max, global_min, global_std, world_size
 from medrl.rl.ema import EMAReference
+from medrl.rl.entropy import entropy_threshold, high_entropy_mask
 from medrl.rl.losses import global_token_count, is_finite, policy_loss
+from medrl.rl.mismatch import engine_weights, mismatch_stats
 from medrl.rl.rewards import RewardFn, answer_confidence, care_bonus, score_completions
 from medrl.rl.types import Trajectory
 from medrl.rollout.types import Item, PromptResult, SamplingParams
@@ -101,6 +104,8 @@ class StepContext:
         optimizers: ``() -> (optimizer, scheduler)``, asked for only by the update.
         backward: the trainer's backward (``manual_backward``: precision and strategy hooks).
         global_step: ``() -> optimizer steps so far`` (the EMA's clock).
+        engine_name: ``hf`` or ``vllm`` (the mismatch correction's default depends on it).
+        end_ids: token ids that end a completion (a completion at the length cap without one was truncated).
     """
 
     policy: nn.Module
@@ -119,6 +124,8 @@ class StepContext:
     optimizers: Callable[[], tuple[Any, Any]]
     backward: Callable[[Tensor], None]
     global_step: Callable[[], int]
+    engine_name: str = "hf"
+    end_ids: Sequence[int] = ()
 
 
 class GRPOStep:
@@ -152,14 +159,30 @@ class GRPOStep:
 
     # ------------------------------------------------------------------ generate
     def generate(self, batch: list[dict[str, Any]], params: SamplingParams) -> Trajectory:
-        """G completions per prompt from the engine, as one left-padded trajectory."""
-        return build_trajectory(self.ctx.processor, batch, self.ctx.generate(batch, params))
+        """G completions per prompt from the engine, as one left-padded trajectory.
+
+        The engine's log-probs are kept apart (``engine_logprobs``) for the mismatch metrics; with a mismatch
+        correction the ratio's old log-probs are the trainer's own instead (the update's, or recomputed).
+        """
+        traj = build_trajectory(self.ctx.processor, batch, self.ctx.generate(batch, params))
+        traj.engine_logprobs = traj.old_logprobs
+        if self.ctx.loss.correction_for(self.ctx.engine_name) != "none":
+            traj.old_logprobs = None
+        return traj
 
     # ------------------------------------------------------------------ reward
     def reward(self, traj: Trajectory, batch: list[dict[str, Any]]) -> tuple[Trajectory, Metrics]:
         """The weighted rewards (plus the CARE bonus) of every completion, and what they look like."""
         ctx, metrics = self.ctx, {}
-        parts = score_completions(traj.texts, reward_columns(batch, traj.group_size), ctx.reward_fns)
+        lengths = traj.completion_mask.sum(1).tolist()
+        budget = ctx.sampling.max_completion_length
+        buffer = ctx.sampling.overlong_buffer if ctx.sampling.overlong_buffer is not None else budget // 4
+        columns = reward_columns(batch, traj.group_size) | {
+            "completion_length": lengths,
+            "max_completion_length": [budget] * len(lengths),
+            "overlong_buffer": [buffer] * len(lengths),
+        }
+        parts = score_completions(traj.texts, columns, ctx.reward_fns)
         total = sum(ctx.reward_weights[name] * parts[name] for name in parts)
         if ctx.care.enabled:
             bonus, confidence = self.care_bonus(traj, parts["accuracy"])
@@ -172,9 +195,10 @@ class GRPOStep:
             metrics[f"reward/{name}"] = values.mean().item()
         metrics["reward/mean"] = total.mean().item()
         metrics["reward/std"] = as_groups(total, traj.group_size).std(dim=1).mean().item()
-        lengths = traj.completion_mask.sum(1).float()
-        metrics["completion/length"] = lengths.mean().item()
-        metrics["completion/truncated"] = (lengths >= ctx.sampling.max_completion_length).float().mean().item()
+        lengths_t = traj.completion_mask.sum(1).float()
+        metrics["completion/length"] = lengths_t.mean().item()
+        metrics["completion/length_max"] = lengths_t.max().item()
+        metrics["completion/truncated"] = self.truncated(traj).float().mean().item()
         if "accuracy" in parts:
             for key, value in group_stats(as_groups(parts["accuracy"], traj.group_size)).items():
                 metrics[f"groups/{key}"] = value
@@ -210,7 +234,9 @@ class GRPOStep:
         # Groups never straddle processes; only the `batch` scale looks beyond a group, at the global batch.
         scale = ctx.loss.advantage_scale
         batch_std = global_std(groups, ctx.device) if scale == "batch" and world_size() > 1 else None
-        traj.advantages = group_advantages(groups, scale, ctx.loss.advantage_eps, batch_std).flatten()
+        estimator = ctx.loss.advantage_estimator
+        traj.advantages = compute_advantages(groups, estimator, scale, ctx.loss.advantage_eps, batch_std).flatten()
+        metrics["groups/no_signal"] = (~signal_groups(groups)).float().mean().item()
         if not ctx.sampling.dynamic_sampling:
             return traj, metrics
         keep = signal_groups(groups)
@@ -229,6 +255,12 @@ class GRPOStep:
             return None, metrics
         merged = Trajectory.cat(parts, ctx.processor.tokenizer.pad_token_id)
         return merged.select_groups(list(range(min(num_prompts, have)))), metrics
+
+    def truncated(self, traj: Trajectory) -> Tensor:
+        """``[N]`` bool: completions that reached max_completion_length without an end token."""
+        lengths = traj.completion_mask.sum(1)
+        ended = torch.isin(traj.completion_ids[:, -1], torch.tensor(list(self.ctx.end_ids), dtype=torch.long))
+        return (lengths >= self.ctx.sampling.max_completion_length) & ~ended
 
     # ------------------------------------------------------------------ logprobs
     def logprobs(self, traj: Trajectory) -> Trajectory:
@@ -251,13 +283,14 @@ class GRPOStep:
         ctx = self.ctx
         opt, sched = ctx.optimizers()
         params = [p for p in ctx.policy.parameters() if p.requires_grad]
+        mask = self.loss_mask(traj)
         dapo = ctx.loss.aggregation == "dapo"
-        num_tokens = global_token_count(traj.completion_mask).to(ctx.device) if dapo else None
+        num_tokens = global_token_count(mask).to(ctx.device) if dapo or ctx.loss.entropy_coef > 0 else None
         clip = ctx.optim.max_grad_norm if ctx.optim.max_grad_norm > 0 else float("inf")
         totals: Metrics = defaultdict(float)
         skipped = 0
-        for _ in range(ctx.loss.mu):
-            step = self._accumulate(traj, num_tokens)
+        for iteration in range(ctx.loss.mu):
+            step = self._accumulate(traj, mask, num_tokens if dapo else None, num_tokens, first=iteration == 0)
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))  # FSDP: the norm over every shard
             if step is None or not self._all_finite(grad_norm):
                 # Never applied: the weights, optimizer moments and schedule stay as they were.
@@ -271,27 +304,68 @@ class GRPOStep:
                 ctx.ema.maybe_update(ctx.policy, ctx.global_step())
             step["grad_norm"] = grad_norm.item()
             for key, value in step.items():
-                totals[key] += value
+                if key == "ratio_min":
+                    totals[key] = min(totals.get(key, value), value)
+                elif key == "ratio_max":
+                    totals[key] = max(totals.get(key, value), value)
+                else:
+                    totals[key] += value
         steps = ctx.loss.mu - skipped
         metrics = {"train/skipped_nonfinite": float(skipped), "train/lr": opt.param_groups[0]["lr"]}
         if steps:
             tokens = max(totals["tokens"], 1.0)
             metrics["train/loss"] = totals["loss"] / steps
             metrics["train/grad_norm"] = totals["grad_norm"] / steps
-            for key in ("kl", "clip_fraction", "ratio_mean", "entropy"):
+            for key in ("kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "entropy",
+                        "approx_kl"):  # fmt: skip
                 metrics[f"train/{key}"] = totals[key] / tokens
+            metrics["train/ratio_min"], metrics["train/ratio_max"] = totals["ratio_min"], totals["ratio_max"]
+            metrics["train/entropy_bonus"] = totals["entropy_bonus"] / steps
+        if "engine_diff_tokens" in totals:
+            count = max(totals["engine_diff_tokens"], 1.0)
+            metrics["train/engine_logprob_diff"] = totals["engine_diff_sum"] / count
+            metrics["train/engine_logprob_diff_max"] = totals["engine_diff_max"]
+            metrics["train/engine_outside_band"] = totals["engine_outside"] / count
         return metrics
 
-    def _accumulate(self, traj: Trajectory, num_tokens: Tensor | None) -> Metrics | None:
+    def loss_mask(self, traj: Trajectory) -> Tensor:
+        """``[N, L]`` tokens that carry the loss: the completion's, less truncated ones when so asked."""
+        mask = traj.completion_mask
+        if self.ctx.loss.mask_truncated_completions:
+            mask = mask & ~self.truncated(traj).unsqueeze(1)
+        return mask
+
+    def _accumulate(
+        self, traj: Trajectory, loss_mask: Tensor, num_tokens: Tensor | None, batch_tokens: Tensor | None, first: bool
+    ) -> Metrics | None:
         """Forward and backward over every micro-batch; None (gradients to be dropped) on a non-finite loss."""
         ctx, loss, n = self.ctx, self.ctx.loss, traj.num_rows
+        correction = loss.correction_for(ctx.engine_name)
         sums: Metrics = defaultdict(float)
         for start in range(0, n, ctx.optim.micro_batch_size):
             rows = list(range(start, min(n, start + ctx.optim.micro_batch_size)))
-            logp, entropy = forward_logprobs(ctx.policy, traj, rows, entropy=True)
-            mask = traj.completion_mask[rows].to(ctx.device)
+            logp, entropy = forward_logprobs(ctx.policy, traj, rows, entropy=True, entropy_grad=loss.entropy_coef > 0)
+            mask = loss_mask[rows].to(ctx.device)
             old = logp.detach() if traj.old_logprobs is None else traj.old_logprobs[rows].to(ctx.device)
             ref = None if traj.ref_logprobs is None else traj.ref_logprobs[rows].to(ctx.device)
+            weights = None
+            if traj.engine_logprobs is not None:
+                engine = traj.engine_logprobs[rows].to(ctx.device)
+                if first:  # the trainer's log-probs of the sampled tokens (before any update) against the engine's
+                    found = mismatch_stats(logp.detach(), engine, mask, loss.mismatch_low, loss.mismatch_cap)
+                    tokens_here = float(mask.sum())
+                    sums["engine_diff_sum"] += found["mean"] * tokens_here
+                    sums["engine_diff_max"] = max(sums["engine_diff_max"], found["max"])
+                    sums["engine_outside"] += found["outside"] * tokens_here
+                    sums["engine_diff_tokens"] += tokens_here
+                weights = engine_weights(
+                    old, engine, mask, correction, loss.mismatch_level, loss.mismatch_low, loss.mismatch_cap
+                )
+            if loss.top_entropy_quantile < 1:
+                values = entropy.detach()[mask.bool()].cpu()
+                pooled = torch.cat(gather_objects(values)) if world_size() > 1 else values
+                keep = high_entropy_mask(entropy.detach(), mask, entropy_threshold(pooled, loss.top_entropy_quantile))
+                weights = keep.to(logp.dtype) if weights is None else weights * keep.to(logp.dtype)
             out = policy_loss(
                 logp,
                 old,
@@ -305,16 +379,29 @@ class GRPOStep:
                 beta=loss.beta,
                 num_sequences=n,
                 num_tokens=num_tokens,
+                importance_sampling=loss.importance_sampling,
+                kl_estimator=loss.kl_estimator,
+                kl_bias_correction=loss.kl_bias_correction,
+                token_weights=weights,
+                entropy=entropy,
+                entropy_coef=loss.entropy_coef,
+                entropy_tokens=batch_tokens,
             )
             if not self._all_finite(out.loss):
                 return None
             ctx.backward(out.loss)
             tokens = mask.sum().item()
             sums["loss"] += out.loss.item()  # micro-batch losses add up: their normalisers are the batch's
-            for key in ("kl", "clip_fraction", "ratio_mean"):
+            for key in ("kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "approx_kl"):
                 sums[key] += getattr(out, key).item() * tokens
-            sums["entropy"] += (entropy * mask).sum().item()
+            if tokens:
+                sums["ratio_min"] = min(sums.get("ratio_min", math.inf), out.ratio_min.item())
+                sums["ratio_max"] = max(sums.get("ratio_max", -math.inf), out.ratio_max.item())
+            sums["entropy"] += (entropy.detach() * mask).sum().item()
+            sums["entropy_bonus"] += out.entropy_bonus.item()
             sums["tokens"] += tokens
+        sums.setdefault("ratio_min", 1.0)
+        sums.setdefault("ratio_max", 1.0)
         return sums
 
     def _all_finite(self, value: Tensor) -> bool:

@@ -86,13 +86,17 @@ def _trim_left(inputs: dict[str, Tensor], keep: int) -> dict[str, Tensor]:
 
 
 def forward_logprobs(
-    model: nn.Module, traj: Trajectory, rows: Sequence[int] | None = None, entropy: bool = False
+    model: nn.Module,
+    traj: Trajectory,
+    rows: Sequence[int] | None = None,
+    entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[n, L]`` of the completion tokens of ``rows`` (all rows by default) under ``model``.
 
     Gradients flow when enabled by the caller. Only the last ``L + 1`` positions' logits are computed
     (``logits_to_keep``), which is where the completion is. With ``entropy`` also returns the per-token
-    entropy ``[n, L]`` (no gradient), else None.
+    entropy ``[n, L]`` (with gradient when ``entropy_grad``: the entropy bonus), else None.
     """
     sub = traj if rows is None else traj.select_rows(list(rows))
     window = sub.completion_length
@@ -105,7 +109,7 @@ def forward_logprobs(
     logits = model(**inputs, logits_to_keep=window + 1, use_cache=False).logits[:, :-1]  # [n, L, V]
     ids = inputs["input_ids"][:, -window:]
     logp = token_logprobs(logits, ids)
-    ent = token_entropy(logits) if entropy else None
+    ent = token_entropy(logits, grad=entropy_grad) if entropy else None
     return logp, ent
 
 

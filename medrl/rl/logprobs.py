@@ -24,15 +24,16 @@ def token_logprobs(logits: Tensor, ids: Tensor, chunk: int = 8) -> Tensor:
     return torch.cat(out)
 
 
-@torch.no_grad()
-def token_entropy(logits: Tensor, chunk: int = 8) -> Tensor:
-    """Entropy of each next-token distribution: ``[N, L, V]`` -> ``[N, L]`` float32 (no gradient).
+def token_entropy(logits: Tensor, chunk: int = 8, grad: bool = False) -> Tensor:
+    """Entropy of each next-token distribution: ``[N, L, V]`` -> ``[N, L]`` float32; differentiable with
+    ``grad`` (the entropy bonus), else computed without a graph.
 
     >>> [round(v, 4) for v in token_entropy(torch.zeros(1, 1, 4))[0].tolist()]  # uniform over 4: log 4
     [1.3863]
     """
     out = []
-    for lg in logits.split(chunk):
-        logp = torch.log_softmax(lg.float(), dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for lg in logits.split(chunk):
+            logp = torch.log_softmax(lg.float(), dim=-1)
+            out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out)

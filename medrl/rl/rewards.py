@@ -88,7 +88,31 @@ def format_reward(completions: Sequence[str], **_: object) -> list[float]:
     return out
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+def overlong_penalty(
+    completions: Sequence[str],
+    completion_length: Sequence[int],
+    max_completion_length: Sequence[int],
+    overlong_buffer: Sequence[int],
+    **_: object,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to ``max - buffer`` tokens, then a linear ramp to
+    -1 at ``max``. The step passes each row's token count and the run's limits as columns.
+
+    >>> overlong_penalty(["", "", ""], [50, 90, 100], [100] * 3, [20] * 3)  # 90: (80 - 90) / 20
+    [0.0, -0.5, -1.0]
+    """
+    out = []
+    for length, limit, buffer in zip(completion_length, max_completion_length, overlong_buffer, strict=True):
+        start = limit - buffer
+        out.append(0.0 if length <= start or buffer <= 0 else max(-1.0, (start - length) / buffer))
+    return out
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "overlong": overlong_penalty,
+}
 
 
 def load_reward(name: str) -> RewardFn:

@@ -36,6 +36,7 @@ class Trajectory:
     texts: list[str]  # N decoded completions (special tokens removed)
     old_logprobs: Tensor | None = None  # [N, L] float32, sampling policy's log-probs (engine or recomputed)
     ref_logprobs: Tensor | None = None  # [N, L] float32, reference model's log-probs (KL term only)
+    engine_logprobs: Tensor | None = None  # [N, L] float32, the rollout engine's own (mismatch logging/correction)
     rewards: Tensor | None = None  # [N] float32, weighted sum of the reward parts plus the CARE bonus
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> [N] float32, unweighted
     advantages: Tensor | None = None  # [N] float32
@@ -107,6 +108,7 @@ class Trajectory:
             texts=[self.texts[r] for r in rows_l],
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
+            engine_logprobs=pick(self.engine_logprobs),
             rewards=pick(self.rewards),
             reward_parts={k: v[rows_t.to(v.device)] for k, v in self.reward_parts.items()},
             advantages=pick(self.advantages),
@@ -158,6 +160,7 @@ class Trajectory:
             texts=[t for p in parts for t in p.texts],
             old_logprobs=cat_window("old_logprobs"),
             ref_logprobs=cat_window("ref_logprobs"),
+            engine_logprobs=cat_window("engine_logprobs"),
             rewards=cat_rows("rewards"),
             reward_parts={k: torch.cat([p.reward_parts[k] for p in parts]) for k in sorted(shared_parts)},
             advantages=cat_rows("advantages"),
@@ -175,6 +178,7 @@ class Trajectory:
             completion_mask=self.completion_mask.to(device),
             old_logprobs=move(self.old_logprobs),
             ref_logprobs=move(self.ref_logprobs),
+            engine_logprobs=move(self.engine_logprobs),
             rewards=move(self.rewards),
             reward_parts={k: v.to(device) for k, v in self.reward_parts.items()},
             advantages=move(self.advantages),
@@ -186,5 +190,5 @@ class Trajectory:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Trajectory:
-        """The inverse of :meth:`state_dict`."""
-        return cls(**state)
+        """The inverse of :meth:`state_dict` (also of one saved before a field was added)."""
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
