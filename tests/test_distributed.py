@@ -144,6 +144,21 @@ def test_grpo_step_is_the_same_on_one_and_two_ddp_processes(grpo_one_process, me
     _assert_same_step(grpo_one_process, many, RL_LR)
 
 
+# The frontier options whose statistics span processes: GSPO ratios, the KL against the reloaded initial
+# weights with its bias correction, and an entropy bonus on the top half of tokens by entropy (the quantile is
+# pooled over processes).
+FRONTIER = ["--model.init_args.loss.importance_sampling=sequence", "--model.init_args.loss.beta=0.05",
+            "--model.init_args.loss.kl_bias_correction=true", "--model.init_args.loss.entropy_coef=0.01",
+            "--model.init_args.loss.top_entropy_quantile=0.5"]  # fmt: skip
+
+
+@pytest.mark.slow  # a one-process run and a 2-process launch: 1-2 minutes on 2 shared cores
+def test_grpo_step_with_the_frontier_options_is_the_same_on_one_and_two_processes(medmnist, tmp_path) -> None:
+    one = _run_here(_args("rl.yaml", medmnist, tmp_path / "one", 1, None, 1, [*GRPO, *FRONTIER]), tmp_path / "one")
+    many = _launch(_args("rl.yaml", medmnist, tmp_path / "run", 2, "ddp", 1, [*GRPO, *FRONTIER]), tmp_path / "run")
+    _assert_same_step(one, many, RL_LR)
+
+
 @pytest.mark.slow  # a 2-process launch: 30-90 s on 2 shared cores
 def test_sft_step_is_the_same_on_one_and_two_ddp_processes(sft_one_process, medmnist, tmp_path) -> None:
     many = _launch(_args("sft.yaml", medmnist, tmp_path / "run", 2, "ddp", 1, []), tmp_path / "run")

@@ -73,7 +73,15 @@ def _module(tiny_dir: Path, **overrides) -> GRPOModule:
     kwargs: dict = dict(model=str(tiny_dir), seed=0)
     groups: dict[str, dict] = {"sampling": {}, "loss": {}, "care": {}, "engine": {}, "optim": {}}
     for name, value in flat.items():
-        if name in ("rewards", "finetune", "lora", "vision", "dtype"):
+        if name in (
+            "rewards",
+            "finetune",
+            "lora",
+            "vision",
+            "dtype",
+            "log_completions_every",
+            "log_completions_prompts",
+        ):
             kwargs[name] = value
         elif name == "care":
             groups["care"]["enabled"] = value
@@ -323,6 +331,25 @@ def test_the_frontier_options_train_and_log_their_diagnostics(tiny_dir, medmnist
     assert all(float(r["train/engine_logprob_diff"]) < 1e-3 for r in rows)
 
 
+def test_the_completions_table_rescores_to_the_logged_rewards(tiny_dir, medmnist, toy_rewards, tmp_path):
+    from medrl.rl.rewards import load_reward
+
+    rewards = {"accuracy": 1.0, toy_rewards: 1.0}
+    module = _module(tiny_dir, rewards=rewards, care=False, log_completions_every=1, log_completions_prompts=2)
+    _trainer(tmp_path, max_epochs=1, limit_train_batches=2).fit(module, _data(medmnist))
+    logged = [r for r in _metrics(tmp_path) if r.get("train/loss")]
+    tables = sorted((tmp_path / "logs" / "completions").glob("step_*.jsonl"))
+    assert [t.name for t in tables] == ["step_000001.jsonl", "step_000002.jsonl"]
+    for table, row in zip(tables, logged, strict=True):
+        lines = [json.loads(line) for line in table.read_text().splitlines()]
+        assert len(lines) == 2 * 4 and {"completion", "answer", "reward", "advantage", "image"} <= set(lines[0])
+        # The whole batch (2 prompts x G = 4) is in the table: re-scored, its mean is the logged reward.
+        fn = load_reward(toy_rewards)
+        again = fn(completions=[line["completion"] for line in lines])
+        assert again == pytest.approx([line["rewards"][toy_rewards] for line in lines])
+        assert sum(again) / len(again) == pytest.approx(float(row[f"reward/{toy_rewards}"]), abs=1e-6)
+
+
 def test_masked_truncated_completions_carry_no_loss(tiny_dir, medmnist) -> None:
     # Two completions of one prompt: one ends with <|im_end|>, one reaches the 8-token cap without it.
     module = _module(tiny_dir, max_completion_length=8, mask_truncated_completions=True)
@@ -432,6 +459,42 @@ def test_pass_at_k_callback_samples_with_the_grpo_modules_own_vllm_engine(tiny_d
     assert seen == {"shared": True} and not callback._owns_engine
     summary = json.loads((tmp_path / "pk" / "before_training" / "summary.json").read_text())
     assert summary["metrics"]["all"]["questions"] > 0
+
+
+@pytest.mark.slow  # vLLM starts in about 30 s on CPU; 20 steps take about a minute
+def test_twenty_vllm_steps_with_tis_log_every_diagnostic(tiny_dir, medmnist, toy_rewards, tmp_path):
+    from medrl.rl.rewards import load_reward
+
+    module = _module(
+        tiny_dir,
+        engine="vllm",
+        engine_options={"max_model_len": 512, "kv_cache_gib": 0.25},
+        mismatch_correction="tis",
+        num_generations=4,
+        max_completion_length=16,
+        lr=5e-3,
+        micro_batch_size=16,
+        rewards={"accuracy": 1.0, toy_rewards: 1.0},
+        log_completions_every=5,
+        log_completions_prompts=2,
+    )
+    _trainer(tmp_path, max_steps=20).fit(module, _data(medmnist, batch_size=2, train_samples=64))
+    rows = [r for r in _metrics(tmp_path) if r.get("train/loss")]
+    assert len(rows) == 20
+    for key in ("train/clip_fraction_low", "train/clip_fraction_high", "train/ratio_mean", "train/ratio_min",
+                "train/ratio_max", "train/approx_kl", "train/entropy", "train/engine_logprob_diff",
+                "train/engine_logprob_diff_max", "train/engine_outside_band", "completion/length",
+                "completion/length_max", "completion/truncated", "groups/no_signal", "reward/std"):  # fmt: skip
+        assert all(r.get(key, "") != "" for r in rows), key
+    # vLLM's and the trainer's fp32 log-probs of tiny differ by float noise only: the band is never left.
+    assert all(float(r["train/engine_logprob_diff"]) < 1e-2 for r in rows)
+    tables = sorted((tmp_path / "logs" / "completions").glob("step_*.jsonl"))
+    assert [t.name for t in tables] == [f"step_{s:06d}.jsonl" for s in (5, 10, 15, 20)]
+    fn = load_reward(toy_rewards)
+    for table in tables:
+        lines = [json.loads(line) for line in table.read_text().splitlines()]
+        again = fn(completions=[line["completion"] for line in lines])
+        assert again == pytest.approx([line["rewards"][toy_rewards] for line in lines])
 
 
 @pytest.mark.slow  # two spawned processes: 1-2 minutes on 2 busy cores

@@ -167,3 +167,19 @@ def test_one_engine_per_rank_under_two_process_ddp(medmnist, tmp_path: Path) -> 
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["before"] != result["expected"] and result["after"] == result["expected"]
+
+
+@pytest.mark.gpu
+def test_sleep_mode_frees_gpu_memory_and_wakes_with_the_pushed_weights(items) -> None:
+    # On a GPU sleep mode is the default: sleep() discards vLLM's weights and KV cache (level 2); a weight
+    # push wakes the weights, the next generate the cache, and greedy decoding is what it was.
+    base, processor = build_tiny(0)
+    engine = make_engine("vllm", base, processor, max_model_len=512, gpu_memory_utilization=0.2)
+    assert engine.sleep_mode
+    before = _greedy(engine, items)
+    free_awake = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    assert torch.cuda.mem_get_info()[0] > free_awake  # the cache (at least) went back to the device
+    engine.sync(base)
+    assert _greedy(engine, items) == before
+    engine.close()

@@ -27,6 +27,7 @@ import random
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -36,11 +37,12 @@ from torch import nn
 
 from medrl.core.dtypes import DType, resolve_dtype
 from medrl.core.errors import ConfigError
+from medrl.core.io import atomic_write_jsonl
 from medrl.core.seeds import derive_seed
 from medrl.lit.budget import apply_prompt_budget
 from medrl.lit.grpo_args import CareArgs, EngineArgs, LossArgs, OptimArgs, SamplingArgs, as_group, group_dict
 from medrl.lit.grpo_step import GRPOStep, RefillBuffer, StepContext, eval_mode
-from medrl.lit.trajectory import reward_columns
+from medrl.lit.trajectory import completion_rows, reward_columns
 from medrl.models.hub import load_vlm
 from medrl.models.lora import LoRAConfig, VisionTraining, apply_lora, count_parameters, is_peft, set_full_finetune
 from medrl.models.sharding import gathered, shard_like, shard_module
@@ -82,6 +84,10 @@ class GRPOModule(L.LightningModule):
         optim: learning rate, warm-up, clipping, micro-batch size, gradient checkpointing.
         dtype: weight dtype; ``auto`` is bfloat16 when a GPU is visible, float32 otherwise.
         attn_implementation: transformers attention kernel; null: default.
+        log_completions_every: every this many steps, write a few prompts' completions with their parsed
+            answers, rewards and advantages to ``<log dir>/completions/step_NNNNNN.jsonl`` (and to the logger,
+            where it takes tables); 0: never.
+        log_completions_prompts: prompts per table (each with its G completions).
         seed: seeds each step's sampling and dropout.
     """
 
@@ -99,6 +105,8 @@ class GRPOModule(L.LightningModule):
         optim: OptimArgs = OptimArgs(),
         dtype: DType = "auto",
         attn_implementation: str | None = None,
+        log_completions_every: int = 0,
+        log_completions_prompts: int = 2,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -244,6 +252,7 @@ class GRPOModule(L.LightningModule):
                 global_step=lambda: self.global_step,
                 engine_name=self.engine_args.name,
                 end_ids=end_token_ids(self.processor.tokenizer),
+                engine_sleep=lambda: self._ensure_engine().sleep(),
             )
         )
 
@@ -268,9 +277,23 @@ class GRPOModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             seed = self._step_seed()
             torch.manual_seed(seed)
-            metrics = self.step()(batch, self.sampling_params(seed), self.buffer)
+            step = self.step()
+            metrics = step(batch, self.sampling_params(seed), self.buffer)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+        every = self.hparams.log_completions_every
+        if every and self.global_step % every == 0 and step.sampled is not None and self.global_rank == 0:
+            self._log_completions(batch, step.sampled)
         self._rollouts += 1
+
+    def _log_completions(self, batch: list[dict[str, Any]], traj: Trajectory) -> None:
+        """A few prompts' completions, parsed answers, rewards and advantages: JSONL, and a logger table."""
+        rows = completion_rows(batch, traj, self.hparams.log_completions_prompts, self.global_step)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "completions"
+        atomic_write_jsonl(folder / f"step_{self.global_step:06d}.jsonl", rows)
+        columns = ["step", "prompt", "image", "completion", "answer", "reward", "advantage"]
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):  # W&B; CSV and TensorBoard keep the JSONL only
+                logger.log_table("train/completions", columns=columns, data=[[r[c] for c in columns] for r in rows])
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         max_new = self.sampling.val_max_new_tokens or self.sampling.max_completion_length

@@ -106,6 +106,7 @@ class StepContext:
         global_step: ``() -> optimizer steps so far`` (the EMA's clock).
         engine_name: ``hf`` or ``vllm`` (the mismatch correction's default depends on it).
         end_ids: token ids that end a completion (a completion at the length cap without one was truncated).
+        engine_sleep: frees the engine's memory before the update (vLLM's sleep mode; a no-op otherwise).
     """
 
     policy: nn.Module
@@ -126,6 +127,7 @@ class StepContext:
     global_step: Callable[[], int]
     engine_name: str = "hf"
     end_ids: Sequence[int] = ()
+    engine_sleep: Callable[[], None] = lambda: None
 
 
 class GRPOStep:
@@ -133,6 +135,7 @@ class GRPOStep:
 
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx
+        self.sampled: Trajectory | None = None  # this step's rollouts with rewards and advantages (for tables)
 
     def __call__(self, batch: list[dict[str, Any]], params: SamplingParams, buffer: RefillBuffer) -> Metrics:
         """Run the six stages; returns the step's metrics, ``time/<stage>`` included."""
@@ -146,7 +149,9 @@ class GRPOStep:
         with timer("advantage"):
             ready, found = self.advantage(traj, len(batch), buffer)
             metrics |= found
+        self.sampled = traj
         if ready is not None:
+            self.ctx.engine_sleep()  # vLLM's memory to the update; the sync stage wakes its weights
             with timer("logprobs"):
                 ready = self.logprobs(ready)
             with timer("update"):

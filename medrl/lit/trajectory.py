@@ -60,6 +60,28 @@ def reward_columns(items: Sequence[Mapping[str, Any]], group_size: int) -> dict[
     return {k: [item.get(k) for item in items for _ in range(group_size)] for k in keys}
 
 
+def completion_rows(
+    items: Sequence[Mapping[str, Any]], traj: Trajectory, prompts: int, step: int
+) -> list[dict[str, Any]]:
+    """JSON rows for the first ``prompts`` prompts' completions: what each wrote, its parsed answer, every
+    reward part, the total and the advantage (``traj`` after the reward and advantage stages)."""
+    from medrl.metrics.answers import parse_answer
+
+    g = traj.group_size
+    rows = []
+    for row in range(min(prompts, len(items)) * g):
+        item = items[row // g]
+        letters = "".join(item.get("options") or {}) or "ABCD"
+        rows.append({
+            "step": step, "prompt": row // g, "image": f"{item.get('flag', '')}/{item.get('index', '')}",
+            "gold": item.get("answer"), "completion": traj.texts[row], "answer": parse_answer(traj.texts[row], letters),
+            "rewards": {k: float(v[row]) for k, v in traj.reward_parts.items()},
+            "reward": float(traj.rewards[row]) if traj.rewards is not None else None,
+            "advantage": float(traj.advantages[row]) if traj.advantages is not None else None,
+        })  # fmt: skip
+    return rows
+
+
 def answer_window_mask(tokenizer: Any, traj: Trajectory, rows: Sequence[int]) -> Tensor:
     """``[len(rows), L]`` bool: the answer tokens (inside the last ``<answer>`` block) of the given rows."""
     window = traj.completion_length

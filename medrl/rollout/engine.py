@@ -64,6 +64,9 @@ class Engine(abc.ABC):
         """
         self.load_weights(policy_weights(policy))
 
+    def sleep(self) -> None:  # noqa: B027 - optional hook: only engines holding GPU memory of their own need it
+        """Free memory the engine holds while the trainer updates (until the next sync or generate)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook: only engines holding processes need it
         """Free what the engine holds (processes, caches); the engine is unusable afterwards."""
 

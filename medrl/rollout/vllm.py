@@ -69,6 +69,25 @@ def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
+def gpu_switches(
+    on_gpu: bool, enforce_eager: bool | None, sleep_mode: bool | None, max_num_batched_tokens: int | None
+) -> dict[str, Any]:
+    """vLLM's memory and speed switches, their null defaults resolved for the device: CUDA graphs and sleep
+    mode on a GPU; eager and no sleep mode on a CPU, where graphs need Triton and there is nothing to free.
+
+    >>> gpu_switches(False, None, None, None)
+    {'enforce_eager': True}
+    >>> gpu_switches(True, None, None, 8192)
+    {'enforce_eager': False, 'enable_sleep_mode': True, 'max_num_batched_tokens': 8192}
+    """
+    out: dict[str, Any] = {"enforce_eager": (not on_gpu) if enforce_eager is None else enforce_eager}
+    if on_gpu if sleep_mode is None else sleep_mode:
+        out["enable_sleep_mode"] = True
+    if max_num_batched_tokens is not None:
+        out["max_num_batched_tokens"] = max_num_batched_tokens
+    return out
+
+
 class VLLMEngine(Engine):
     """vLLM offline inference in this process, with in-place weight updates from the training policy.
 
@@ -82,7 +101,13 @@ class VLLMEngine(Engine):
         gpu_memory_utilization: share of GPU memory vLLM may take on GPU (leave room for training).
         max_num_seqs: most sequences decoded together (1024 keeps 64 questions x 16 samples in one batch:
             on CPU with tiny, 1024 instead of 256 made Pass@K sampling 1.7x faster).
-        enforce_eager: skip graph capture/compilation (faster start; required on CPU without Triton).
+        enforce_eager: skip CUDA-graph capture and compilation; null: eager on CPU (required there without
+            Triton), graphs on a GPU (decoding without per-step launch overhead; TRL and verl default to them).
+        sleep_mode: free vLLM's GPU memory during the update (:meth:`sleep`: weights and KV cache discarded,
+            as TRL's ``vllm_enable_sleep_mode`` does at level 2, since new weights are pushed after every step
+            anyway); null: on with a GPU, off on CPU (nothing to free there).
+        max_num_batched_tokens: tokens vLLM's scheduler processes per step (prefill and decode together);
+            null: vLLM's default.
         seed: vLLM's engine seed.
     """
 
@@ -97,7 +122,9 @@ class VLLMEngine(Engine):
         kv_cache_gib: float = 1.0,
         gpu_memory_utilization: float = 0.3,
         max_num_seqs: int = 1024,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        sleep_mode: bool | None = None,
+        max_num_batched_tokens: int | None = None,
         seed: int = 0,
     ) -> None:
         from medrl.models.hub import load_processor, resolve_model
@@ -123,15 +150,18 @@ class VLLMEngine(Engine):
         on_gpu = torch.cuda.is_available()
         if dtype == "auto":
             dtype = dtype_name(param_dtype or resolve_dtype("auto"))  # an in-memory policy's own dtype first
+        switches = gpu_switches(on_gpu, enforce_eager, sleep_mode, max_num_batched_tokens)
+        self.sleep_mode = bool(switches.get("enable_sleep_mode"))
+        self._asleep = False
         kwargs: dict[str, Any] = dict(
             model=str(path),
             dtype=dtype,
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": 1},
-            enforce_eager=enforce_eager,
             max_num_seqs=max_num_seqs,
             seed=seed,
             disable_log_stats=True,
+            **switches,
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
@@ -188,8 +218,21 @@ class VLLMEngine(Engine):
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed, **common
         )
 
+    def sleep(self) -> None:
+        """Free vLLM's GPU memory for the update (sleep mode only): weights and KV cache are discarded; the
+        next :meth:`load_weights` brings the weights back, the next :meth:`generate` the KV cache."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = True
+
+    def _wake(self, tags: list[str]) -> None:
+        if self._asleep:
+            self.llm.wake_up(tags=tags)
+            self._asleep = "kv_cache" not in tags  # waking the cache last means fully awake
+
     def generate(self, items: Sequence[Item], params: SamplingParams) -> list[PromptResult]:
         """See :meth:`Engine.generate`. One vLLM ``generate`` call for every prompt, sample and greedy."""
+        self._wake(["kv_cache"])
         items = list(items)
         texts = prompt_texts(self.processor, items)
         requests, sampling, owners = [], [], []
@@ -239,6 +282,7 @@ class VLLMEngine(Engine):
         batch = list(weights)
         if not batch:
             raise ValueError("no weights to load")
+        self._wake(["weights"])  # the weights' memory first; the KV cache waits for the next generate
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": batch, "is_checkpoint_format": True})
         engine = self.llm.llm_engine
         engine.reset_encoder_cache()
