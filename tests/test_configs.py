@@ -76,3 +76,25 @@ def test_study_plan_loads_and_its_configs_parse(path: Path, tmp_path: Path) -> N
             got = merged.model.init_args[key]
             for field, expected in value.items() if isinstance(value, dict) else [(None, value)]:
                 assert (got if field is None else got[field]) == expected, (name, key, field)
+
+
+def test_every_grpo_option_is_settable_from_yaml(tmp_path: Path) -> None:
+    import yaml
+
+    frontier = {
+        "sampling": {"overlong_buffer": 8, "max_prompt_length": 1000},
+        "loss": {"advantage_estimator": "grpo_passk", "importance_sampling": "sequence", "mismatch_correction": "mis",
+                 "mismatch_level": "sequence", "mismatch_cap": 3.0, "mismatch_low": 0.5, "kl_estimator": "low_var_kl",
+                 "kl_bias_correction": True, "entropy_coef": 0.01, "top_entropy_quantile": 0.2,
+                 "mask_truncated_completions": True},
+        "engine": {"name": "vllm", "options": {"sleep_mode": True, "enforce_eager": False,
+                                               "max_num_batched_tokens": 4096}},
+        "rewards": {"accuracy": 1.0, "format": 1.0, "overlong": 1.0},
+        "log_completions_every": 10,
+    }  # fmt: skip
+    override = tmp_path / "frontier.yaml"
+    override.write_text(yaml.safe_dump({"model": {"init_args": frontier}}))
+    init = check_configs([str(REPO / "configs" / "rl.yaml"), str(override)]).fit.model.init_args
+    assert init.loss.importance_sampling == "sequence" and init.loss.mismatch_low == 0.5
+    assert init.optim.micro_batch_size == 16  # untouched groups keep rl.yaml's
+    assert init.engine.options["max_num_batched_tokens"] == 4096 and init.rewards["overlong"] == 1.0

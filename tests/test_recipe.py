@@ -69,3 +69,28 @@ def test_support_that_stays_low_stops_after_the_sft_budget(tmp_path: Path) -> No
     assert [d.action for d in record.decisions] == ["sft", "sft", "stop"]
     assert "did not reach tau" in record.decisions[-1].reason
     assert record.final_model == "base+sft1+sft2"
+
+
+def test_the_passk_branch_widens_non_zero_support_before_sft(tmp_path: Path) -> None:
+    queue = [_m("a", 0.20, 0.30), _m("b", 0.30, 0.65), _m("c", 0.50, 0.70)]
+    calls: list[str] = []
+
+    def measure(model: str, label: str) -> Measurement:
+        m = queue.pop(0)
+        return Measurement(label, model, m.acc1, m.pass_at_k, m.n_questions)
+
+    def step(name: str):
+        return lambda model, *_: (calls.append(name), f"{model}+{name}")[1]
+
+    record = run_recipe("pathmnist", "base", measure, step("sft"), step("rl"), 0.6, 8, tmp_path, rl_passk=step("passk"))
+    # 0 < 0.30 < 0.6: GRPO with the Pass@k advantage; 0.65 >= 0.6: RL to sharpen; no SFT.
+    assert calls == ["passk", "rl"] and [d.action for d in record.decisions] == ["rl_passk", "rl"]
+    assert [m.label for m in record.measurements] == ["base", "after_rl_passk", "after_rl"]
+    assert "GRPO with the Pass@k advantage" in record.decisions[0].reason
+
+
+def test_the_passk_branch_is_tried_once_and_never_on_zero_support() -> None:
+    zero, some = _m("z", 0.0, 0.0), _m("s", 0.1, 0.3)
+    assert decide(zero, 0.6, 8, passk_branch=True).action == "sft"  # nothing to widen: bridge with SFT
+    assert decide(some, 0.6, 8, passk_branch=True).action == "rl_passk"
+    assert decide(some, 0.6, 8).action == "sft"

@@ -52,12 +52,14 @@ class Measurement:
 class Decision:
     """What the recipe does next and why."""
 
-    action: Literal["sft", "rl", "stop"]
+    action: Literal["sft", "rl", "rl_passk", "stop"]
     reason: str
 
 
-def decide(measurement: Measurement, tau: float, k: int) -> Decision:
-    """SFT when support is below ``tau``, RL once it is at or above.
+def decide(measurement: Measurement, tau: float, k: int, passk_branch: bool = False) -> Decision:
+    """SFT when support is below ``tau``, RL once it is at or above; with ``passk_branch``, support that is
+    non-zero but below ``tau`` goes to GRPO with the Pass@k advantage first (``rl_passk``): it rewards the
+    rare sample that reaches the answer, which is how support grows without bridging data.
 
     >>> m = Measurement("base", "tiny", acc1=0.40, pass_at_k={8: 0.55}, n_questions=100)
     >>> decide(m, tau=0.7, k=8).action
@@ -68,6 +70,11 @@ def decide(measurement: Measurement, tau: float, k: int) -> Decision:
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau is a pass rate and must be in [0, 1], got {tau}")
     s = measurement.support(k)
+    if s < tau and passk_branch and s > 0:
+        return Decision(
+            "rl_passk",
+            f"0 < Pass@{k} = {s:.3f} < tau = {tau:.3f}: some support; GRPO with the Pass@k advantage to widen it",
+        )
     if s < tau:
         return Decision("sft", f"Pass@{k} = {s:.3f} < tau = {tau:.3f}: support is low; SFT to bridge it")
     return Decision(
@@ -122,6 +129,7 @@ def run_recipe(
     k: int,
     out: Path,
     max_sft_rounds: int = 1,
+    rl_passk: Callable[[str], str] | None = None,
 ) -> RecipeRecord:
     """Run the recipe from ``model`` and record it under ``out`` (saved after every step).
 
@@ -135,14 +143,16 @@ def run_recipe(
         k: the k of Pass@k compared with tau.
         out: folder for ``recipe.json`` / ``recipe.md``.
         max_sft_rounds: SFT rounds allowed before the recipe gives up on reaching tau.
+        rl_passk: ``model -> new model`` runs GRPO with the Pass@k advantage; given, the recipe tries it once
+            on non-zero support below tau before SFT (:func:`decide`'s ``passk_branch``).
     """
     record = RecipeRecord(target=target, tau=tau, k=k)
     current = model
     measurement = measure(current, "base")
     record.measurements.append(measurement)
-    rounds = 0
+    rounds, passk_rounds = 0, 0
     while True:
-        decision = decide(measurement, tau, k)
+        decision = decide(measurement, tau, k, passk_branch=rl_passk is not None and passk_rounds == 0)
         if decision.action == "sft" and rounds >= max_sft_rounds:
             decision = Decision(
                 "stop",
@@ -153,6 +163,12 @@ def run_recipe(
         record.save(out)
         if decision.action == "stop":
             break
+        if decision.action == "rl_passk":
+            passk_rounds += 1
+            current = rl_passk(current)  # type: ignore[misc]
+            measurement = measure(current, "after_rl_passk")
+            record.measurements.append(measurement)
+            continue
         if decision.action == "sft":
             rounds += 1
             current = sft(current, rounds)

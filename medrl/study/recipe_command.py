@@ -20,6 +20,9 @@ from medrl.study.reproduce import PLANS
 from medrl.study.runner import run_lock, stop_on_sigterm
 from medrl.study.stages import PMC_PREFIX, Study, exported_model, target_slug
 
+# GRPO with the Pass@k-aware advantage (medrl.rl.advantages), for the recipe's optional branch.
+PASSK = {"model": {"init_args": {"loss": {"advantage_estimator": "grpo_passk"}}}}
+
 
 def recipe(
     target: str,
@@ -37,6 +40,7 @@ def recipe(
     sft_config: str | None = None,
     rl_config: str | None = None,
     max_sft_rounds: int = 1,
+    passk_branch: bool = False,
 ) -> int:
     """Run the boundary-aware recipe: measure support; SFT while Pass@k < tau; GRPO once Pass@k >= tau.
 
@@ -61,6 +65,8 @@ def recipe(
         sft_config: the SFT experiment config (default: the plan's, with its overrides).
         rl_config: the GRPO experiment config (default: the plan's, with its overrides).
         max_sft_rounds: SFT rounds allowed before the recipe stops short of tau.
+        passk_branch: on non-zero support below tau, try GRPO with the Pass@k advantage (grpo_passk) once before
+            SFT: it rewards the rare sample that reaches the answer, for targets without bridging data.
     """
     for name, flag in (("target", target), ("bridge", bridge)):
         if flag is not None and flag not in FLAGS and not (flag.startswith(PMC_PREFIX) and len(flag) > len(PMC_PREFIX)):
@@ -104,12 +110,12 @@ def recipe(
             print(f"  {step}: Acc@1 {found.acc1:.3f}, Pass@{support.k} {found.support(support.k):.3f}")
             return found
 
-        def train(kind: str, label: str, flag: str, start: str) -> str:
+        def train(kind: str, label: str, flag: str, start: str, extra: dict | None = None) -> str:
             if exported_model(study.train_dir(label)) is None:
                 print(
                     f"  {kind.upper()} {label} on {flag} from {labels[start]} (log: {study.train_dir(label)}/fit.log)"
                 )
-                study.train(kind, label, flag, start)
+                study.train(kind, label, flag, start, extra)
             path = study.model_path(label)
             labels[path] = label
             return path
@@ -119,6 +125,8 @@ def recipe(
             sft=lambda current, rnd: train("sft", f"sft_{rnd}", bridge, current),
             rl=lambda current: train("rl", f"rl_{labels[current]}", target, current),
             tau=study_plan.tau, k=support.k, out=run_dir, max_sft_rounds=max_sft_rounds,
+            rl_passk=(lambda current: train("rl", f"rl_passk_{labels[current]}", target, current, PASSK))
+            if passk_branch else None,
         )  # fmt: skip
         for decision in record.decisions:
             print(f"  decision {decision.action}: {decision.reason}")

@@ -177,13 +177,14 @@ class Study:
             )
         return str(model)
 
-    def train(self, kind: str, model_label: str, flag: str, start: str) -> None:
-        """Run ``medrl fit`` with the plan's config for ``kind`` (sft or rl) on ``flag`` from ``start``."""
+    def train(self, kind: str, model_label: str, flag: str, start: str, extra: dict[str, Any] | None = None) -> None:
+        """Run ``medrl fit`` with the plan's config for ``kind`` (sft or rl) on ``flag`` from ``start``;
+        ``extra`` is merged over the plan's overrides (e.g. the Pass@k advantage)."""
         self._load_sources()
         train = self.plan.sft if kind == "sft" else self.plan.rl
         folder = self.train_dir(model_label)
         override = _merge(
-            train.overrides,
+            _merge(train.overrides, extra or {}),
             {
                 "seed_everything": self.plan.seed,
                 "trainer": {
