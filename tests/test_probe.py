@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -174,6 +175,45 @@ def test_lbfgs_probe_chooses_c_on_validation(shared):
     _trainer(1).fit(model, datamodule=dm)
     assert model.hparams.chosen_c in (1e-4, 1e-2, 1.0)
     assert model.last_metrics["val"]["acc"] > 0.6
+
+
+def test_knn_probabilities_hand_worked_and_multilabel():
+    from medrl.metrics.knn import knn_probabilities
+
+    # Query (1, 0.1) normalised: cosine 0.995 with (1, 0) [class 0] and 0.856 with (0.8, 0.6) [class 1]; at
+    # T = 1 the votes are e^0.995 = 2.705 and e^0.856 = 2.353: p = 2.705 / 5.058 = 0.535 for class 0.
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    p = knn_probabilities(torch.tensor([[1.0, 0.1]]), bank, torch.tensor([[0], [1], [1]]), 2, 2, temperature=1.0)
+    assert p[0].tolist() == pytest.approx([0.5348, 0.4652], abs=1e-4)
+    # Multi-label: each label's probability is the weighted share of neighbours carrying it.
+    labels = torch.tensor([[1, 0], [0, 1], [1, 1]])
+    p = knn_probabilities(torch.tensor([[1.0, 0.1]]), bank, labels, 2, 2, multilabel=True, temperature=1.0)
+    assert p[0].tolist() == pytest.approx([1.0, 0.4652], abs=1e-4)
+
+
+def test_knn_matches_a_loop_and_does_not_depend_on_the_chunk():
+    from medrl.metrics.knn import knn_probabilities
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(60, 8, generator=g), torch.randn(9, 8, generator=g)
+    labels = torch.randint(0, 4, (60, 1), generator=g)
+    fast = knn_probabilities(queries, bank, labels, k=10, num_classes=4, chunk=7)
+    assert torch.allclose(fast, knn_probabilities(queries, bank, labels, k=10, num_classes=4, chunk=1000), atol=1e-6)
+    for i, q in enumerate(queries):
+        sims = sorted(((float(F.cosine_similarity(q, b, dim=0)), int(labels[j, 0])) for j, b in enumerate(bank)),
+                      reverse=True)[:10]  # fmt: skip
+        votes = [sum(math.exp(s / 0.07) for s, c in sims if c == cls) for cls in range(4)]
+        assert fast[i].tolist() == pytest.approx([v / sum(votes) for v in votes], abs=1e-5)
+
+
+def test_knn_probe_chooses_k_on_validation_and_tests(shared):
+    dm = _dm(shared, shared / "cache", flag="bloodmnist")
+    model = LinearProbe(optimizer="knn", knn_ks=[1, 10, 50])
+    trainer = _trainer(1)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert model.hparams.chosen_k in (1, 10, 50)
+    assert model.last_metrics["test"]["acc"] > 0.5 and 0.5 < model.last_metrics["test"]["auc"] <= 1.0
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])

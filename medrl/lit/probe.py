@@ -9,6 +9,9 @@ Three ways to fit the same head, ``BatchNorm1d(affine=False)`` (optional) then `
 - ``lbfgs``: L-BFGS logistic regression on standardised features, one fit per inverse regularisation
   strength C, keeping the C with the best validation ACC (ties: lower validation loss), as in the CLIP and
   DINOv2 linear evaluations.
+- ``knn``: no head at all: the weighted cosine kNN classifier (:mod:`medrl.metrics.knn`, the DINO rule the
+  study's authors release as ``knn.py``), k chosen among ``knn_ks`` on validation ACC (ties: the smaller k),
+  temperature ``knn_temperature``.
 
 Multi-label data (ChestMNIST) gets one sigmoid output per label and binary cross-entropy; every other task a
 softmax and cross-entropy. Validation and test report ACC/AUC exactly as the ``medmnist`` Evaluator
@@ -33,6 +36,7 @@ from torch import nn
 from medrl.core.errors import ConfigError
 from medrl.data.medmnist_files import atomic_write_bytes
 from medrl.metrics import medmnist_eval as me
+from medrl.metrics.knn import DEFAULT_KS, TEMPERATURE, knn_probabilities
 
 DEFAULT_C = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
@@ -41,7 +45,8 @@ class LinearProbe(L.LightningModule):
     """A linear head trained on cached features; sizes and task come from the DataModule unless given.
 
     Args:
-        optimizer: ``sgd`` (the authors'), ``adamw`` (MedMNIST+) or ``lbfgs`` (logistic regression, C on val).
+        optimizer: ``sgd`` (the authors'), ``adamw`` (MedMNIST+), ``lbfgs`` (logistic regression, C on val) or
+            ``knn`` (weighted cosine kNN, k on val; nothing is trained).
         lr: learning rate; None means 0.1 for sgd and 1e-4 for adamw.
         momentum: SGD momentum.
         weight_decay: weight decay for sgd and adamw.
@@ -54,11 +59,13 @@ class LinearProbe(L.LightningModule):
         task: medmnist task string (None: from the DataModule).
         output_dir: where test predictions and metrics go (None: the logger's folder).
         cpu_threads: torch intra-op threads while the head trains or tests on CPU (None: leave torch's setting).
+        knn_ks: the k that ``knn`` chooses from (default 10, 20, 100, 200).
+        knn_temperature: the vote temperature T of ``knn`` (weights exp(similarity / T)).
     """
 
     def __init__(
         self,
-        optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd",
+        optimizer: Literal["sgd", "adamw", "lbfgs", "knn"] = "sgd",
         lr: float | None = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
@@ -71,12 +78,16 @@ class LinearProbe(L.LightningModule):
         task: str | None = None,
         output_dir: str | None = None,
         cpu_threads: int | None = 1,
+        knn_ks: list[int] | None = None,
+        knn_temperature: float = TEMPERATURE,
     ) -> None:
         super().__init__()
-        if optimizer not in ("sgd", "adamw", "lbfgs"):
-            raise ConfigError(f"optimizer must be sgd, adamw or lbfgs, got {optimizer!r}")
+        if optimizer not in ("sgd", "adamw", "lbfgs", "knn"):
+            raise ConfigError(f"optimizer must be sgd, adamw, lbfgs or knn, got {optimizer!r}")
         self.save_hyperparameters()
-        self.automatic_optimization = optimizer != "lbfgs"
+        self.automatic_optimization = optimizer not in ("lbfgs", "knn")
+        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None  # knn: training features and labels
+        self.knn_k: int | None = None
         self.head: nn.Sequential | None = None
         self._outputs: dict[str, list[dict[str, torch.Tensor]]] = {"val": [], "test": []}
         self.last_metrics: dict[str, dict[str, Any]] = {}
@@ -103,9 +114,21 @@ class LinearProbe(L.LightningModule):
         self._build(dm.in_features, dm.num_classes, dm.task)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, C]`` of features ``[B, D]``."""
+        """Logits ``[B, C]`` of features ``[B, D]`` (for ``knn``: the logits whose softmax or sigmoid gives the
+        neighbours' votes)."""
+        if self.hparams.optimizer == "knn":
+            return self._knn_logits(features, self.knn_k)
         assert self.head is not None, "the head is built in setup() or from in_features/num_classes/task"
         return self.head(features.float())
+
+    def _knn_logits(self, features: torch.Tensor, k: int | None) -> torch.Tensor:
+        if self._bank is None or k is None:
+            raise RuntimeError("the kNN probe has no training bank: it is built when fit starts")
+        bank, labels = self._bank
+        prob = knn_probabilities(features.cpu(), bank, labels, k, self.hparams.num_classes, self.multilabel,
+                                 self.hparams.knn_temperature).clamp(1e-6, 1 - 1e-6)  # fmt: skip
+        logits = torch.log(prob / (1 - prob)) if self.multilabel else torch.log(prob)
+        return logits.to(features.device)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """BCE over labels ``[B, L]`` for multi-label tasks, cross-entropy on ``labels[:, 0]`` otherwise."""
@@ -255,8 +278,8 @@ class LinearProbe(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         assert self.head is not None
-        if hp.optimizer == "lbfgs":
-            return None  # fitted in closed loop by on_train_start
+        if hp.optimizer in ("lbfgs", "knn"):
+            return None  # fitted in closed loop (lbfgs) or not at all (knn) by on_train_start
         params = self.head.parameters()
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=hp.lr or 0.1, momentum=hp.momentum, weight_decay=hp.weight_decay)
@@ -270,6 +293,25 @@ class LinearProbe(L.LightningModule):
     def on_train_start(self) -> None:
         if self.hparams.optimizer == "lbfgs":
             self._fit_lbfgs()
+        elif self.hparams.optimizer == "knn":
+            self._fit_knn()
+
+    @torch.no_grad()
+    def _fit_knn(self) -> None:
+        """Keep the training split as the bank; choose k on validation ACC (ties: the smaller k)."""
+        dm = self.trainer.datamodule
+        x, y = self._collect(dm.train_dataloader())
+        xv, yv = self._collect(dm.val_dataloader())
+        self._bank = (x.cpu(), y.cpu())
+        scores = []
+        for k in sorted(self.hparams.knn_ks or DEFAULT_KS):
+            prob = self.probabilities(self._knn_logits(xv, k))
+            scores.append((me.get_acc(yv.cpu().numpy(), prob.cpu().numpy(), self.task), -k))
+        acc, neg_k = max(scores)
+        self.knn_k = -neg_k
+        self.hparams["chosen_k"] = self.knn_k
+        self.log("knn/chosen_k", float(self.knn_k))
+        print(f"knn: chose k={self.knn_k} (val ACC {acc:.4f}, T={self.hparams.knn_temperature})")
 
     def _collect(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         batches = list(loader)

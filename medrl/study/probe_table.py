@@ -120,7 +120,7 @@ def probe_table(
     out: str = "runs/probe_table",
     root: str | None = None,
     synthetic: bool = False,
-    optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd",
+    optimizer: Literal["sgd", "adamw", "lbfgs", "knn"] = "sgd",
     max_epochs: int = 20,
     batch_size: int = 1024,
     train_samples: int | None = None,
@@ -144,7 +144,8 @@ def probe_table(
         out: output folder.
         root: folder of the .npz files (default: $MEDRL_DATA_DIR).
         synthetic: use synthetic files (written if absent) instead of the official ones.
-        optimizer: probe: sgd (the authors'), adamw (MedMNIST+, early stop on val loss) or lbfgs (C on val).
+        optimizer: probe: sgd (the authors'), adamw (MedMNIST+, early stop on val loss), lbfgs (C on val) or knn
+            (weighted cosine kNN, k in 10/20/100/200 on val, T = 0.07; the authors' knn.py).
         max_epochs: epochs for sgd/adamw.
         batch_size: probe batch size.
         train_samples: seeded subset of training images per flag (None: all).
@@ -200,7 +201,7 @@ def _run_cell(dm, optimizer: str, max_epochs: int, seed: int, cell_dir: Path) ->
     extract = sum(c.seconds for c in dm.splits.values())
     model = LinearProbe(optimizer=optimizer, output_dir=str(cell_dir))
     trainer = L.Trainer(
-        max_epochs=1 if optimizer == "lbfgs" else max_epochs,
+        max_epochs=1 if optimizer in ("lbfgs", "knn") else max_epochs,
         accelerator="cpu",
         devices=1,
         logger=False,
