@@ -18,6 +18,7 @@ step). A check that fails records its error and the rest still run; the exit cod
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -217,17 +218,13 @@ def check_sft(path: Path, args: argparse.Namespace, peak: Peak, size: dict[str, 
     return {"steps": len(timed), "seconds_per_step": per_step, "tokens_per_step": tokens, "tokens_per_s": rate,
             "parameters": _params(module), "mfu": 6 * _params(module) * rate / peak.flops,
             "peak_memory_gib": peak.peak_memory_gib(), "loss_first": clock.losses[0],
-            "passed": all(map(_finite, clock.losses))}  # fmt: skip
+            "passed": all(map(math.isfinite, clock.losses))}  # fmt: skip
 
 
 def _tokens(module, batch: list[dict]) -> int:
     """Sequence tokens (prompt, image and answer) of one SFT batch, padding excluded."""
     encoded = module.collator(batch)
     return int(encoded.inputs["attention_mask"].sum())
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def check_grpo(path: Path, args: argparse.Namespace, peak: Peak, size: dict[str, int]) -> dict[str, Any]:
@@ -261,7 +258,8 @@ def check_grpo(path: Path, args: argparse.Namespace, peak: Peak, size: dict[str,
             "completion_length": length, "generation_tokens_per_s": generated / stages["generate"],
             "update_mfu": 6 * params * trained / stages["update"] / peak.flops, "parameters": params,
             "peak_memory_gib": peak.peak_memory_gib(),
-            "passed": all(_finite(m.get("train/loss", 0.0)) for m in timed) and stages["generate"] > 0}  # fmt: skip
+            "passed": stages["generate"] > 0 and all(math.isfinite(m.get("train/loss", 0.0)) for m in timed),
+            }  # fmt: skip
 
 
 def _tokens_of_rollouts(module, batch: list[dict], group: int, completion: float) -> float:

@@ -16,7 +16,14 @@ from collections.abc import Callable
 
 from medrl.core.env import DEBUG_ENV, is_debug
 from medrl.core.errors import one_line, user_error_in
-from medrl.study.configs import MedRLCLI, check_checkpoint, check_yaml_files, ckpt_path_of, moved_grpo_options
+from medrl.study.configs import (
+    MedRLCLI,
+    check_checkpoint,
+    check_yaml_files,
+    ckpt_path_of,
+    config_paths_of,
+    moved_grpo_options,
+)
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -128,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run_study_verb(verb, argv[1:])
         # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an explicit
-        # argv (tests, other commands) is passed through.
-        check_yaml_files([argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"])
+        check_yaml_files(config_paths_of(argv))
         check_checkpoint(ckpt_path_of(argv))  # LightningCLI reads the checkpoint's hyperparameters first
         try:
+            # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an
+            # explicit argv (tests, other commands) is passed through.
             MedRLCLI(args=None if from_command_line else argv)
         except SystemExit as stop:
             if stop.code == 2 and (moved := moved_grpo_options(argv)):  # a parse error on an old GRPO config

@@ -15,6 +15,7 @@ import pytest
 
 from medrl.core.budget import CHARS_PER_TOKEN_BOUND, PromptBudget
 from medrl.core.errors import ConfigError
+from medrl.data.image_store import ImageStore
 from medrl.models.budget import model_prompt_budget, prompt_budget
 
 LONG = "Is this normal? " * 5000  # 80,000 characters
@@ -40,6 +41,22 @@ def test_the_budget_by_hand() -> None:
     assert reason == "too_long" and "at least 16 tokens" in detail and "budget of 15" in detail
 
 
+def test_a_row_reads_its_image_sizes_only_when_they_decide() -> None:
+    # Words as tokens, up to 10 tokens per image (the cap), budget 15.
+    budget = PromptBudget(15, lambda t: len(t.split()), lambda h, w: min(10, h // 10), max_image_tokens=10)
+    reads: list[int] = []
+
+    def sizes() -> list[tuple[int, int]]:
+        reads.append(1)
+        return [(30, 30)]  # 3 tokens
+
+    assert budget.problem_of_row("a b c", 1, sizes) is None and reads == []  # 3 + 10 <= 15 at any size
+    assert budget.problem_of_row(" ".join("x" * 20), 1, sizes)[0] == "too_long" and reads == []  # text alone
+    assert budget.problem_of_row("a " * 9, 1, sizes) is None and reads == [1]  # 9 + 10 > 15: read: 9 + 3 fits
+    unbounded = PromptBudget(15, lambda t: len(t.split()), lambda h, w: h // 10)
+    assert unbounded.problem_of_row("a b c", 1, lambda: [(200, 200)])[0] == "too_long"  # 3 + 20: read, too long
+
+
 def test_the_tiny_model_budget(tiny_dir: Path) -> None:
     budget = model_prompt_budget(str(tiny_dir), completion_tokens=96)
     assert budget.max_tokens == 4096 - 96
@@ -49,7 +66,7 @@ def test_the_tiny_model_budget(tiny_dir: Path) -> None:
         model_prompt_budget(str(tiny_dir), completion_tokens=5000)
 
 
-def test_an_80k_character_suite_question_is_dropped_and_counted_on_a_prefix(tiny_dir: Path, tmp_path: Path) -> None:
+def test_an_80k_character_suite_question_is_dropped_and_counted_on_a_prefix(tiny_dir, tmp_path, monkeypatch) -> None:
     from test_benchmarks import make_suite
 
     from medrl.data.benchmarks import BenchmarkSuiteDataModule
@@ -62,7 +79,12 @@ def test_an_80k_character_suite_question_is_dropped_and_counted_on_a_prefix(tiny
     before = len(data.dataset())
     budget = model_prompt_budget(str(tiny_dir), completion_tokens=64)
     counting = Counting(budget)
-    assert data.apply_prompt_budget(PromptBudget(budget.max_tokens, counting, budget.count_image, budget.overhead)) == 1
+    reads: list[str] = []
+    real_size = ImageStore.size
+    monkeypatch.setattr(ImageStore, "size", lambda self, name: (reads.append(name), real_size(self, name))[1])
+    counted = PromptBudget(budget.max_tokens, counting, budget.count_image, budget.overhead, budget.max_image_tokens)
+    assert data.apply_prompt_budget(counted) == 1
+    assert reads == []  # tiny's processor caps an image at 16 tokens: no row needed its images read
     assert len(data.dataset()) == before - 1
     report = data.reports[0]
     (dropped,) = report.dropped

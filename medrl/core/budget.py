@@ -25,12 +25,15 @@ class PromptBudget:
         count_text: tokens of a piece of text (no special tokens).
         count_image: tokens of one image of ``(height, width)`` pixels.
         overhead: tokens the chat template adds around the text (system turn, role markers, image markers).
+        max_image_tokens: the most tokens any one image can take (the processor resizes larger ones down), or
+            None when unbounded; with it, a row that fits even at that size needs no image read.
     """
 
     max_tokens: int
     count_text: Callable[[str], int]
     count_image: Callable[[int, int], int]
     overhead: int = 0
+    max_image_tokens: int | None = None
 
     def tokens(self, text: str, image_sizes: Sequence[tuple[int, int]] = ()) -> int:
         """The prompt's tokens, counted exactly while they can fit; once the text alone is known to be over
@@ -40,6 +43,19 @@ class PromptBudget:
         if len(text) > cap and counted <= self.max_tokens:  # a text of unusually long tokens: count it all
             counted = self.count_text(text)
         return self.overhead + counted + sum(self.count_image(h, w) for h, w in image_sizes)
+
+    def problem_of_row(
+        self, text: str, n_images: int, image_sizes: Callable[[], Sequence[tuple[int, int]]]
+    ) -> tuple[str, str] | None:
+        """:meth:`problem`, reading the images' sizes (``image_sizes()``) only when the text and the largest
+        possible images do not already decide: the usual row costs one bounded text count and no image I/O."""
+        if self.max_image_tokens is not None:
+            text_tokens = self.tokens(text)
+            if text_tokens + n_images * self.max_image_tokens <= self.max_tokens:
+                return None
+            if text_tokens > self.max_tokens:
+                return self.problem(text)
+        return self.problem(text, image_sizes())
 
     def problem(self, text: str, image_sizes: Sequence[tuple[int, int]] = ()) -> tuple[str, str] | None:
         """``("too_long", detail)`` for a validation report when the prompt is over the budget, else None."""

@@ -183,7 +183,12 @@ class MCQItemsDataset(Dataset):
     def prompt_text(self, item: MCQItem) -> str:
         """The text the model reads for ``item`` (system prompt, question, options, instruction)."""
         prompt = vqa.format_prompt(item.question, item.options, self.instruction or vqa.INSTRUCTION)
-        return f"{self.system_prompt}\n{prompt}" if self.system_prompt else prompt
+        return vqa.readable_text(prompt, self.system_prompt)
+
+    def _tiled_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
+        """The one (tiled) image's size the model sees for ``item``, or none."""
+        sizes = self._image_sizes(item)
+        return [tiled_size(sizes)] if sizes else []
 
     def _image_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
         """Sizes of the item's images that can be read; a bad one is the image check's to report."""
@@ -200,8 +205,12 @@ class MCQItemsDataset(Dataset):
         returns how many were dropped."""
         kept = []
         for item in self.items:
-            sizes = self._image_sizes(item)
-            problem = budget.problem(self.prompt_text(item), [tiled_size(sizes)] if sizes else [])
+            n_images = 1 if item.images else 0  # several images are tiled into one (tile)
+            problem = budget.problem_of_row(
+                self.prompt_text(item),
+                n_images,
+                lambda it=item: [tiled_size(s)] if (s := self._image_sizes(it)) else [],
+            )
             if problem is None:
                 kept.append(item)
                 continue

@@ -133,7 +133,7 @@ class MedMNISTDataset(Dataset):
         prompt = vqa.format_prompt(
             opts.question or vqa.QUESTIONS[self.flag], options, opts.instruction or vqa.INSTRUCTION
         )
-        return f"{opts.system_prompt}\n{prompt}" if opts.system_prompt else prompt
+        return vqa.readable_text(prompt, opts.system_prompt)
 
     def rgb(self, row: int) -> np.ndarray:
         """Image ``row`` as uint8 ``[H, W, 3]``."""

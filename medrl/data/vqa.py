@@ -118,6 +118,16 @@ def class_names(flag: str, label_map: dict[str, str]) -> list[str]:
     return [overrides.get(int(i), name) for i, name in sorted(label_map.items(), key=lambda kv: int(kv[0]))]
 
 
+def readable_text(prompt: str, system: str | None = None) -> str:
+    """All the text a model reads for one question (the system message, then the prompt): what the prompt
+    budget counts, the chat template's own tokens aside.
+
+    >>> readable_text("Q?", "Be brief.")
+    'Be brief.\\nQ?'
+    """
+    return f"{system}\n{prompt}" if system else prompt
+
+
 def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
     """Chat messages with one image placeholder followed by the prompt text (Qwen-VL content format)."""
     messages: list[dict] = [{"role": "system", "content": system}] if system else []

@@ -13,7 +13,6 @@ def apply_prompt_budget(module: L.LightningModule, completion_tokens: int, max_p
     Called from ``setup``, after the datamodule has read its splits and before any loader is built. A
     datamodule without ``apply_prompt_budget`` (the probes' features) is left alone.
     """
-    trainer = getattr(module, "_trainer", None)
-    apply = getattr(getattr(trainer, "datamodule", None), "apply_prompt_budget", None)
+    apply = getattr(module.trainer.datamodule, "apply_prompt_budget", None)
     if apply is not None:
         apply(prompt_budget(module.processor, module.model.config, completion_tokens, max_prompt_length))

@@ -179,7 +179,8 @@ class GRPOStep:
     def reward(self, traj: Trajectory, batch: list[dict[str, Any]]) -> tuple[Trajectory, Metrics]:
         """The weighted rewards (plus the CARE bonus) of every completion, and what they look like."""
         ctx, metrics = self.ctx, {}
-        lengths = traj.completion_mask.sum(1).tolist()
+        lengths_t = traj.completion_mask.sum(1)
+        lengths = lengths_t.tolist()
         budget = ctx.sampling.max_completion_length
         buffer = ctx.sampling.overlong_buffer if ctx.sampling.overlong_buffer is not None else budget // 4
         columns = reward_columns(batch, traj.group_size) | {
@@ -200,7 +201,7 @@ class GRPOStep:
             metrics[f"reward/{name}"] = values.mean().item()
         metrics["reward/mean"] = total.mean().item()
         metrics["reward/std"] = as_groups(total, traj.group_size).std(dim=1).mean().item()
-        lengths_t = traj.completion_mask.sum(1).float()
+        lengths_t = lengths_t.float()
         metrics["completion/length"] = lengths_t.mean().item()
         metrics["completion/length_max"] = lengths_t.max().item()
         metrics["completion/truncated"] = self.truncated(traj).float().mean().item()

@@ -7,6 +7,8 @@ from typing import Any
 from medrl.core.budget import PromptBudget
 from medrl.core.errors import ConfigError
 
+UNBOUNDED_SIDE = 16384  # pixels: far above any processor's resolution cap
+
 
 def context_length(config: Any) -> int | None:
     """The longest sequence the model's positions cover (the text model's ``max_position_embeddings``)."""
@@ -47,7 +49,11 @@ def prompt_budget(
 
     empty = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
     template = processor.apply_chat_template(empty, add_generation_prompt=True, tokenize=False)
-    return PromptBudget(max_prompt_length, count_text, count_image, overhead=count_text(template))
+    # A processor with a resolution cap gives a huge image and a twice-huger one the same count: the most any
+    # image can take. Without a cap (the counts differ) every image's size has to be read.
+    largest = count_image(UNBOUNDED_SIDE, UNBOUNDED_SIDE)
+    capped = largest == count_image(2 * UNBOUNDED_SIDE, 2 * UNBOUNDED_SIDE)
+    return PromptBudget(max_prompt_length, count_text, count_image, count_text(template), largest if capped else None)
 
 
 def model_prompt_budget(model: str, completion_tokens: int, max_prompt_length: int | None = None) -> PromptBudget:

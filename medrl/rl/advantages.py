@@ -84,8 +84,7 @@ def passk_advantages(rewards: Tensor, spread: Tensor | float | None = None, eps:
     top = rewards.topk(2, dim=1)
     gap = top.values[:, 0] - top.values[:, 1]
     if spread is not None:
-        scale = torch.as_tensor(spread, dtype=rewards.dtype).reshape(-1) if not isinstance(spread, float) else spread
-        gap = gap / (scale + eps)
+        gap = gap / (torch.as_tensor(spread, dtype=rewards.dtype).reshape(-1) + eps)
     out = torch.zeros_like(rewards)
     out.scatter_(1, top.indices[:, :1], gap.unsqueeze(1))
     return out
@@ -109,8 +108,13 @@ def compute_advantages(
     elif estimator == "rloo":
         adv = rloo_advantages(rewards)
     elif estimator == "grpo_passk":
-        spread = {"group": rewards.std(dim=1), "batch": rewards.std() if batch_std is None else batch_std}
-        adv = passk_advantages(rewards, spread.get(scale), eps)
+        if scale == "group":
+            spread = rewards.std(dim=1)
+        elif scale == "batch":
+            spread = rewards.std() if batch_std is None else batch_std
+        else:
+            spread = None
+        adv = passk_advantages(rewards, spread, eps)
     else:
         raise ValueError(f"advantage_estimator must be grpo, grpo_passk or rloo, got {estimator!r}")
     return torch.where(signal_groups(rewards).unsqueeze(1), adv, torch.zeros_like(adv))

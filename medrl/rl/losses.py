@@ -50,9 +50,7 @@ def clipped_surrogate(
     epsilon_low`` so unlikely tokens with positive advantage can still grow.
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    if level == "sequence" and mask is None:
-        raise ValueError("sequence-level importance sampling needs the completion mask")
-    ratio = torch.exp(log_importance_weights(logprobs, old_logprobs, mask if mask is not None else logprobs, level))
+    ratio = torch.exp(log_importance_weights(logprobs, old_logprobs, mask, level))
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
     loss = -torch.minimum(unclipped, clipped)
@@ -162,11 +160,12 @@ def policy_loss(
         entropy_tokens: the bonus's normaliser (the batch's completion tokens, so micro-batches add up);
             default: this call's.
     """
-    per_token, _, ratio = clipped_surrogate(
+    per_token, active, ratio = clipped_surrogate(
         logprobs, old_logprobs, advantages, epsilon_low, epsilon_high, mask, importance_sampling
     )
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    clip = clip_sides(ratio, adv, epsilon_low, epsilon_high)
+    # An active clip is the high one for a positive advantage, the low one for a negative (clip_sides).
+    clip = active.to(torch.int8) * torch.sign(adv).to(torch.int8)
     if token_weights is not None:
         per_token = per_token * token_weights
     policy_part = per_token

@@ -16,8 +16,11 @@ from torch import Tensor
 ImportanceLevel = Literal["token", "sequence"]
 
 
-def log_importance_weights(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, level: ImportanceLevel) -> Tensor:
-    """``[N, L]`` log-ratios (``token``) or ``[N, 1]`` length-normalised sums of them (``sequence``).
+def log_importance_weights(
+    logprobs: Tensor, old_logprobs: Tensor, mask: Tensor | None, level: ImportanceLevel
+) -> Tensor:
+    """``[N, L]`` log-ratios (``token``) or ``[N, 1]`` length-normalised sums of them over the completion
+    tokens of ``mask`` (``sequence``; the mask is not read at ``token`` level).
 
     >>> import torch
     >>> logp, old = torch.tensor([[0.0, -1.0, 5.0]]), torch.tensor([[-1.0, -1.0, 0.0]])
@@ -31,6 +34,8 @@ def log_importance_weights(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor,
     if level == "token":
         return log_ratio
     if level == "sequence":
+        if mask is None:
+            raise ValueError("sequence-level importance sampling needs the completion mask")
         m = mask.to(log_ratio.dtype)
         return ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1)).unsqueeze(-1)
     raise ValueError(f"importance_sampling must be 'token' or 'sequence', got {level!r}")

@@ -32,6 +32,17 @@ def check_yaml_files(paths: list[str]) -> None:
             load_yaml(path)
 
 
+def config_paths_of(args: list[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order (either spelling)."""
+    paths = []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
 def ckpt_path_of(args: list[str]) -> str | None:
     """The ``--ckpt_path`` of a command line (either spelling), or None."""
     for i, arg in enumerate(args):
@@ -97,8 +108,7 @@ class MedRLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Option values torch would reject only when training starts, rejected now with their names."""
-        optimizer = self._settings().get("optimizer")
-        lr = (optimizer or {}).get("init_args", {}).get("lr") if optimizer else None
+        lr = (self._settings().get("optimizer") or {}).get("init_args", {}).get("lr")
         if isinstance(lr, int | float) and lr < 0:
             raise ConfigError(f"--optimizer.init_args.lr must be >= 0, got {lr}")
 
@@ -159,36 +169,36 @@ SCALAR_GROUPS = {"engine": "engine.name", "care": "care.enabled"}
 def moved_grpo_options(args: list[str]) -> list[tuple[str, str]]:
     """``(old, new)`` for each flat GRPO option name (from before the options were grouped) that ``args`` use.
 
-    Looks at ``--model.init_args.NAME`` / ``--model.NAME`` flags and at the ``model.init_args`` of every
-    ``--config`` file whose model is :class:`medrl.lit.grpo.GRPOModule`. Used for a hint after a parse error,
-    so an old config says where each option went instead of only that it is unknown.
+    Only when the model is :class:`medrl.lit.grpo.GRPOModule` (by a config's ``class_path``, or ``--model
+    medrl.lit.grpo.GRPOModule``): then every config's ``model.init_args`` and every ``--model.init_args.NAME``
+    / ``--model.NAME`` flag is read. Used for a hint after a parse error, so an old config says where each
+    option went instead of only that it is unknown.
     """
     import re
-    from pathlib import Path
-
-    import yaml
 
     from medrl.lit.grpo_args import MOVED_OPTIONS
 
-    names: list[str] = []
-    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     models = []
-    for path in configs:
+    for path in config_paths_of(args):
         try:
-            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
+            model = (load_yaml(path) or {}).get("model") or {}
+        except (OSError, ConfigError, AttributeError):
             continue
         models += [model] if isinstance(model, dict) else []
     # Later configs often give only init_args (the study's override.yaml): one GRPO class_path covers them all.
-    grpo = any(str(m.get("class_path", "")).endswith("GRPOModule") for m in models)
-    for model in models if grpo else []:
+    flags = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--model"] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--model=")
+    ]
+    classes = [str(m.get("class_path", "")) for m in models] + flags
+    if not any(c.endswith("GRPOModule") for c in classes):
+        return []
+    moved = MOVED_OPTIONS | SCALAR_GROUPS
+    names: list[str] = []
+    for model in models:
         init = model.get("init_args") or {}
         names += [k for k in init if k in MOVED_OPTIONS or (k in SCALAR_GROUPS and not isinstance(init[k], dict))]
     for arg in args:
         match = re.match(r"--model\.(?:init_args\.)?(\w+)(?:=|$)", arg)
-        name = match.group(1) if match else ""
-        if (name in MOVED_OPTIONS or name in SCALAR_GROUPS) and (grpo or name != "gradient_checkpointing"):
-            names.append(name)
-    moved = MOVED_OPTIONS | SCALAR_GROUPS
+        if match and match.group(1) in moved:
+            names.append(match.group(1))
     return [(name, moved[name]) for name in dict.fromkeys(names)]
