@@ -14,9 +14,16 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from medrl.core.env import DEBUG_ENV, is_debug
-from medrl.core.errors import one_line, user_error_in
-from medrl.study.configs import (
+from medrl.core.env import DEBUG_ENV, is_debug, show_progress
+
+if not show_progress():
+    # The hub's, transformers' and datasets' own bars ("Writing model shards") print lines into a log; they
+    # read these variables when first imported, which the imports below may do.
+    for _name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(_name, "1")
+
+from medrl.core.errors import one_line, user_error_in  # noqa: E402
+from medrl.study.configs import (  # noqa: E402
     MedRLCLI,
     check_checkpoint,
     check_yaml_files,
@@ -33,11 +40,12 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 # Targets are imported only when their verb runs, so `medrl --help` stays fast.
 STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
     "data": (
-        "MedMNIST files: verify against the official MD5s, synthesise, fetch; PMC-VQA balanced subsets",
+        "MedMNIST files: verify, synthesise, fetch; PMC-VQA and the benchmark suite from the hub; PMC-VQA subsets",
         {
             "verify": "medrl.study.data_commands:verify",
             "synth": "medrl.study.data_commands:synth",
             "fetch": "medrl.study.data_commands:fetch",
+            "get": "medrl.study.data_commands:get",
             "pmc-subset": "medrl.study.data_commands:pmc_subset",
         },
     ),
@@ -57,8 +65,9 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
     "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.study.evaluate:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.study.report_command:report"),
 }
-# Verbs whose required arguments are positional (`medrl report RUN_DIR`); the others take only --flags.
-POSITIONAL_VERBS = {"report"}
+# Verbs whose required arguments are positional (`medrl report RUN_DIR`, `medrl data get pmc-vqa`); the
+# others take only --flags.
+POSITIONAL_VERBS = {"report", "data get"}
 
 
 def _load(target: str) -> Callable[..., int]:
@@ -92,6 +101,8 @@ def _run_study_verb(verb: str, argv: list[str]) -> int:
     from jsonargparse import auto_cli
 
     _, target = STUDY_VERBS[verb]
+    if isinstance(target, dict) and argv and f"{verb} {argv[0]}" in POSITIONAL_VERBS:
+        verb, target, argv = f"{verb} {argv[0]}", target[argv[0]], argv[1:]
     commands = {sub: _load(t) for sub, t in target.items()} if isinstance(target, dict) else _load(target)
     result = auto_cli(commands, args=argv, as_positional=verb in POSITIONAL_VERBS, prog=f"medrl {verb}")
     return int(result or 0)
@@ -109,8 +120,6 @@ def _quiet_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     # Lightning 2.6 calls a torch 2.13 pytree API that torch deprecated; harmless, printed on every fit.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # Without tensorboard installed Lightning logs to CSV, which is what medrl wants; it says so on every fit.
-    warnings.filterwarnings("ignore", message="Starting from v1.9.0, `tensorboardX` has been removed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medrl.core.env import show_progress
 from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.tables import markdown_table
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
@@ -66,10 +68,13 @@ def sample_and_score(
     params = params.with_(greedy=True)
     positions = list(positions) if positions is not None else list(range(len(items)))
     out: list[tuple[QuestionScore, dict[str, Any]]] = []
-    with tqdm(total=len(items), desc=f"pass@k ({engine.name})", unit="q", disable=not progress) as bar:
+    started, tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(items), desc=f"pass@k ({engine.name})", unit="q", disable=not show_progress(progress))
+    with bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            for offset, (item, result) in enumerate(zip(chunk, engine.generate(chunk, params), strict=True)):
+            results = engine.generate(chunk, params)
+            for offset, (item, result) in enumerate(zip(chunk, results, strict=True)):
                 for key in ("answer", "options"):
                     if key not in item:
                         raise KeyError(f"item {positions[start + offset]} has no {key!r}: evaluation needs VQA items")
@@ -82,11 +87,14 @@ def sample_and_score(
                     **score.to_dict(),
                     "options": dict(item["options"]),
                     "greedy_text": greedy_text,
+                    "new_tokens": sum(len(c.token_ids) for c in [*result.samples, *filter(None, [result.greedy])]),
                 }
+                tokens += row["new_tokens"]
                 if keep_texts:
                     row["samples"] = result.texts
                 out.append((score, row))
             bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - started, 1e-9):.0f} tok/s", refresh=False)
     return out
 
 

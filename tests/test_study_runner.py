@@ -102,3 +102,24 @@ def test_atomic_writes_get_the_mode_the_umask_gives_and_leave_no_temp_file(tmp_p
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o640  # not mkstemp's private 0600
     assert json.loads(path.read_text()) == {"x": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_each_stage_says_the_time_left_from_measured_times(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from medrl.study.runner import expected_times
+
+    plan = tmp_path / "plan.yaml"
+    atomic_write_json(tmp_path / "plan.times.json", {"seconds": {"vision": 120.0, "support": 30.0}})
+    expected = expected_times(plan, tmp_path / "run")
+    assert expected == {"vision": 120.0, "support": 30.0}
+    console = Console(record=True, width=200)
+    calls: list[str] = []
+    StageRunner(tmp_path / "run", expected=expected, console=console).run(_stages(tmp_path / "run", calls))
+    text = console.export_text()
+    assert "this stage ~2.0 min; about 2.5 min left (+1 stage(s) never measured)" in text  # 150 s in all
+    assert "this stage ~30s; about 30s left (+1 stage(s) never measured)" in text
+    assert "this stage: no measured time" not in text  # the report stage has no known time: nothing said
+    # The run's own records now override the committed times for the stages that finished.
+    own = expected_times(plan, tmp_path / "run")
+    assert set(own) == {"vision", "support", "report"} and own["vision"] < 120.0

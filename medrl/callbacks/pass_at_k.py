@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from medrl.core.errors import ConfigError
+from medrl.core.trackers import log_png
 from medrl.evaluation import ALL, default_ks, sample_and_score, summarise, write_outputs
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import make_engine
@@ -197,6 +198,9 @@ class PassAtKCallback(L.Callback):
                 **{k: getattr(self.params, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens")},
             }
             self.last_folder = write_outputs(self._folder(trainer) / tag, rows, summary, self.ks, meta)
+            # The curve's picture to the trackers too (TensorBoard images, W&B, MLflow), not only to the folder.
+            log_png(trainer.loggers, "val/pass_at_k_curve", (self.last_folder / "pass_at_k.png").read_bytes(),
+                    trainer.global_step)  # fmt: skip
             overall = summary[ALL]
             rank_zero_info(
                 f"pass@k [{tag}] {int(overall['questions'])} questions: acc@1 {overall['acc@1']:.3f}, "

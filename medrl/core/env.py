@@ -3,18 +3,21 @@
 - ``MEDRL_DATA_DIR``: the folder of MedMNIST files (and ``pmc_vqa/``, ``benchmarks/`` below it);
 - ``MEDRL_CACHE``: where built artefacts (the tiny models, feature caches) live, default ``~/.cache/medrl``;
 - ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``, ``MEDRL_OFFLINE``: any of them true means "never download";
-- ``MEDRL_DEBUG``: show full tracebacks for errors the CLI would otherwise print as one line.
+- ``MEDRL_DEBUG``: show full tracebacks for errors the CLI would otherwise print as one line;
+- ``MEDRL_PROGRESS``: ``1`` forces progress bars on, ``0`` off (default: on only when stderr is a terminal).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DATA_DIR_ENV = "MEDRL_DATA_DIR"
 CACHE_ENV = "MEDRL_CACHE"
 OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEDRL_OFFLINE")
 DEBUG_ENV = "MEDRL_DEBUG"
+PROGRESS_ENV = "MEDRL_PROGRESS"
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -41,3 +44,14 @@ def data_dir() -> Path | None:
 def cache_dir() -> Path:
     """Where medrl keeps built artefacts: ``$MEDRL_CACHE`` or ``~/.cache/medrl``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "medrl").expanduser()
+
+
+def show_progress(requested: bool = True) -> bool:
+    """Whether to draw a progress bar: ``requested``, and a person is watching (``$MEDRL_PROGRESS`` decides
+    when set; else stderr is a terminal). CI logs and ``> file`` redirections get no bar lines."""
+    if not requested:
+        return False
+    value = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if value:
+        return value in _TRUE
+    return sys.stderr.isatty()

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader, Subset
 
-from medrl.core.env import cache_dir
+from medrl.core.env import cache_dir, show_progress
 from medrl.core.hashing import bytes_digest, file_digest, json_digest
 from medrl.core.io import atomic_write_bytes
 from medrl.data.medmnist import MedMNISTDataset
@@ -179,7 +179,9 @@ class FeatureCache:
                                              for i, (lo, hi) in enumerate(bounds)]  # fmt: skip
         done = sum(hi - lo for (lo, hi), c in zip(bounds, chunks, strict=True) if c is not None)
         desc = f"features {key['flag']} {key['split']} {encoder.label}"
-        with tqdm(total=n, initial=done, desc=desc, unit="img", disable=not progress, mininterval=1.0) as bar:
+        with tqdm(
+            total=n, initial=done, desc=desc, unit="img", disable=not show_progress(progress), mininterval=1.0
+        ) as bar:
             for i, (lo, hi) in enumerate(bounds):
                 if chunks[i] is not None:
                     continue

@@ -39,6 +39,7 @@ from medrl.core.dtypes import DType, resolve_dtype
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_jsonl
 from medrl.core.seeds import derive_seed
+from medrl.core.trackers import log_table
 from medrl.lit.budget import apply_prompt_budget
 from medrl.lit.grpo_args import CareArgs, EngineArgs, LossArgs, OptimArgs, SamplingArgs, as_group, group_dict
 from medrl.lit.grpo_step import GRPOStep, RefillBuffer, StepContext, eval_mode
@@ -291,9 +292,7 @@ class GRPOModule(L.LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "completions"
         atomic_write_jsonl(folder / f"step_{self.global_step:06d}.jsonl", rows)
         columns = ["step", "prompt", "image", "completion", "answer", "reward", "advantage"]
-        for logger in self.loggers:
-            if hasattr(logger, "log_table"):  # W&B; CSV and TensorBoard keep the JSONL only
-                logger.log_table("train/completions", columns=columns, data=[[r[c] for c in columns] for r in rows])
+        log_table(self.loggers, "train/completions", columns, [[r[c] for c in columns] for r in rows], self.global_step)
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         max_new = self.sampling.val_max_new_tokens or self.sampling.max_completion_length

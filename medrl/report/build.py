@@ -160,6 +160,15 @@ def _runcard(results: RunResults) -> list[str]:
     if plan:
         lines.append("- the full plan: `plan.json`; each trained model's command and merged config: "
                      "`train/<model>/command.txt`, `train/<model>/override.yaml`")  # fmt: skip
+    if results.log_dirs:
+        rows = [[model, f"[{folder}/]({folder}/)"] for model, folder in results.log_dirs.items()]
+        lines += [
+            "",
+            "Training logs (`metrics.csv`, TensorBoard events, completions, Pass@K evaluations); "
+            "`tensorboard --logdir train` shows them side by side:",
+            "",
+            *markdown_table(["model", "logs"], rows),
+        ]
     if results.stages:
         rows = [[name, rec.get("status", "?"), f"{rec.get('seconds', 0):.1f}"] for name, rec in results.stages.items()]
         total = sum(rec.get("seconds", 0) for rec in results.stages.values())

@@ -31,6 +31,7 @@ class RunResults:
     evals: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     rl_logs: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    log_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def flags(self) -> list[str]:
@@ -77,9 +78,13 @@ def load_run(root: str | Path) -> RunResults:
         results.evals.setdefault(model, {})[flag] = _json(summary)
     for recipe in sorted((root / "recipe").glob("*/recipe.json")):
         results.recipes[recipe.parent.name] = _json(recipe)
-    for train in sorted((root / "train").glob("rl_*")):
+    for train in sorted(p for p in (root / "train").glob("*") if p.is_dir()):
         logs = sorted(train.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-        if logs:  # the latest version: an interrupted and rerun stage leaves older ones behind
+        if not logs:
+            continue
+        # The latest version: an interrupted and rerun stage leaves older ones behind.
+        results.log_dirs[train.name] = logs[-1].parent.relative_to(root)
+        if train.name.startswith("rl_"):
             with open(logs[-1], newline="") as fh:
                 results.rl_logs[train.name] = [row for row in csv.DictReader(fh) if row.get("reward/mean")]
     return results

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
+from medrl.core.env import show_progress
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.seeds import derive_seed
@@ -70,7 +73,9 @@ def evaluate_items(
     atomic_write_jsonl(path, done)  # drop a torn line before appending
     done_ids = {row["id"] for row in done}
     rows = list(done)
-    with path.open("a", encoding="utf-8") as fh:
+    started, tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(dataset), initial=len(done), desc="bench-eval", unit="item", disable=not show_progress())
+    with bar, path.open("a", encoding="utf-8") as fh:
         for b, start in enumerate(range(0, len(dataset), batch_size)):
             positions = list(range(start, min(start + batch_size, len(dataset))))
             items = [dataset.items[p] for p in positions]
@@ -90,7 +95,12 @@ def evaluate_items(
             fh.write("".join(json.dumps(row) + "\n" for row in new))
             fh.flush()
             rows += new
-            print(f"  {len(rows)}/{len(dataset)} items", file=sys.stderr, flush=True)
+            tokens += sum(row["new_tokens"] for row in new)
+            rate = f"{tokens / max(time.perf_counter() - started, 1e-9):.0f} tok/s"
+            bar.update(len(new))
+            bar.set_postfix_str(rate, refresh=False)
+            if bar.disable:  # a log, not a terminal: one line per batch
+                print(f"  {len(rows)}/{len(dataset)} items, {rate}", file=sys.stderr, flush=True)
     order = {f"{it.benchmark}/{it.dataset_index}": i for i, it in enumerate(dataset.items)}
     rows.sort(key=lambda r: order.get(r["id"], len(order)))
     atomic_write_jsonl(path, rows)

@@ -17,6 +17,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from medrl.core.errors import ConfigError, UserError
 from medrl.core.io import load_yaml
+from medrl.study.trainer_defaults import (
+    allow_mlflow_file_store,
+    expand_run_dir,
+    progress_settings,
+    run_loggers,
+)
 
 # --ckpt_path values Lightning resolves itself.
 _NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -108,9 +114,20 @@ class MedRLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Option values torch would reject only when training starts, rejected now with their names."""
-        lr = (self._settings().get("optimizer") or {}).get("init_args", {}).get("lr")
+        settings = self._settings()
+        lr = (settings.get("optimizer") or {}).get("init_args", {}).get("lr")
         if isinstance(lr, int | float) and lr < 0:
             raise ConfigError(f"--optimizer.init_args.lr must be >= 0, got {lr}")
+        trainer = settings.get("trainer")
+        if trainer is not None and trainer.get("logger") not in (None, True, False):
+            trainer["logger"] = expand_run_dir(trainer["logger"], trainer.get("default_root_dir") or os.getcwd())
+            allow_mlflow_file_store(trainer["logger"])
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """The Trainer with medrl's logger and progress-bar defaults (:mod:`medrl.study.trainer_defaults`)."""
+        root = config.get("default_root_dir") or os.getcwd()
+        config = progress_settings({**config, "logger": run_loggers(config.get("logger"), root)})
+        return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit":

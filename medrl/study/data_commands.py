@@ -1,9 +1,11 @@
-"""``medrl data ...``: verify, synthesise and fetch MedMNIST files; draw a balanced PMC-VQA subset."""
+"""``medrl data ...``: verify, synthesise and fetch MedMNIST files; get PMC-VQA and the benchmark suite from the
+hub; draw a balanced PMC-VQA subset."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -98,6 +100,33 @@ def fetch(flag: str, size: int = 28, root: str | None = None) -> int:
     """
     path = mf.fetch(flag, size, root)  # offline or failed: a MedMNISTFileError saying what to place by hand
     print(f"{path}: official, MD5 {mf.md5sum(Path(path))}")
+    return 0
+
+
+def get(
+    dataset: Literal["pmc-vqa", "medvqa-suite"],
+    out: str | None = None,
+    source: str | None = None,
+    splits: list[str] | None = None,
+) -> int:
+    """Fetch PMC-VQA or the six-benchmark suite with `datasets` and write it where medrl reads it.
+
+    pmc-vqa (OctoMed/PMC-VQA) -> OUT/train.csv, OUT/test_clean.csv and OUT/images/, in the official columns;
+    medvqa-suite (UCSC-VLAA/MedVLThinker-Eval) -> OUT/suite.jsonl and OUT/images/. The hub's download is
+    cached by `datasets` (HF_HOME); an interrupted get resumes (images already written are kept). Offline,
+    or with the hub out of reach, it stops at once naming the dataset and where to place a manual copy.
+
+    Args:
+        dataset: pmc-vqa or medvqa-suite.
+        out: the folder to write (default: $MEDRL_DATA_DIR/pmc_vqa or $MEDRL_DATA_DIR/medvqa_suite).
+        source: another hub id, or a local copy: a folder of parquet files or a `save_to_disk` folder.
+        splits: only these hub splits (pmc-vqa: train, test; medvqa-suite: test).
+    """
+    from medrl.data.hub_get import get as get_dataset
+
+    reports = get_dataset(dataset, out, source, splits)
+    for report in reports:
+        print(report.summary())
     return 0
 
 

@@ -12,7 +12,7 @@ from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
 from medrl.study.plan import StudyPlan, claim_run_dir, load_plan
 from medrl.study.runcard import run_card
-from medrl.study.runner import Stage, StageRunner, json_has_keys, run_lock, stop_on_sigterm
+from medrl.study.runner import Stage, StageRunner, expected_times, json_has_keys, run_lock, stop_on_sigterm
 from medrl.study.stages import Study
 
 PLANS = Path(__file__).resolve().parents[2] / "configs" / "study"
@@ -117,7 +117,7 @@ def reproduce(
         start = time.perf_counter()
         print(f"medrl reproduce: plan {plan_path} -> {run_dir} ({len(stages)} stages)")
         try:
-            StageRunner(run_dir, resume_hint=resume).run(stages, forced)
+            StageRunner(run_dir, resume_hint=resume, expected=expected_times(plan_path, run_dir)).run(stages, forced)
         except Exception:
             return 1  # the runner has printed the error, the end of its traceback and the command that resumes
         finally:

@@ -87,12 +87,39 @@ class Stage:
         return bool(self.outputs) and outputs_exist(self.outputs) and self.check(self.outputs)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def expected_times(plan_path: Path, run_dir: Path) -> dict[str, float]:
+    """Measured seconds per stage: the plan's ``<plan>.times.json`` (committed with it), overridden by what
+    this run directory's ``stages.json`` recorded for stages that finished before (this machine's own)."""
+    times: dict[str, float] = {}
+    committed = _json_object(plan_path.with_suffix(".times.json")).get("seconds", {})
+    recorded = _json_object(run_dir / "stages.json")
+    own = {k: v.get("seconds") for k, v in recorded.items() if isinstance(v, dict) and v.get("status") == "done"}
+    for source in (committed, own):
+        times |= {k: float(v) for k, v in source.items() if isinstance(v, int | float)}
+    return times
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @dataclass
 class StageRunner:
     """Runs stages in order, narrating each and recording timings and failures in ``<out>/stages.json``."""
 
     out: Path
     resume_hint: str = "make reproduce"
+    # Seconds each stage took when it was measured (this run's earlier records, else the plan's times file):
+    # the narration's estimate of the time left.
+    expected: dict[str, float] = field(default_factory=dict)
     # Logs and CI are not terminals: rich would wrap at 80 columns there.
     console: Console = field(
         default_factory=lambda: Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -116,6 +143,21 @@ class StageRunner:
             "rebuilt from the outputs, which every stage checks"
         )
         return {}
+
+    def _time_left(self, remaining: Sequence[Stage], records: dict) -> str:
+        """``this stage ~30s; about 4 min left`` from the measured times of the stages still to run."""
+        if not self.expected:
+            return ""
+        # This stage and every later one not recorded done (a done one is skipped unless upstream reran).
+        todo = [remaining[0], *(s for s in remaining[1:] if records.get(s.name, {}).get("status") != "done")]
+        known = [self.expected[s.name] for s in todo if s.name in self.expected]
+        if not known:
+            return ""
+        this = self.expected.get(remaining[0].name)
+        head = f"this stage ~{_duration(this)}" if this is not None else "this stage: no measured time"
+        unknown = len(todo) - len(known)
+        tail = f" (+{unknown} stage(s) never measured)" if unknown else ""
+        return f"{head}; about {_duration(sum(known))} left{tail}"
 
     def _record(self, records: dict) -> None:
         atomic_write_json(self.out / "stages.json", records)
@@ -143,6 +185,8 @@ class StageRunner:
                     self._record(records)
                 continue
             self.console.print(f"{head}\n    writes: {outputs}")
+            if eta := self._time_left(stages[i - 1 :], records):
+                self.console.print(f"    {eta}")
             if done:
                 why = (
                     "forced"

@@ -189,8 +189,6 @@ class Study:
                 "seed_everything": self.plan.seed,
                 "trainer": {
                     "default_root_dir": str(folder),
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(folder)}},
                     "callbacks": [{
                         "class_path": "medrl.callbacks.hf_checkpoint.HFCheckpoint",
                         "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True, "save_top_k": 0,
