@@ -309,6 +309,22 @@ def test_bench_eval_command(suite: Path, tiny_dir: Path, tmp_path: Path, capsys:
     assert "other settings" in capsys.readouterr().err
 
 
+def test_bench_eval_takes_a_model_fragment(suite: Path, tiny_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    fragment = tmp_path / "model.yaml"
+    fragment.write_text(f"model:\n  init_args:\n    model: {tiny_dir}\n    dtype: float32\n")
+    args = ["bench-eval", "--model", str(fragment), "--suite", str(suite), "--out", str(tmp_path / "o"),
+            "--max_new_tokens", "4", "--benchmarks", "[SLAKE]"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["model"] == str(tiny_dir)
+    # The released model's fragment, offline and not cached: one line naming the hub id.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    released = str(REPO / "configs" / "models" / "medbridgerl_octomed_7b.yaml")
+    assert main([*args[:2], released, *args[3:5], "--out", str(tmp_path / "r"), *args[7:]]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "armenjeddi/MedBridgeRL-OctoMed-7B-PMC-VQA-RL" in errors[0]
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHORT_EVAL = ["--trainer.callbacks.max_new_tokens", "8", "--trainer.callbacks.output_dir"]
 

@@ -248,7 +248,8 @@ def test_medrl_fit_and_test_on_real_pneumonia(real_data_dir, tiny_dir, tmp_path,
         assert record["metrics"]["acc"] > record["metrics"]["majority_rate"], name
 
 
-def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_path, capsys):
+def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDRL_PROGRESS", "1")  # the extraction bar names each extraction: none on a cache hit
     args = [
         "probe-table", "--encoders", json.dumps(["timm:resnet18,pretrained=false,image_size=native",
                                                  f"qwen:{tiny_dir},image_size=native"]),
@@ -256,6 +257,7 @@ def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_pat
         "--max_epochs", "2", "--cache_dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     assert main(args) == 0
+    capsys_first_err = capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "t" / "results.csv")))
     assert len(rows) == 2 and {r["pretrained"] for r in rows} == {"False"} and rows[0]["synthetic"] == "True"
     assert (tmp_path / "t" / "results.png").stat().st_size > 1000
@@ -264,6 +266,14 @@ def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_pat
     assert main(args) == 0
     assert capsys.readouterr().out.count("skip breastmnist") == 2
     assert list(csv.DictReader(open(tmp_path / "t" / "results.csv"))) == rows
+    # kNN as a second probe of the same cells: two more rows, the features read from the cache, not re-extracted.
+    capsys.readouterr()
+    assert main([*args, "--optimizer", "[sgd, knn]"]) == 0
+    out = capsys.readouterr()
+    both = list(csv.DictReader(open(tmp_path / "t" / "results.csv")))
+    assert [r["probe"] for r in both] == ["sgd", "sgd", "knn", "knn"] and both[:2] == rows
+    assert out.out.count("skip breastmnist") == 2 and "features breastmnist" not in out.err
+    assert "features breastmnist" in capsys_first_err
 
 
 @pytest.mark.slow

@@ -105,22 +105,23 @@ def transfer_heatmap(results: RunResults, metric: str = "acc@1") -> bytes:
 
 
 def probe_chart(results: RunResults) -> bytes:
-    """Test ACC of every probe (encoder x flag) as grouped bars."""
+    """Test ACC of every probe (encoder and probe kind x flag) as grouped bars."""
     rows = results.probe_rows
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    name = lambda r: f"{r['encoder']} [{r.get('probe', '?')}]"  # noqa: E731
+    encoders = list(dict.fromkeys(name(r) for r in rows))
     flags = list(dict.fromkeys(r["flag"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(flags) + 2), 3.4))
     width = 0.8 / max(len(encoders), 1)
     for i, encoder in enumerate(encoders):
         values = []
         for flag in flags:
-            match = [float(r["acc"]) for r in rows if r["encoder"] == encoder and r["flag"] == flag]
+            match = [float(r["acc"]) for r in rows if name(r) == encoder and r["flag"] == flag]
             values.append(match[0] if match else math.nan)
         xs = [j + (i - (len(encoders) - 1) / 2) * width for j in range(len(flags))]
         ax.bar(xs, values, width=width, label=encoder, color=f"C{i}")
     ax.set_xticks(range(len(flags)), flags, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test ACC")
-    ax.set_title("linear probes of frozen encoders")
+    ax.set_title("probes of frozen encoders (linear [sgd], kNN [knn])")
     ax.legend(fontsize=7)
     return _png(fig)

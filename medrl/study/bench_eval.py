@@ -27,6 +27,7 @@ from medrl.data.benchmarks import BENCHMARKS, BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
 from medrl.models.budget import model_prompt_budget
+from medrl.models.fragments import resolve_model
 from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import open_engine
@@ -163,7 +164,8 @@ def bench_eval(
     """Evaluate a model on the six-benchmark suite: greedy Acc@1 per benchmark and the mean (+ Pass@K).
 
     Args:
-        model: ``tiny``, a local model folder or a Hugging Face id (e.g. OctoMed/OctoMed-7B).
+        model: ``tiny``, a local model folder, a Hugging Face id (e.g. OctoMed/OctoMed-7B), or a model fragment
+            (configs/models/*.yaml: its model and dtype).
         suite: the unified evaluation export: a JSONL file, or a folder of them, with its images.
         out: output folder (items.jsonl, scores.json, table.md, table.csv, run.json).
         engine: ``hf`` (transformers generate) or ``vllm``.
@@ -193,6 +195,7 @@ def bench_eval(
     """
     from medrl.evaluation import default_ks
 
+    model, dtype = resolve_model(model, dtype)  # a configs/models/*.yaml fragment names the model and its dtype
     if n < 0:
         raise ConfigError(f"medrl bench-eval: n must be >= 0, got {n}")
     ks = sorted(set(ks)) if ks else (default_ks(n) if n > 0 else [])

@@ -8,6 +8,7 @@ from medrl.core.errors import ConfigError
 from medrl.data.medmnist import MedMNISTDataModule
 from medrl.evaluation import default_ks, sample_and_score, summarise, write_outputs
 from medrl.models.budget import model_prompt_budget
+from medrl.models.fragments import resolve_model
 from medrl.rollout.factory import open_engine
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, Item, SamplingParams
 
@@ -38,7 +39,7 @@ def evaluate_command(
     Writes OUT/questions.jsonl, OUT/summary.json, OUT/summary.md (printed) and OUT/pass_at_k.png.
 
     Args:
-        model: ``tiny``, a local model folder, or a Hugging Face id.
+        model: ``tiny``, a local model folder, a Hugging Face id, or a model fragment (configs/models/*.yaml).
         flags: MedMNIST flags to evaluate (default: pneumoniamnist); several give a row per modality.
         split: which split's questions to ask.
         questions: questions per flag (a seeded subset; None: the whole split).
@@ -58,6 +59,7 @@ def evaluate_command(
         out: output folder.
         keep_texts: also store every sampled completion's text in the JSONL.
     """
+    model, _ = resolve_model(model)  # a configs/models/*.yaml fragment names the model
     flags = flags or ["pneumoniamnist"]
     ks = sorted(set(ks)) if ks else default_ks(n)
     if max(ks) > n:

@@ -17,20 +17,24 @@ from medrl.data.medmnist_files import FLAGS_2D, check_size
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
 
 
+ProbeName = Literal["sgd", "adamw", "lbfgs", "knn"]
+
+
 @dataclass
 class VisionPlan:
     """Stage 1, the probe table (arguments of ``medrl probe-table``).
 
     Args:
         encoders: encoder specs (``timm:resnet18,pretrained=false``, ``qwen:tiny``, ``qwen:<HF id or folder>``).
-        optimizer: probe optimiser: sgd (the authors'), adamw or lbfgs.
+        optimizer: probe optimiser, or a list of them (each a row): sgd (the authors'), adamw, lbfgs or knn
+            (the authors' weighted cosine kNN).
         max_epochs: probe epochs.
         train_samples: seeded subset of training images per flag (None: all).
         test_samples: subset of test images (None: all).
     """
 
     encoders: list[str] = field(default_factory=lambda: ["timm:resnet18,pretrained=false", "qwen:tiny"])
-    optimizer: Literal["sgd", "adamw", "lbfgs"] = "sgd"
+    optimizer: ProbeName | list[ProbeName] = "sgd"
     max_epochs: int = 20
     train_samples: int | None = None
     test_samples: int | None = None

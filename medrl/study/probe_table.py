@@ -113,6 +113,9 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+Probe = Literal["sgd", "adamw", "lbfgs", "knn"]
+
+
 def probe_table(
     encoders: list[str],
     flags: list[str] | None = None,
@@ -120,7 +123,7 @@ def probe_table(
     out: str = "runs/probe_table",
     root: str | None = None,
     synthetic: bool = False,
-    optimizer: Literal["sgd", "adamw", "lbfgs", "knn"] = "sgd",
+    optimizer: Probe | list[Probe] = "sgd",
     max_epochs: int = 20,
     batch_size: int = 1024,
     train_samples: int | None = None,
@@ -145,7 +148,8 @@ def probe_table(
         root: folder of the .npz files (default: $MEDRL_DATA_DIR).
         synthetic: use synthetic files (written if absent) instead of the official ones.
         optimizer: probe: sgd (the authors'), adamw (MedMNIST+, early stop on val loss), lbfgs (C on val) or knn
-            (weighted cosine kNN, k in 10/20/100/200 on val, T = 0.07; the authors' knn.py).
+            (weighted cosine kNN, k in 10/20/100/200 on val, T = 0.07; the authors' knn.py); a list such as
+            '[sgd, knn]' probes each cell with each, on features extracted once (one row per probe).
         max_epochs: epochs for sgd/adamw.
         batch_size: probe batch size.
         train_samples: seeded subset of training images per flag (None: all).
@@ -162,9 +166,12 @@ def probe_table(
     out_dir = Path(out)
     rows = read_rows(out_dir / "results.csv")
     done = {r["cell"] for r in rows}
-    settings = {"optimizer": optimizer, "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed}
+    optimizers = [optimizer] if isinstance(optimizer, str) else list(dict.fromkeys(optimizer))
     samples = {"train_samples": train_samples, "val_samples": val_samples, "test_samples": test_samples}
-    for flag, size, spec in itertools.product(flags or ["breastmnist", "pneumoniamnist"], sizes or [28], encoders):
+    for flag, size, spec, optimizer in itertools.product(
+        flags or ["breastmnist", "pneumoniamnist"], sizes or [28], encoders, optimizers
+    ):
+        settings = {"optimizer": optimizer, "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed}
         encoder = encoder_from_spec(spec)
         dm = FeatureDataModule(
             flag, encoder, size=size, root=root, synthetic=synthetic, batch_size=batch_size, cache_dir=cache_dir,

@@ -21,8 +21,11 @@ PLANS = Path(__file__).resolve().parents[2] / "configs" / "study"
 def _probe_cells_done(plan: StudyPlan):
     def check(paths: Sequence[Path]) -> bool:
         with open(paths[0], newline="") as fh:
-            cells = {(row["spec"], row["flag"]) for row in csv.DictReader(fh)}
-        return len(cells) >= len(plan.vision.encoders) * len(plan.flags)
+            cells = {(row["spec"], row["flag"], row["probe"]) for row in csv.DictReader(fh)}
+        probes = plan.vision.optimizer
+        return len(cells) >= len(plan.vision.encoders) * len(plan.flags) * (
+            1 if isinstance(probes, str) else len(set(probes))
+        )
 
     return check
 

@@ -1,0 +1,32 @@
+"""Model fragments (``configs/models/*.yaml``) as the model argument of the evaluation verbs.
+
+A fragment is a config piece that any ``medrl fit`` adds with one more ``--config``; ``medrl eval`` and
+``medrl bench-eval`` take the same file as ``--model`` and read the two settings that concern them: the
+model (``model.init_args.model``: a hub id, a folder or ``tiny``) and its weight dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medrl.core.errors import ConfigError
+from medrl.core.io import load_yaml
+
+
+def is_fragment(model: str) -> bool:
+    """Whether a model argument names a YAML fragment rather than a model."""
+    return str(model).endswith((".yaml", ".yml"))
+
+
+def resolve_model(model: str, dtype: str = "auto") -> tuple[str, str]:
+    """``(model, dtype)``: ``model`` itself, or the model and dtype a fragment names (an explicit ``dtype``
+    other than ``auto`` wins over the fragment's)."""
+    if not is_fragment(model):
+        return model, dtype
+    path = Path(model)
+    if not path.is_file():
+        raise ConfigError(f"--model {path}: no such model fragment (configs/models/*.yaml lists them)")
+    init = ((load_yaml(path) or {}).get("model") or {}).get("init_args") or {}
+    if not isinstance(init.get("model"), str):
+        raise ConfigError(f"--model {path}: a model fragment sets model.init_args.model (a hub id, folder or tiny)")
+    return init["model"], dtype if dtype != "auto" else str(init.get("dtype", "auto"))
