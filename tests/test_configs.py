@@ -17,7 +17,9 @@ from medrl.study.configs import check_configs
 REPO = Path(__file__).resolve().parents[1]
 FULL = sorted((REPO / "configs").glob("*.yaml"))
 FRAGMENTS = sorted((REPO / "configs" / "strategy").glob("*.yaml")) + sorted((REPO / "callbacks").glob("*.yaml"))
-FRAGMENTS += sorted((REPO / "configs" / "loggers").glob("*.yaml")) + sorted((REPO / "configs" / "models").glob("*.yaml"))
+FRAGMENTS += sorted((REPO / "configs" / "loggers").glob("*.yaml")) + sorted(
+    (REPO / "configs" / "models").glob("*.yaml")
+)
 STUDY_PLANS = sorted((REPO / "configs" / "study").glob("*.yaml"))
 # The config fragments are checked on top of; the SFT config is the most general (a VLM, VQA data).
 BASE = next((p for p in FULL if p.name == "sft.yaml"), FULL[0] if FULL else None)

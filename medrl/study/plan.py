@@ -16,7 +16,6 @@ from medrl.core.io import atomic_write_json, load_yaml
 from medrl.data.medmnist_files import FLAGS_2D, check_size
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
 
-
 ProbeName = Literal["sgd", "adamw", "lbfgs", "knn"]
 
 
