@@ -119,7 +119,9 @@ def summarise(
 
 
 def _table(summary: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
-    columns = ["questions", "acc@1", *[f"pass@{k}" for k in ks], f"gap@{max(ks)}", "majority", "format_fail", "unique"]
+    top = max(ks)
+    columns = ["questions", "acc@1", *[f"pass@{k}" for k in ks], f"gap@{top}", f"chance@{top}", f"adj_pass@{top}",
+               "majority", "format_fail", "unique"]  # fmt: skip
     rows = []
     for group, metrics in summary.items():
         values = [metrics.get(col, math.nan) for col in columns]
@@ -145,6 +147,10 @@ def plot_curve(summary: dict[str, dict[str, float]], ks: Sequence[int], title: s
         line = ax.plot(xs, [metrics[f"pass@{k}"] for k in xs], marker="o", label=f"{group} pass@k", color=f"C{i}")
         if not math.isnan(metrics.get("acc@1", math.nan)):
             ax.axhline(metrics["acc@1"], linestyle="--", color=line[0].get_color(), label=f"{group} acc@1")
+        chance = [k for k in xs if f"chance@{k}" in metrics]
+        if chance:  # what answering a random offered letter would score: support must be read against it
+            ax.plot(chance, [metrics[f"chance@{k}"] for k in chance], linestyle=":", color=line[0].get_color(),
+                    label=f"{group} chance")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(ks), [str(k) for k in ks])
     ax.set_xlabel("k (samples)")

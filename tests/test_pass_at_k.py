@@ -108,6 +108,18 @@ EXPECTED = {
     "majority": 2 / 3,
     "format_fail": 1 / 4,
     "unique": 5 / 3,
+    # Chance with mixed option counts (2, 4, 4): chance@k = mean of 1 - (1 - 1/m)^k.
+    # chance@1 = (1/2 + 1/4 + 1/4) / 3 = 1/3; chance@2 = (3/4 + 7/16 + 7/16) / 3 = 13/24;
+    # chance@4 = (15/16 + 175/256 + 175/256) / 3 = 295/384.
+    "chance@1": 1 / 3,
+    "chance@2": 13 / 24,
+    "chance@4": 295 / 384,
+    # Above chance, (x - chance) / (1 - chance): acc@1 (2/3 - 1/3) / (2/3) = 1/2; pass@1 (1/4 - 1/3) / (2/3) = -1/8;
+    # pass@2 (4/9 - 13/24) / (11/24) = -7/33; pass@4 (2/3 - 295/384) / (89/384) = -39/89.
+    "adj_acc@1": 1 / 2,
+    "adj_pass@1": -1 / 8,
+    "adj_pass@2": -7 / 33,
+    "adj_pass@4": -39 / 89,
 }
 
 

@@ -91,7 +91,8 @@ def test_every_section_renders(run_dir: Path) -> None:
     assert "breastmnist official (MD5 `750601b1f35b`); pneumoniamnist **SYNTHETIC stand-in**" in text
     assert "| timm:resnet18 | False | breastmnist | 28 | 224 | sgd | 0.812 | 0.850 | 0.731 |" in text
     # SFT on breast: acc 0.75, pass@4 0.90 -> G_4 = 0.150.
-    assert "| SFT | 32 | 0.750 | 0.700 | 0.825 | 0.900 | 0.150 | 0.750 | 0.100 |" in text
+    # No per-question rows and no chance levels in this run: plain values, chance n/a.
+    assert "| SFT | 32 | 0.750 | 0.700 | 0.825 | 0.900 | n/a | n/a | 0.150 | 0.750 | 0.100 |" in text
     assert "| rl_base_breastmnist | 6 | 0.000 | 0.000 | 1.000 | 0.000 |" in text
     assert "| rl_sft_breastmnist | 6 | 0.600 | 0.800 | 0.000 | 0.000 |" in text  # means of steps 0-4 and 1-5
     assert "**sft**: Pass@4 = 0.700 < tau = 0.800" in text and "`abc123`" in text
@@ -127,3 +128,51 @@ def test_command_takes_the_run_directory_positionally(run_dir: Path, capsys: pyt
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.md").read_text().startswith("**Illustrative numbers.**")
     assert f"wrote {run_dir / 'report.md'}" in capsys.readouterr().out
+
+
+def _question_rows(greedy: list[int], correct: list[int], options: int = 4, n: int = 4) -> list[dict]:
+    return [{"id": f"q{i}", "group": "all", "n": n, "correct": c, "greedy_correct": bool(g), "options": options}
+            for i, (g, c) in enumerate(zip(greedy, correct, strict=True))]  # fmt: skip
+
+
+def _findings_run(tmp_path: Path, rl_sft_greedy: list[int]) -> Path:
+    """One flag, 60 four-option questions: base near chance, SFT with more support, RL variants as given."""
+    from medrl.metrics.intervals import Questions
+
+    q = 60
+    models = {
+        "base": ([0] * 45 + [1] * 15, [1] * q),  # support at chance level: 1 of 4 samples right
+        "sft_breastmnist": ([0] * 30 + [1] * 30, [3] * q),  # SFT raises support
+        "rl_base_breastmnist": ([0] * 45 + [1] * 15, [0] * 20 + [1] * 40),  # RL from base lowers it
+        "rl_sft_breastmnist": (rl_sft_greedy, [3] * q),
+    }
+    _write(tmp_path / "plan.json", {"name": "unit", "flags": ["breastmnist"], "support": {"k": 2}})
+    for model, (greedy, correct) in models.items():
+        rows = _question_rows(greedy, correct)
+        folder = tmp_path / "eval" / model / "breastmnist"
+        folder.mkdir(parents=True)
+        (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        qs = Questions.from_rows(rows)
+        metrics = {"questions": q, "acc@1": float(qs.greedy.mean()), "pass@1": float(qs.pass_at(1).mean()),
+                   "pass@2": float(qs.pass_at(2).mean()), "chance@1": 0.25, "chance@2": 7 / 16}  # fmt: skip
+        _write(folder / "summary.json", {"meta": {}, "ks": [1, 2], "metrics": {"all": metrics}})
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("rl_sft_greedy", "verdict"),
+    [
+        ([0] * 10 + [1] * 50, "this run supports it"),  # 0.50 -> 0.83: RL after SFT raises Acc@1
+        ([0] * 50 + [1] * 10, "this run contradicts it"),  # 0.50 -> 0.17
+        ([0] * 29 + [1] * 31, "this run can't tell"),  # 0.50 -> 0.52, one question
+    ],
+)
+def test_findings_read_their_verdicts_from_the_numbers(tmp_path: Path, rl_sft_greedy, verdict) -> None:
+    text = build_report(_findings_run(tmp_path, rl_sft_greedy)).read_text()
+    first = next(line for line in text.splitlines() if line.startswith("- **RL raises Acc@1 when support is high**"))
+    assert verdict in first, first
+    weak = next(line for line in text.splitlines() if line.startswith("- **RL on weak support"))
+    assert "this run supports it" in weak and "support above chance (Pass@2)" in weak  # 40 of 60 fell to 0 right
+    sft = next(line for line in text.splitlines() if line.startswith("- **SFT raises Pass@k"))
+    assert ("this run supports it" in sft) == (verdict == "this run supports it")
+    assert "| SFT then RL (vs SFT) |" in text and "[95% CI]" in text

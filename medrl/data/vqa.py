@@ -8,18 +8,15 @@ rerun builds the same questions, and the gold letter is balanced across the spli
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 
 import numpy as np
 
 from medrl.core.errors import ConfigError
+from medrl.core.prompts import INSTRUCTION, LETTERS, chat_messages, format_prompt
 
-LETTERS = string.ascii_uppercase
-INSTRUCTION = (
-    "Think step by step inside <think> </think> tags, then give ONLY the letter of the correct option "
-    "inside <answer> </answer> tags."
-)
+__all__ = ["INSTRUCTION", "LETTERS", "chat_messages", "format_prompt"]  # the prompt format lives in core
+
 # The label a multi-label item with no positive finding gets (ChestMNIST); 'ours', the paper is silent.
 NO_FINDING = "no finding"
 
@@ -57,22 +54,6 @@ class MCQ:
     def letters(self) -> str:
         """The option letters, e.g. ``"ABCD"``."""
         return "".join(self.options)
-
-
-def format_prompt(question: str, options: dict[str, str], instruction: str = INSTRUCTION) -> str:
-    """The user turn of the authors' format.
-
-    >>> print(format_prompt("What is shown?", {"A": "normal", "B": "pneumonia"}, "Answer."))
-    What is shown?
-    <BLANKLINE>
-    Options:
-    A. normal
-    B. pneumonia
-    <BLANKLINE>
-    Answer.
-    """
-    lines = [question, "", "Options:", *(f"{letter}. {text}" for letter, text in options.items())]
-    return "\n".join([*lines, "", instruction]) if instruction else "\n".join(lines)
 
 
 def gold_positions(n_items: int, n_options: int, seed: int) -> np.ndarray:
@@ -126,10 +107,3 @@ def readable_text(prompt: str, system: str | None = None) -> str:
     'Be brief.\\nQ?'
     """
     return f"{system}\n{prompt}" if system else prompt
-
-
-def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
-    """Chat messages with one image placeholder followed by the prompt text (Qwen-VL content format)."""
-    messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
-    return messages

@@ -18,6 +18,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from medrl.metrics.answers import UNPARSEABLE, parse_answer
+from medrl.metrics.chance import adjusted, chance_pass_at_k
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -90,6 +91,7 @@ class QuestionScore:
         majority: the most frequent parsed answer (ties: the first reached), ``unparseable`` if none parsed.
         unique: number of distinct parsed answers (format failures not counted).
         format_failures: samples with no parseable answer.
+        options: how many options the question offered (0: unknown); sets its chance level.
     """
 
     gold: str
@@ -99,6 +101,7 @@ class QuestionScore:
     majority: str
     unique: int
     format_failures: int
+    options: int = 0
 
     @property
     def n(self) -> int:
@@ -135,6 +138,7 @@ def score_question(
         majority=majority,
         unique=len(counts),
         format_failures=len(answers) - len(parsed),
+        options=len(letters),
     )
 
 
@@ -148,7 +152,10 @@ class PassAtK(Metric):
     ``compute`` returns ``acc@1`` (greedy; NaN when no greedy completions were scored), ``pass@k`` and
     ``gap@k`` (pass@k - acc@1) for each k not above the smallest n, ``majority`` (majority-vote accuracy),
     ``format_fail`` (share of samples without a parseable answer), ``unique`` (mean distinct answers per
-    question) and ``questions``.
+    question) and ``questions``. When every question says how many options it offered, also ``chance@k`` (what
+    answering a uniformly random offered letter scores, :func:`medrl.metrics.chance.chance_pass_at_k`, with
+    ``chance@1`` the chance Acc@1) and ``adj_pass@k`` / ``adj_acc@1``, the excess over chance
+    ``(x - chance) / (1 - chance)``.
 
     Args:
         ks: the k values to report.
@@ -164,7 +171,7 @@ class PassAtK(Metric):
         self.ks = sorted(set(int(k) for k in ks))
         # Per question: sample count, correct count, format failures, distinct answers, greedy right (1/0,
         # NaN when there was no greedy completion), majority vote right (1/0).
-        for name in ("n", "correct", "failures", "unique", "greedy", "majority"):
+        for name in ("n", "correct", "failures", "unique", "greedy", "majority", "options"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, scores: Sequence[QuestionScore]) -> None:
@@ -182,6 +189,7 @@ class PassAtK(Metric):
             "unique": [s.unique for s in scores],
             "greedy": [math.nan if s.greedy is None else float(s.greedy == s.gold) for s in scores],
             "majority": [float(s.majority == s.gold) for s in scores],
+            "options": [s.options for s in scores],
         }
         for name, values in columns.items():
             getattr(self, name).append(torch.tensor(values, dtype=self.dtype, device=self.device))
@@ -198,6 +206,15 @@ class PassAtK(Metric):
             if k <= int(n.min()):
                 out[f"pass@{k}"] = float(pass_at_k_tensor(n, c, k).mean())
                 out[f"gap@{k}"] = out[f"pass@{k}"] - acc1
+        options = _cat(self.options).long()
+        if bool((options >= 2).all()):
+            for k in [1, *(k for k in self.ks if f"pass@{k}" in out and k != 1)]:
+                chance = chance_pass_at_k(options.tolist(), k)
+                out[f"chance@{k}"] = chance
+                name = "acc@1" if k == 1 else f"pass@{k}"
+                out[f"adj_{name}"] = adjusted(out[name], chance)
+            if "pass@1" in out:
+                out["adj_pass@1"] = adjusted(out["pass@1"], out["chance@1"])
         out["majority"] = float(_cat(self.majority).double().mean())
         out["format_fail"] = float(_cat(self.failures).double().sum() / n.sum())
         out["unique"] = float(_cat(self.unique).double().mean())

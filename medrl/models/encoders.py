@@ -382,7 +382,9 @@ class QwenVisionEncoder(Encoder):
             "kind": self.kind,
             "name": self.model,
             # tiny (by name or as its saved folder) is random weights by construction.
-            "pretrained": not (str(self.model).startswith("tiny") or path.name.startswith("tiny-qwen")),
+            "pretrained": not (
+                str(self.model).startswith("tiny") or path.name.startswith(("tiny-qwen", "tiny-instruct"))
+            ),
             "weights": self._weights(),
             "image_size": self.image_size,
             "min_max_pixels": list(_size_bounds(ip)) if self.image_size == "native" else [self.image_size**2] * 2,

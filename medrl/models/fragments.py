@@ -18,7 +18,7 @@ def is_fragment(model: str) -> bool:
     return str(model).endswith((".yaml", ".yml"))
 
 
-def resolve_model(model: str, dtype: str = "auto") -> tuple[str, str]:
+def model_and_dtype(model: str, dtype: str = "auto") -> tuple[str, str]:
     """``(model, dtype)``: ``model`` itself, or the model and dtype a fragment names (an explicit ``dtype``
     other than ``auto`` wins over the fragment's)."""
     if not is_fragment(model):

@@ -1,7 +1,8 @@
 """Load a VLM and its processor from ``tiny``, a local folder, or a Hugging Face id.
 
 Every model argument in medrl goes through :func:`resolve_model`, so each accepts the same three forms:
-``tiny`` (or ``tiny:SEED``), a directory holding ``config.json``, or a hub id such as
+``tiny`` (or ``tiny:SEED``) and ``tiny-instruct`` (``tiny`` taught the answer format, the CPU study's base),
+a directory holding ``config.json``, or a hub id such as
 ``Qwen/Qwen2.5-VL-3B-Instruct`` or ``OctoMed/OctoMed-7B``. A hub id that is neither cached nor reachable
 fails at once with the ways to point medrl at a local copy.
 """
@@ -29,7 +30,9 @@ def is_hub_id(name: str) -> bool:
     >>> [is_hub_id(n) for n in ("Qwen/Qwen2.5-VL-3B-Instruct", "tiny", "tiny:3", "./runs/m", "/m", "a/b/c")]
     [True, False, False, False, False, False]
     """
-    return not (name == "tiny" or name.startswith(("tiny:", ".", "/", "~"))) and name.count("/") == 1
+    return not (name in ("tiny", "tiny-instruct") or name.startswith(("tiny:", "tiny-instruct:", ".", "/", "~"))) and (
+        name.count("/") == 1
+    )
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
@@ -38,6 +41,10 @@ def resolve_model(name: str | os.PathLike) -> Path:
     if text == "tiny" or text.startswith("tiny:"):
         seed = int(text.partition(":")[2] or 0)
         return tiny_dir(seed)
+    if text == "tiny-instruct" or text.startswith("tiny-instruct:"):
+        from medrl.models.tiny_instruct import tiny_instruct_dir
+
+        return tiny_instruct_dir(int(text.partition(":")[2] or 0))
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

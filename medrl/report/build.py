@@ -8,7 +8,9 @@ from pathlib import Path
 
 from medrl.core.io import atomic_write_bytes, atomic_write_text
 from medrl.core.tables import markdown_table
+from medrl.metrics.intervals import interval
 from medrl.report import figures
+from medrl.report.findings import CHANGES, change, findings, support_metric
 from medrl.report.load import RunResults, load_run
 
 ILLUSTRATIVE = (
@@ -36,6 +38,14 @@ def _vision(results: RunResults, figs: dict[str, bytes]) -> list[str]:
     return lines + ["![probes](figures/probes.png)", ""]
 
 
+def _ci(results: RunResults, label: str, flag: str, metric: str) -> str:
+    """A metric of one evaluation with its 95 % interval (bootstrap over questions), or its plain value."""
+    questions = results.question_set(label, flag)
+    if questions is None:
+        return _fmt(results.metric(label, flag, metric))
+    return interval(questions, metric).text()
+
+
 def _support_row(results: RunResults, stage: str, flag: str, ks: list[int], k: int) -> list[str] | None:
     label = figures.model_label(stage, flag)
     if flag not in results.evals.get(label, {}):
@@ -45,21 +55,54 @@ def _support_row(results: RunResults, stage: str, flag: str, ks: list[int], k: i
     return [
         figures.STAGE_NAMES[stage],
         f"{int(results.metric(label, flag, 'questions') or 0)}",
-        _fmt(acc),
-        *[_fmt(results.metric(label, flag, f"pass@{j}")) for j in ks],
+        _ci(results, label, flag, "acc@1"),
+        *[_fmt(results.metric(label, flag, f"pass@{j}")) for j in ks if j != k],
+        _ci(results, label, flag, f"pass@{k}"),
+        _fmt(results.metric(label, flag, f"chance@{k}")),
+        _ci(results, label, flag, f"adj_pass@{k}") if results.metric(label, flag, f"chance@{k}") is not None else "n/a",
         _fmt(gap),
         _fmt(results.metric(label, flag, "majority")),
         _fmt(results.metric(label, flag, "format_fail")),
     ]
 
 
+def _changes(results: RunResults, flag: str, k: int) -> list[str]:
+    """The paired before/after changes on one flag's questions, each with its interval."""
+    support = support_metric(results, k)
+    rows = []
+    for after, before, name in CHANGES:
+        cells = []
+        for metric in ("acc@1", f"pass@{k}", support) if support != f"pass@{k}" else ("acc@1", f"pass@{k}"):
+            found = change(results, after, before, metric, [flag])
+            cells.append(
+                "n/a" if found is None else found[0].text(signed=True) + (" (spans 0)" if found[0].spans_zero else "")
+            )
+        if any(c != "n/a" for c in cells):
+            rows.append([f"{name} (vs {figures.STAGE_NAMES[before]})", *cells])
+    if not rows:
+        return []
+    header = ["change", "Acc@1", f"Pass@{k}", *([f"above chance@{k}"] if support != f"pass@{k}" else [])]
+    return ["Paired changes on the same questions, 95 % bootstrap intervals:", "", *markdown_table(header, rows), ""]
+
+
 def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
     lines = ["## 2-4. Support and sampling efficiency, before and after SFT and RL", ""]
     if not results.flags:
         return lines + ["Not run.", ""]
+    found = findings(results, k)
+    if found:
+        lines += [f"- {f.sentence()}" for f in found] + [""]
+    lines += [
+        "Intervals: 95 % percentile bootstrap over questions (2,000 resamples; paired for changes). Chance: what "
+        "answering a random offered letter scores, 1 - (1 - 1/m)^k per question with m options; above chance = "
+        "(Pass@k - chance) / (1 - chance), 0 for guessing. One training seed per model: the intervals cover "
+        "question sampling, not training noise.",
+        "",
+    ]
     for flag in results.flags:
         ks = results.ks("base", flag) or next((results.ks(m, flag) for m in results.evals if results.ks(m, flag)), [])
-        header = ["model", "questions", "acc@1", *[f"pass@{j}" for j in ks], f"G_{k}", "majority vote", "format fail"]
+        header = ["model", "questions", "acc@1 [95% CI]", *[f"pass@{j}" for j in ks if j != k], f"pass@{k} [95% CI]",
+                  f"chance@{k}", f"above chance@{k} [95% CI]", f"G_{k}", "majority vote", "format fail"]  # fmt: skip
         rows = [_support_row(results, stage, flag, ks, k) for stage in figures.STAGE_MODELS]
         rows = [r for r in rows if r is not None]
         figs[f"support_{flag}.png"] = figures.support_curves(results, flag)
@@ -68,6 +111,7 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
             "",
             *markdown_table(header, rows),
             "",
+            *_changes(results, flag, k),
             f"![support {flag}](figures/support_{flag}.png)",
             "",
         ]

@@ -42,6 +42,9 @@ def support_curves(results: RunResults, flag: str) -> bytes:
         acc = results.metric(label, flag, "acc@1")
         if acc is not None and not math.isnan(acc):
             ax.axhline(acc, linestyle="--", color=f"C{i}", alpha=0.8, label=f"{STAGE_NAMES[stage]} acc@1")
+    chance = _chance_curve(results, flag)
+    if chance:  # the same questions for every model: one chance curve
+        ax.plot(*zip(*chance, strict=True), linestyle=":", color="k", marker=".", label="chance (random letter)")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("k (samples)")
@@ -49,6 +52,18 @@ def support_curves(results: RunResults, flag: str) -> bytes:
     ax.set_title(f"{flag}: support (pass@k) and greedy accuracy")
     ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
+
+
+def _chance_curve(results: RunResults, flag: str) -> list[tuple[int, float]]:
+    """``[(k, chance@k)]`` of the flag's question set (from the first model evaluated on it), k = 1 included."""
+    for stage in STAGE_MODELS:
+        label = model_label(stage, flag)
+        ks = results.ks(label, flag)
+        points = [(k, results.metric(label, flag, f"chance@{k}")) for k in sorted({1, *ks})]
+        points = [(k, v) for k, v in points if v is not None]
+        if points:
+            return points
+    return []
 
 
 def acc_gap_bars(results: RunResults, k: int) -> bytes:

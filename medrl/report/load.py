@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medrl.metrics.intervals import Questions
+
 
 @dataclass
 class RunResults:
@@ -32,6 +34,7 @@ class RunResults:
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     rl_logs: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     log_dirs: dict[str, Path] = field(default_factory=dict)
+    questions: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     @property
     def flags(self) -> list[str]:
@@ -47,6 +50,11 @@ class RunResults:
             return None
         value = summary["metrics"]["all"].get(name)
         return None if value is None else float(value)
+
+    def question_set(self, model: str, flag: str) -> Questions | None:
+        """The per-question arrays of one evaluation (for intervals), or None when its rows are absent."""
+        rows = self.questions.get(model, {}).get(flag)
+        return Questions.from_rows(rows) if rows else None
 
     def ks(self, model: str, flag: str) -> list[int]:
         """The k values an evaluation measured."""
@@ -76,6 +84,10 @@ def load_run(root: str | Path) -> RunResults:
     for summary in sorted((root / "eval").glob("*/*/summary.json")):
         model, flag = summary.parent.parent.name, summary.parent.name
         results.evals.setdefault(model, {})[flag] = _json(summary)
+        rows = summary.parent / "questions.jsonl"
+        if rows.is_file():  # per-question counts: what the intervals resample
+            lines = rows.read_text().splitlines()
+            results.questions.setdefault(model, {})[flag] = [json.loads(line) for line in lines if line.strip()]
     for recipe in sorted((root / "recipe").glob("*/recipe.json")):
         results.recipes[recipe.parent.name] = _json(recipe)
     for train in sorted(p for p in (root / "train").glob("*") if p.is_dir()):

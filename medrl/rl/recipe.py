@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from medrl.core.io import atomic_write_json, atomic_write_text
+from medrl.metrics.chance import adjusted
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Measurement:
         acc1: greedy accuracy in [0, 1].
         pass_at_k: unbiased Pass@k in [0, 1] per k.
         n_questions: validation questions scored.
+        chance: Pass@k of answering a random offered letter, per k (empty when the option counts are unknown).
     """
 
     label: str
@@ -36,12 +38,18 @@ class Measurement:
     acc1: float
     pass_at_k: dict[int, float]
     n_questions: int
+    chance: dict[int, float] = field(default_factory=dict)
 
     def support(self, k: int) -> float:
         """S_k, with a clear error when k was not measured."""
         if k not in self.pass_at_k:
             raise KeyError(f"Pass@{k} was not measured (have k in {sorted(self.pass_at_k)}); add it to the ks")
         return self.pass_at_k[k]
+
+    def adjusted_support(self, k: int) -> float | None:
+        """S_k above chance, ``(S_k - chance_k) / (1 - chance_k)``; None when chance was not measured."""
+        chance = self.chance.get(k)
+        return None if chance is None else adjusted(self.support(k), chance)
 
     def gap(self, k: int) -> float:
         """G_k = Pass@k - Acc@1: how much of the support greedy decoding leaves unused."""
@@ -56,30 +64,46 @@ class Decision:
     reason: str
 
 
-def decide(measurement: Measurement, tau: float, k: int, passk_branch: bool = False) -> Decision:
+SupportMeasure = Literal["adjusted", "raw"]
+
+
+def decide(
+    measurement: Measurement, tau: float, k: int, passk_branch: bool = False, support: SupportMeasure = "adjusted"
+) -> Decision:
     """SFT when support is below ``tau``, RL once it is at or above; with ``passk_branch``, support that is
     non-zero but below ``tau`` goes to GRPO with the Pass@k advantage first (``rl_passk``): it rewards the
     rare sample that reaches the answer, which is how support grows without bridging data.
 
+    ``support="adjusted"`` (the default) compares the support above chance with ``tau``: on 2-option
+    questions a random letter already has Pass@8 = 0.996, so raw Pass@k would call any model supported.
+    Without a measured chance level the raw Pass@k is used, and the reason says so.
+
     >>> m = Measurement("base", "tiny", acc1=0.40, pass_at_k={8: 0.55}, n_questions=100)
     >>> decide(m, tau=0.7, k=8).action
     'sft'
-    >>> decide(m, tau=0.5, k=8).reason
-    'Pass@8 = 0.550 >= tau = 0.500: support is there; RL to sharpen (Acc@1 0.400, gap G_8 = 0.150)'
+    >>> decide(m, tau=0.5, k=8).reason.split(":")[0]
+    'Pass@8 = 0.550 (raw'
+    >>> coin = Measurement("base", "tiny", acc1=0.5, pass_at_k={8: 0.97}, n_questions=64, chance={8: 0.996})
+    >>> decide(coin, tau=0.6, k=8).action  # 0.97 raw, but below what guessing gets
+    'sft'
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau is a pass rate and must be in [0, 1], got {tau}")
-    s = measurement.support(k)
+    raw = measurement.support(k)
+    above = measurement.adjusted_support(k) if support == "adjusted" else None
+    if above is None:
+        s, name = raw, f"Pass@{k} = {raw:.3f}" + (" (raw: no chance level measured)" if support == "adjusted" else "")
+    else:
+        s, name = above, f"Pass@{k} above chance = {above:.3f} (raw {raw:.3f}, chance {measurement.chance[k]:.3f})"
     if s < tau and passk_branch and s > 0:
         return Decision(
-            "rl_passk",
-            f"0 < Pass@{k} = {s:.3f} < tau = {tau:.3f}: some support; GRPO with the Pass@k advantage to widen it",
+            "rl_passk", f"0 < {name} < tau = {tau:.3f}: some support; GRPO with the Pass@k advantage to widen it"
         )
     if s < tau:
-        return Decision("sft", f"Pass@{k} = {s:.3f} < tau = {tau:.3f}: support is low; SFT to bridge it")
+        return Decision("sft", f"{name} < tau = {tau:.3f}: support is low; SFT to bridge it")
     return Decision(
         "rl",
-        f"Pass@{k} = {s:.3f} >= tau = {tau:.3f}: support is there; RL to sharpen "
+        f"{name} >= tau = {tau:.3f}: support is there; RL to sharpen "
         f"(Acc@1 {measurement.acc1:.3f}, gap G_{k} = {measurement.gap(k):.3f})",
     )
 
@@ -91,6 +115,7 @@ class RecipeRecord:
     target: str
     tau: float
     k: int
+    support: SupportMeasure = "adjusted"
     measurements: list[Measurement] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     final_model: str = ""
@@ -100,7 +125,8 @@ class RecipeRecord:
         lines = [
             f"# Boundary-aware recipe: {self.target}",
             "",
-            f"tau = {self.tau}, K = {self.k}",
+            f"tau = {self.tau}, K = {self.k}, support compared with tau: {self.support} Pass@K"
+            + (" (above chance)" if self.support == "adjusted" else ""),
             "",
             f"| step | model | Acc@1 | Pass@{self.k} | G_{self.k} | questions |",
             "|---|---|---|---|---|---|",
@@ -130,6 +156,7 @@ def run_recipe(
     out: Path,
     max_sft_rounds: int = 1,
     rl_passk: Callable[[str], str] | None = None,
+    support: SupportMeasure = "adjusted",
 ) -> RecipeRecord:
     """Run the recipe from ``model`` and record it under ``out`` (saved after every step).
 
@@ -145,14 +172,15 @@ def run_recipe(
         max_sft_rounds: SFT rounds allowed before the recipe gives up on reaching tau.
         rl_passk: ``model -> new model`` runs GRPO with the Pass@k advantage; given, the recipe tries it once
             on non-zero support below tau before SFT (:func:`decide`'s ``passk_branch``).
+        support: compare tau with Pass@k above chance (``adjusted``) or with raw Pass@k (``raw``).
     """
-    record = RecipeRecord(target=target, tau=tau, k=k)
+    record = RecipeRecord(target=target, tau=tau, k=k, support=support)
     current = model
     measurement = measure(current, "base")
     record.measurements.append(measurement)
     rounds, passk_rounds = 0, 0
     while True:
-        decision = decide(measurement, tau, k, passk_branch=rl_passk is not None and passk_rounds == 0)
+        decision = decide(measurement, tau, k, rl_passk is not None and passk_rounds == 0, support)
         if decision.action == "sft" and rounds >= max_sft_rounds:
             decision = Decision(
                 "stop",

@@ -27,7 +27,7 @@ from medrl.data.benchmarks import BENCHMARKS, BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
 from medrl.models.budget import model_prompt_budget
-from medrl.models.fragments import resolve_model
+from medrl.models.fragments import model_and_dtype
 from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import open_engine
@@ -195,7 +195,7 @@ def bench_eval(
     """
     from medrl.evaluation import default_ks
 
-    model, dtype = resolve_model(model, dtype)  # a configs/models/*.yaml fragment names the model and its dtype
+    model, dtype = model_and_dtype(model, dtype)  # a configs/models/*.yaml fragment names the model and its dtype
     if n < 0:
         raise ConfigError(f"medrl bench-eval: n must be >= 0, got {n}")
     ks = sorted(set(ks)) if ks else (default_ks(n) if n > 0 else [])

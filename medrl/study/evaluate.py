@@ -8,7 +8,7 @@ from medrl.core.errors import ConfigError
 from medrl.data.medmnist import MedMNISTDataModule
 from medrl.evaluation import default_ks, sample_and_score, summarise, write_outputs
 from medrl.models.budget import model_prompt_budget
-from medrl.models.fragments import resolve_model
+from medrl.models.fragments import model_and_dtype
 from medrl.rollout.factory import open_engine
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, Item, SamplingParams
 
@@ -59,7 +59,7 @@ def evaluate_command(
         out: output folder.
         keep_texts: also store every sampled completion's text in the JSONL.
     """
-    model, _ = resolve_model(model)  # a configs/models/*.yaml fragment names the model
+    model, _ = model_and_dtype(model)  # a configs/models/*.yaml fragment names the model
     flags = flags or ["pneumoniamnist"]
     ks = sorted(set(ks)) if ks else default_ks(n)
     if max(ks) > n:

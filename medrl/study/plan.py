@@ -99,6 +99,8 @@ class StudyPlan:
         rl_from: which models RL starts from (``base``, ``sft``).
         transfer: measure every trained model on every flag.
         tau: the recipe's support threshold on Pass@k.
+        support_measure: what tau is compared with: Pass@k above chance (``adjusted``, the default: on 2-option
+            questions a random letter has Pass@8 = 0.996) or raw Pass@k (``raw``).
     """
 
     name: str = "study"
@@ -115,6 +117,7 @@ class StudyPlan:
     rl_from: list[Literal["base", "sft"]] = field(default_factory=lambda: ["base", "sft"])
     transfer: bool = True
     tau: float = 0.6
+    support_measure: Literal["adjusted", "raw"] = "adjusted"
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what ``plan.json`` holds)."""

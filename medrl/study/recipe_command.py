@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from medrl.core.errors import ConfigError
 from medrl.data.medmnist_files import FLAGS_2D as FLAGS
@@ -34,6 +35,7 @@ def recipe(
     root: str | None = None,
     pmc_root: str | None = None,
     tau: float | None = None,
+    support_measure: Literal["adjusted", "raw"] | None = None,
     k: int | None = None,
     n: int | None = None,
     questions: int | None = None,
@@ -59,6 +61,8 @@ def recipe(
         root: MedMNIST folder (default: $MEDRL_DATA_DIR).
         pmc_root: PMC-VQA folder (default: $MEDRL_DATA_DIR/pmc_vqa).
         tau: the support threshold on Pass@k (default: the plan's).
+        support_measure: compare tau with Pass@k above chance (adjusted) or raw Pass@k (default: the plan's,
+            adjusted).
         k: the k of Pass@k compared with tau (default: the plan's).
         n: samples per question (default: the plan's; must be >= k).
         questions: validation questions measured (default: the plan's).
@@ -90,6 +94,7 @@ def recipe(
         flags=list(dict.fromkeys([target, bridge])),
         support=support,
         tau=base.tau if tau is None else tau,
+        support_measure=support_measure or base.support_measure,
         sft=TrainPlan(sft_config, {}) if sft_config else base.sft,
         rl=TrainPlan(rl_config, {}) if rl_config else base.rl,
     )
@@ -125,6 +130,7 @@ def recipe(
             sft=lambda current, rnd: train("sft", f"sft_{rnd}", bridge, current),
             rl=lambda current: train("rl", f"rl_{labels[current]}", target, current),
             tau=study_plan.tau, k=support.k, out=run_dir, max_sft_rounds=max_sft_rounds,
+            support=study_plan.support_measure,
             rl_passk=(lambda current: train("rl", f"rl_passk_{labels[current]}", target, current, PASSK))
             if passk_branch else None,
         )  # fmt: skip

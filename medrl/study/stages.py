@@ -250,7 +250,8 @@ class Study:
         summary = json.loads((self.eval_dir(model_label, flag) / "summary.json").read_text())
         metrics = summary["metrics"]["all"]
         passes = {k: float(metrics[f"pass@{k}"]) for k in summary["ks"]}
-        return Measurement(step, model_label, float(metrics["acc@1"]), passes, int(metrics["questions"]))
+        chance = {k: float(metrics[f"chance@{k}"]) for k in summary["ks"] if f"chance@{k}" in metrics}
+        return Measurement(step, model_label, float(metrics["acc@1"]), passes, int(metrics["questions"]), chance)
 
     def recipe(self, flag: str) -> None:
         """The recipe's decision for one flag, replayed on the measurements the study already took."""
@@ -259,6 +260,7 @@ class Study:
             sft=lambda _model, _round: f"sft_{flag}",
             rl=lambda model: f"rl_{'sft' if model.startswith('sft') else 'base'}_{flag}",
             tau=self.plan.tau, k=self.plan.support.k, out=self.out / "recipe" / flag, max_sft_rounds=1,
+            support=self.plan.support_measure,
         )  # fmt: skip
 
 

@@ -1,0 +1,38 @@
+"""The prompt format every medrl question uses: options as ``A. text`` lines and the think/answer instruction.
+
+Shared by the data layer (which builds the questions) and the models layer (which teaches ``tiny-instruct``
+the answer format), so it sits below both.
+"""
+
+from __future__ import annotations
+
+import string
+
+LETTERS = string.ascii_uppercase
+INSTRUCTION = (
+    "Think step by step inside <think> </think> tags, then give ONLY the letter of the correct option "
+    "inside <answer> </answer> tags."
+)
+
+
+def format_prompt(question: str, options: dict[str, str], instruction: str = INSTRUCTION) -> str:
+    """The user turn of the authors' format.
+
+    >>> print(format_prompt("What is shown?", {"A": "normal", "B": "pneumonia"}, "Answer."))
+    What is shown?
+    <BLANKLINE>
+    Options:
+    A. normal
+    B. pneumonia
+    <BLANKLINE>
+    Answer.
+    """
+    lines = [question, "", "Options:", *(f"{letter}. {text}" for letter, text in options.items())]
+    return "\n".join([*lines, "", instruction]) if instruction else "\n".join(lines)
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
+    """Chat messages with one image placeholder followed by the prompt text (Qwen-VL content format)."""
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+    return messages

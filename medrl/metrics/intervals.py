@@ -1,0 +1,129 @@
+"""95 % intervals for Acc@1, Pass@k and support above chance, by the bootstrap over questions.
+
+Every statistic here is a function of per-question arrays (greedy right or not, the unbiased pass@k of the
+question, its chance level), so one resampling of question indices serves them all. A before/after change
+on the same questions is bootstrapped *paired*: the same resampled questions on both sides, which removes
+the between-question variance a difference of two separate intervals would carry. Percentile intervals,
+2,000 resamples, a fixed seed: the same run gives the same interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medrl.metrics.chance import adjusted
+from medrl.metrics.pass_at_k import pass_at_k
+
+RESAMPLES = 2000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its interval."""
+
+    value: float
+    lo: float
+    hi: float
+
+    @property
+    def spans_zero(self) -> bool:
+        """Whether the interval includes 0 (a difference that may be no difference)."""
+        return self.lo <= 0 <= self.hi
+
+    def text(self, digits: int = 3, signed: bool = False) -> str:
+        """``0.734 [0.66, 0.80]`` (``+0.05 [-0.02, 0.12]`` when signed)."""
+        if math.isnan(self.value):
+            return "n/a"
+        sign = "+" if signed else ""
+        return f"{self.value:{sign}.{digits}f} [{self.lo:{sign}.2f}, {self.hi:{sign}.2f}]"
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], float], n: int, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
+) -> Interval:
+    """``statistic(indices)`` on all ``n`` questions, and its percentile interval over resampled indices."""
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)], dtype=float)
+    draws = draws[~np.isnan(draws)]
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(draws, [tail, 100 - tail]) if draws.size else (math.nan, math.nan)
+    return Interval(float(statistic(np.arange(n))), float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class Questions:
+    """Per-question arrays of one evaluation, from its ``questions.jsonl`` rows."""
+
+    ids: list[str]
+    greedy: np.ndarray  # 1.0 right, 0.0 wrong, NaN no greedy
+    n: np.ndarray
+    correct: np.ndarray
+    options: np.ndarray  # 0 where unknown
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> Questions:
+        """The arrays of rows as :func:`medrl.evaluation.write_outputs` writes them."""
+        greedy = [math.nan if r.get("greedy_correct") is None else float(r["greedy_correct"]) for r in rows]
+        return cls(
+            ids=[str(r["id"]) for r in rows],
+            greedy=np.array(greedy, dtype=float),
+            n=np.array([int(r["n"]) for r in rows]),
+            correct=np.array([int(r["correct"]) for r in rows]),
+            options=np.array([int(r.get("options") or 0) for r in rows]),
+        )
+
+    def pass_at(self, k: int) -> np.ndarray:
+        """The unbiased pass@k of each question."""
+        return np.array([pass_at_k(int(n), int(c), k) for n, c in zip(self.n, self.correct, strict=True)])
+
+    def chance_at(self, k: int) -> np.ndarray:
+        """Each question's chance of passing within k random letters (NaN where the option count is unknown)."""
+        m = self.options.astype(float)
+        return np.where(m >= 2, 1 - (1 - 1 / np.maximum(m, 1)) ** k, math.nan)
+
+    def values(self, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(per-question values, per-question chance or None)`` for ``acc@1``, ``pass@k``, ``adj_acc@1`` or
+        ``adj_pass@k``."""
+        raw = metric.removeprefix("adj_")
+        k = 1 if raw == "acc@1" else int(raw.split("@")[1])
+        values = self.greedy if raw == "acc@1" else self.pass_at(k)
+        return values, (self.chance_at(k) if metric.startswith("adj_") else None)
+
+
+def _mean_statistic(values: np.ndarray, chance: np.ndarray | None) -> Callable[[np.ndarray], float]:
+    def statistic(idx: np.ndarray) -> float:
+        v = float(np.mean(values[idx]))
+        return v if chance is None else adjusted(v, float(np.mean(chance[idx])))
+
+    return statistic
+
+
+def interval(questions: Questions, metric: str, seed: int = 0) -> Interval:
+    """The metric over the questions (``acc@1``, ``pass@k``, ``adj_acc@1``, ``adj_pass@k``) with its interval."""
+    values, chance = questions.values(metric)
+    if np.isnan(values).any() or (chance is not None and np.isnan(chance).any()):
+        return Interval(math.nan, math.nan, math.nan)
+    return bootstrap(_mean_statistic(values, chance), len(values), seed=seed)
+
+
+def paired_change(before: Questions, after: Questions, metric: str, seed: int = 0) -> Interval:
+    """``after - before`` of a metric on the questions both evaluated, with its paired interval."""
+    common = sorted(set(before.ids) & set(after.ids))
+    if not common:
+        return Interval(math.nan, math.nan, math.nan)
+    pick = lambda q: np.array([q.ids.index(i) for i in common])  # noqa: E731
+    (b_values, b_chance), (a_values, a_chance) = before.values(metric), after.values(metric)
+    bi, ai = pick(before), pick(after)
+    b_stat = _mean_statistic(b_values[bi], None if b_chance is None else b_chance[bi])
+    a_stat = _mean_statistic(a_values[ai], None if a_chance is None else a_chance[ai])
+    if np.isnan(b_values[bi]).any() or np.isnan(a_values[ai]).any():
+        return Interval(math.nan, math.nan, math.nan)
+    return bootstrap(lambda idx: a_stat(idx) - b_stat(idx), len(common), seed=seed)

@@ -1,0 +1,128 @@
+"""The paper's findings, each tested on a run's numbers: supported, contradicted, or can't tell.
+
+Each finding is one paired before/after change on the same questions, with its 95 % bootstrap interval
+(:mod:`medrl.metrics.intervals`), pooled over the run's modalities:
+
+1. *RL raises Acc@1 when support is high*: Acc@1 from the SFT model to SFT then RL.
+2. *RL on weak support gains little and can lower Pass@k*: support above chance (Pass@k) from the base
+   model to RL from the base.
+3. *SFT raises Pass@k and makes later RL effective*: support above chance from the base model to SFT, and
+   finding 1 holding after it.
+
+A change whose interval lies above zero (below, for finding 2) supports the finding; one on the other side
+contradicts it; an interval that spans zero can't tell. The sentences are computed, never written by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from medrl.metrics.intervals import Interval, Questions, paired_change
+from medrl.report.figures import model_label
+from medrl.report.load import RunResults
+
+Verdict = Literal["supports", "contradicts", "can't tell"]
+# (after, before, name) of each paired change the report tables.
+CHANGES = (("sft", "base", "SFT"), ("rl_base", "base", "RL from base"), ("rl_sft", "sft", "SFT then RL"))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding of the paper and what this run says of it."""
+
+    claim: str
+    verdict: Verdict
+    evidence: str
+
+    def sentence(self) -> str:
+        """``**claim**: this run supports it: evidence.``"""
+        said = {"supports": "this run supports it", "contradicts": "this run contradicts it",
+                "can't tell": "this run can't tell (the interval spans zero)"}[self.verdict]  # fmt: skip
+        return f"**{self.claim}**: {said}; {self.evidence}."
+
+
+def support_metric(results: RunResults, k: int) -> str:
+    """``adj_pass@k`` (support above chance) when the run measured chance levels, else ``pass@k``."""
+    measured = [s for by_flag in results.evals.values() for s in by_flag.values()]
+    if measured and all(f"chance@{k}" in s["metrics"]["all"] for s in measured):
+        return f"adj_pass@{k}"
+    return f"pass@{k}"
+
+
+def metric_name(metric: str) -> str:
+    """How a metric reads in a sentence."""
+    return (
+        f"support above chance (Pass@{metric.split('@')[1]})"
+        if metric.startswith("adj_")
+        else metric.replace("acc@1", "Acc@1").replace("pass@", "Pass@")
+    )
+
+
+def pooled(results: RunResults, stage: str, flags: list[str] | None = None) -> Questions | None:
+    """One question set of a stage's models over ``flags`` (default: all), ids made unique per flag."""
+    parts = []
+    for flag in flags or results.flags:
+        q = results.question_set(model_label(stage, flag), flag)
+        if q is not None:
+            parts.append(replace(q, ids=[f"{flag}/{i}" for i in q.ids]))
+    if not parts:
+        return None
+    return Questions(
+        ids=[i for p in parts for i in p.ids],
+        **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("greedy", "n", "correct", "options")},
+    )
+
+
+def change(
+    results: RunResults, after: str, before: str, metric: str, flags: list[str] | None = None
+) -> tuple[Interval, int] | None:
+    """The paired change of ``metric`` from stage ``before`` to ``after`` (pooled over ``flags``), with the
+    number of questions it is over; None when either side was not evaluated."""
+    a, b = pooled(results, after, flags), pooled(results, before, flags)
+    if a is None or b is None:
+        return None
+    return paired_change(b, a, metric), len(set(a.ids) & set(b.ids))
+
+
+def verdict(found: Interval, expected: Literal["up", "down"]) -> Verdict:
+    """Which side of zero the interval lies on, read against the expected direction."""
+    if found.spans_zero or np.isnan(found.value):
+        return "can't tell"
+    up = found.lo > 0
+    return "supports" if up == (expected == "up") else "contradicts"
+
+
+def findings(results: RunResults, k: int, flags: list[str] | None = None) -> list[Finding]:
+    """The three findings (those the run has the models for), pooled over ``flags`` (default: all)."""
+    support = support_metric(results, k)
+    where = f"over {len(flags or results.flags)} modalit{'y' if len(flags or results.flags) == 1 else 'ies'}"
+
+    def evidence(found: Interval, n: int, metric: str, what: str) -> str:
+        return f"{what} changed {metric_name(metric)} by {found.text(signed=True)} ({where}, {n} questions)"
+
+    out = []
+    rl_after_sft = change(results, "rl_sft", "sft", "acc@1", flags)
+    if rl_after_sft is not None:
+        found, n = rl_after_sft
+        out.append(Finding("RL raises Acc@1 when support is high", verdict(found, "up"),
+                           evidence(found, n, "acc@1", "RL from the SFT model")))  # fmt: skip
+    rl_from_base = change(results, "rl_base", "base", support, flags)
+    if rl_from_base is not None:
+        found, n = rl_from_base
+        acc = change(results, "rl_base", "base", "acc@1", flags)
+        extra = f", and Acc@1 by {acc[0].text(signed=True)}" if acc is not None else ""
+        out.append(Finding("RL on weak support gains little and can lower Pass@k", verdict(found, "down"),
+                           evidence(found, n, support, "RL from the base model") + extra))  # fmt: skip
+    sft = change(results, "sft", "base", support, flags)
+    if sft is not None:
+        found, n = sft
+        said = verdict(found, "up")
+        if said == "supports" and out and out[0].verdict != "supports":
+            said = "can't tell"  # support rose, but the RL after it did not reliably help
+        tail = f"; RL after it: {out[0].verdict}" if out and rl_after_sft is not None else ""
+        out.append(Finding("SFT raises Pass@k and makes later RL effective", said,
+                           evidence(found, n, support, "SFT") + tail))  # fmt: skip
+    return out
