@@ -42,8 +42,8 @@ def test_support_at_tau_goes_to_grpo_and_a_rerun_trains_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(REPO)
-    # tau 0: any measured support reaches it, so the recipe measures, runs GRPO, and measures again.
-    assert main(_args(tmp_path, "--tau", "0")) == 0
+    # tau 0 on raw Pass@k: any measured support reaches it, so the recipe measures, runs GRPO, and measures again.
+    assert main(_args(tmp_path, "--tau", "0", "--support_measure", "raw")) == 0
     out = tmp_path / "run"
     record = json.loads((out / "recipe.json").read_text())
     assert [m["label"] for m in record["measurements"]] == ["base", "after_rl"]
@@ -57,7 +57,7 @@ def test_support_at_tau_goes_to_grpo_and_a_rerun_trains_nothing(
     # A rerun reuses the measurements and the trained model: nothing is rewritten but the record.
     summary = out / "eval" / "rl_base" / "breastmnist" / "summary.json"
     mtime = summary.stat().st_mtime_ns
-    assert main(_args(tmp_path, "--tau", "0")) == 0
+    assert main(_args(tmp_path, "--tau", "0", "--support_measure", "raw")) == 0
     assert summary.stat().st_mtime_ns == mtime
 
 
@@ -97,7 +97,7 @@ def test_a_pmc_vqa_target_trains_and_measures_on_pmc(tmp_path: Path, monkeypatch
     monkeypatch.chdir(REPO)
     pmc = make_pmc(tmp_path / "pmc")  # official layout: train.csv (40 good rows, 5 bad), test_clean.csv (2 rows)
     args = ["recipe", "--target", "pmc:train.csv", "--pmc_root", str(pmc), "--plan", str(_plan(tmp_path)),
-            "--out", str(tmp_path / "run"), "--tau", "0", "--questions", "2"]  # fmt: skip
+            "--out", str(tmp_path / "run"), "--tau", "0", "--support_measure", "raw", "--questions", "2"]  # fmt: skip
     assert main(args) == 0
     out = tmp_path / "run"
     record = json.loads((out / "recipe.json").read_text())

@@ -176,3 +176,43 @@ def test_findings_read_their_verdicts_from_the_numbers(tmp_path: Path, rl_sft_gr
     sft = next(line for line in text.splitlines() if line.startswith("- **SFT raises Pass@k"))
     assert ("this run supports it" in sft) == (verdict == "this run supports it")
     assert "| SFT then RL (vs SFT) |" in text and "[95% CI]" in text
+
+
+def test_boundary_section_fits_the_datas_tau(tmp_path: Path) -> None:
+    """Three rungs on one flag: RL gains nothing from the base, a little from a short SFT, a lot from the full one."""
+    from medrl.metrics.intervals import Questions
+
+    q, flag = 80, "breastmnist"
+    right = lambda m: [1] * m + [0] * (q - m)  # noqa: E731
+    models = {  # label: (greedy right, samples right of 4)
+        "base": (right(20), [1] * q),
+        "rl_base_breastmnist": (right(20), [1] * q),
+        "boundary-sft10_breastmnist": (right(30), [2] * q),
+        "boundary-rl10_breastmnist": (right(34), [2] * q),
+        "sft_breastmnist": (right(40), [3] * q),
+        "rl_sft_breastmnist": (right(70), [3] * q),
+    }
+    _write(tmp_path / "plan.json", {"name": "unit", "flags": [flag], "support": {"k": 2}, "tau": 0.6,
+                                    "boundary_sft_steps": [10]})  # fmt: skip
+    for model, (greedy, correct) in models.items():
+        rows = _question_rows(greedy, correct)
+        folder = tmp_path / "eval" / model / flag
+        folder.mkdir(parents=True)
+        (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        qs = Questions.from_rows(rows)
+        metrics = {"questions": q, "acc@1": float(qs.greedy.mean()), "pass@2": float(qs.pass_at(2).mean()),
+                   "chance@2": 7 / 16}  # fmt: skip
+        _write(folder / "summary.json", {"meta": {}, "ks": [2], "metrics": {"all": metrics}})
+    text = build_report(tmp_path).read_text()
+    assert "## 5b. The support boundary" in text
+    finding = next(line for line in text.splitlines() if line.startswith("- **RL helps most when"))
+    assert "this run supports it" in finding  # +0.375 from the full SFT start against +0.000 from the base
+    # Starting supports (above chance at k=2): base 1 right of 4 -> pass@2 1/2 -> (1/2 - 7/16) / (9/16) = 1/9.
+    assert "| base | 80 | 0.111 [0.11, 0.11] | +0.000 [+0.00, +0.00] |" in text
+    # From the base RL gains nothing; from SFT 10 steps +0.05 (4 more right, none fewer: the paired interval
+    # stays above 0) and from the full SFT +0.375: tau = the SFT-10 rung's support. 2 of 4 samples right:
+    # pass@2 = 1 - C(2,2)/C(4,2) = 5/6, above chance (5/6 - 7/16) / (9/16) = 19/27.
+    assert f"The data's tau: {19 / 27:.3f} (the recipe's: 0.6)" in text
+    assert "| SFT 10 steps | 80 | 0.704 [0.70, 0.70] | +0.050 [+0.01, +0.10] |" in text
+    for name in ("boundary_breastmnist", "boundary_pooled"):
+        assert (tmp_path / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -182,19 +183,31 @@ def tiny_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     target = base / f"tiny-qwen2.5-vl-v{TINY_VERSION}-seed{seed}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+
+    def write(tmp: Path) -> None:
+        model, processor = build_tiny(seed)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return build_folder(target, write, "the tiny model", uses_env_cache=root is None)
+
+
+def build_folder(target: Path, write: Callable[[Path], None], what: str, uses_env_cache: bool = True) -> Path:
+    """Make ``target`` by ``write(tmp)`` into a temp folder beside it, then one rename: a crash or a kill
+    leaves no half-written folder that a later run would load; if another process got there first, its copy
+    is kept."""
+    base = target.parent
     try:
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{target.name}."))
     except PermissionError as exc:
-        where = f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if root is None and os.environ.get(CACHE_ENV) else str(base)
+        where = f"{CACHE_ENV}={os.environ[CACHE_ENV]}" if uses_env_cache and os.environ.get(CACHE_ENV) else str(base)
         raise UserError(
-            f"cannot build the tiny model in {base}: {where} is not writable; point {CACHE_ENV} at a folder you "
+            f"cannot build {what} in {base}: {where} is not writable; point {CACHE_ENV} at a folder you "
             f"can write (e.g. `export {CACHE_ENV}=$HOME/.cache/medrl`)"
         ) from exc
-    model, processor = build_tiny(seed)
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        write(tmp)
         umask_modes(tmp)
         try:
             tmp.rename(target)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from medrl.core.env import CACHE_ENV, cache_dir
-from medrl.core.errors import UserError
-from medrl.core.io import umask_modes
+from medrl.core.env import cache_dir
 from medrl.core.prompts import LETTERS, chat_messages, format_prompt
-from medrl.models.tiny import TINY_VERSION, build_tiny
+from medrl.models.tiny import TINY_VERSION, build_folder, build_tiny
 
 # Bump when the recipe below changes, so stale cached copies are rebuilt.
 INSTRUCT_VERSION = 1
@@ -143,23 +139,11 @@ def tiny_instruct_dir(seed: int = 0, root: str | os.PathLike | None = None) -> P
     target = base / f"tiny-instruct-v{TINY_VERSION}.{INSTRUCT_VERSION}-seed{seed}"
     if (target / "config.json").is_file() and (target / "instruct.json").is_file():
         return target
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{target.name}."))
-    except PermissionError as exc:
-        raise UserError(f"cannot build tiny-instruct in {base}: not writable; point {CACHE_ENV} at a folder you "
-                        "can write") from exc  # fmt: skip
-    try:
+
+    def write(tmp: Path) -> None:
         model, processor, record = build_tiny_instruct(seed)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "instruct.json").write_text(json.dumps(record, indent=1) + "\n")  # last: marks a complete folder
-        umask_modes(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        (tmp / "instruct.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    return build_folder(target, write, "tiny-instruct", uses_env_cache=root is None)

@@ -9,8 +9,8 @@ from pathlib import Path
 from medrl.core.io import atomic_write_bytes, atomic_write_text
 from medrl.core.tables import markdown_table
 from medrl.metrics.intervals import interval
-from medrl.report import figures
-from medrl.report.findings import CHANGES, change, findings, support_metric
+from medrl.report import boundary, figures
+from medrl.report.findings import CHANGES, change, findings, metric_name, support_metric
 from medrl.report.load import RunResults, load_run
 
 ILLUSTRATIVE = (
@@ -225,6 +225,46 @@ def _runcard(results: RunResults) -> list[str]:
     return lines + [""]
 
 
+def _boundary(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
+    """Section 5b: RL's gain against the support it started from, per modality and pooled, and the data's tau."""
+    if not any(len(boundary.rungs(results, f)) > 2 for f in results.flags):
+        return []
+    support = support_metric(results, k)
+    tau = results.plan.get("tau")
+    lines = ["## 5b. The support boundary: RL's gain against the starting support", ""]
+    flags = [f for f in results.flags if len(boundary.rungs(results, f)) > 2]
+    if (found := boundary.boundary_finding(results, flags)) is not None:
+        lines += [f"- {found.sentence()}", ""]
+    lines += [
+        f"Each rung is a starting model (the base, SFT for a few steps, the full SFT run) and the same GRPO budget "
+        f"from it; starting support is {metric_name(support)}. The data's tau: the lowest starting support from "
+        f"which every rung gains Acc@1 reliably (interval above zero). The recipe's tau is {tau}.",
+        "",
+    ]
+    for name, group in [*((f, [f]) for f in flags), ("pooled", flags)]:
+        result = boundary.sweep(results, group, support)
+        if not result:
+            continue
+        data_tau = boundary.estimated_tau(result)
+        rows = [[r.rung.name, str(r.questions), r.support.text(), r.acc_change.text(signed=True),
+                 r.support_change.text(signed=True)] for r in result]  # fmt: skip
+        title = f"{name}: RL's change against starting support" + (f" ({', '.join(group)})" if name == "pooled" else "")
+        figs[f"boundary_{name}.png"] = boundary.plot(result, title, data_tau, tau)
+        lines += [
+            f"### {name}",
+            "",
+            *markdown_table(
+                ["start", "questions", "start support [95% CI]", "RL's change in Acc@1", "RL's change in support"], rows
+            ),  # fmt: skip
+            "",
+            f"The data's tau: {boundary.fmt_tau(data_tau)} (the recipe's: {tau}).",
+            "",
+            f"![boundary {name}](figures/boundary_{name}.png)",
+            "",
+        ]
+    return lines
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.md`` and ``RUN/figures/*.png`` from the run's own outputs; returns the report path."""
     results = load_run(run_dir)
@@ -235,6 +275,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines = [ILLUSTRATIVE, ""] if results.plan.get("illustrative", False) else []
     lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""] + _data_sources(results)
     lines += _vision(results, figs) + _support(results, figs, k) + _rl_signal(results) + _transfer(results, figs)
+    lines += _boundary(results, figs, k)
     lines += _recipe(results) + _runcard(results)
     for name, data in figs.items():
         atomic_write_bytes(results.root / "figures" / name, data)

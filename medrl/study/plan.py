@@ -99,6 +99,8 @@ class StudyPlan:
         rl_from: which models RL starts from (``base``, ``sft``).
         transfer: measure every trained model on every flag.
         tau: the recipe's support threshold on Pass@k.
+        boundary_sft_steps: the support-boundary sweep's ladder: SFT budgets in optimizer steps between the
+            base model (0) and the full SFT run, each followed by the same GRPO budget (empty: no sweep).
         support_measure: what tau is compared with: Pass@k above chance (``adjusted``, the default: on 2-option
             questions a random letter has Pass@8 = 0.996) or raw Pass@k (``raw``).
     """
@@ -118,6 +120,7 @@ class StudyPlan:
     transfer: bool = True
     tau: float = 0.6
     support_measure: Literal["adjusted", "raw"] = "adjusted"
+    boundary_sft_steps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what ``plan.json`` holds)."""

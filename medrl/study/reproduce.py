@@ -31,7 +31,7 @@ def _probe_cells_done(plan: StudyPlan):
 
 
 def build_stages(study: Study) -> list[Stage]:
-    """The study in order: data, vision, support, SFT, RL, transfer, recipe, report."""
+    """The study in order: data, vision, support, SFT, RL, transfer, the boundary sweep, recipe, report."""
     plan, out = study.plan, study.out
 
     def vision() -> None:
@@ -58,6 +58,8 @@ def build_stages(study: Study) -> list[Stage]:
     trained = [f"sft_{f}" for f in plan.flags] + [f"rl_{s}_{f}" for s in plan.rl_from for f in plan.flags]
     if plan.transfer:
         stages += [study.eval_stage(m, f) for m in trained for f in plan.flags if not m.endswith(f"_{f}")]
+    if plan.boundary_sft_steps:  # the ladder of starting supports, RL from each rung
+        stages += [stage for flag in plan.flags for stage in study.boundary_stages(flag)]
     if "sft" in plan.rl_from and "base" in plan.rl_from:
         stages += [
             Stage(f"recipe:{flag}", f"the recipe's decision for {flag} (tau {plan.tau}, k {plan.support.k})",

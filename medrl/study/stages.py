@@ -33,8 +33,9 @@ def default_data_dir() -> Path:
 
 
 def trained_by(model_label: str) -> str:
-    """The stage that trains a model: ``sft_breastmnist`` -> ``sft:sft_breastmnist``, ``rl_base_x`` -> ``rl:...``."""
-    return f"{model_label.split('_', 1)[0]}:{model_label}"
+    """The stage that trains a model: ``sft_breastmnist`` -> ``sft:sft_breastmnist``, ``rl_base_x`` -> ``rl:...``,
+    ``boundary-sft16_x`` -> ``boundary:boundary-sft16_x``."""
+    return f"{model_label.split('_', 1)[0].split('-', 1)[0]}:{model_label}"
 
 
 def target_slug(target: str) -> str:
@@ -212,15 +213,23 @@ class Study:
             )
         self.model_path(model_label)  # fails clearly when the export is missing
 
-    def train_stage(self, kind: str, flag: str, start: str = "base") -> Stage:
-        """A stage that trains one model (``kind`` sft or rl, from the ``start`` model: base or sft) and
-        measures it on its own flag."""
-        start_label = "base" if start == "base" else f"sft_{flag}"
-        label = f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}"
+    def train_stage(
+        self,
+        kind: str,
+        flag: str,
+        start: str = "base",
+        label: str | None = None,
+        start_label: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Stage:
+        """A stage that trains one model (``kind`` sft or rl, from the ``start`` model: base or sft, or from
+        ``start_label``'s model) and measures it on its own flag; ``extra`` goes over the plan's overrides."""
+        start_label = start_label or ("base" if start == "base" else f"sft_{flag}")
+        label = label or (f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}")
 
         def run() -> None:
             if exported_model(self.train_dir(label)) is None:
-                self.train(kind, label, flag, self.model_path(start_label))
+                self.train(kind, label, flag, self.model_path(start_label), extra)
             self.evaluate(self.model_path(label), label, flag)
 
         def reset() -> None:
@@ -233,9 +242,9 @@ class Study:
                     moved.parent.mkdir(parents=True, exist_ok=True)
                     part.rename(moved)
 
-        what = "SFT" if kind == "sft" else f"GRPO from the {start} model"
+        what = "SFT" if kind == "sft" else f"GRPO from the {start_label} model"
         return Stage(
-            f"{kind}:{label}",
+            trained_by(label),
             f"{what} on {flag}, then Acc@1/Pass@k on {flag}",
             [self.eval_dir(label, flag) / "summary.json"],
             run,
@@ -243,6 +252,18 @@ class Study:
             after=["data"] + ([] if start_label == "base" else [trained_by(start_label)]),
             reset=reset,
         )
+
+    # ---- the support-boundary sweep ---------------------------------------------------------------------------
+    def boundary_stages(self, flag: str) -> list[Stage]:
+        """The ladder of starting supports on ``flag``: SFT for each of the plan's ``boundary_sft_steps`` (the
+        base model and the full SFT run are the ladder's ends), each followed by the study's GRPO budget."""
+        stages = []
+        for steps in self.plan.boundary_sft_steps:
+            sft_label, rl_label = f"boundary-sft{steps}_{flag}", f"boundary-rl{steps}_{flag}"
+            budget = {"trainer": {"max_steps": steps, "max_epochs": None}}
+            stages.append(self.train_stage("sft", flag, label=sft_label, extra=budget))
+            stages.append(self.train_stage("rl", flag, label=rl_label, start_label=sft_label))
+        return stages
 
     # ---- recipe ---------------------------------------------------------------------------------------------
     def measurement(self, model_label: str, flag: str, step: str) -> Measurement:
