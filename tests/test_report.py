@@ -131,7 +131,8 @@ def test_command_takes_the_run_directory_positionally(run_dir: Path, capsys: pyt
 
 
 def _question_rows(greedy: list[int], correct: list[int], options: int = 4, n: int = 4) -> list[dict]:
-    return [{"id": f"q{i}", "group": "all", "n": n, "correct": c, "greedy_correct": bool(g), "options": options}
+    return [{"id": f"q{i}", "group": "all", "n": n, "correct": c, "greedy_correct": bool(g), "num_options": options,
+             "options": {"ABCDE"[j]: f"option {j}" for j in range(options)}}
             for i, (g, c) in enumerate(zip(greedy, correct, strict=True))]  # fmt: skip
 
 

@@ -58,6 +58,14 @@ def bootstrap(
     return Interval(float(statistic(np.arange(n))), float(lo), float(hi))
 
 
+def _option_count(row: Mapping[str, Any]) -> int:
+    """A row's option count: ``num_options``, else the size of its ``options`` (0 when unknown)."""
+    if row.get("num_options"):
+        return int(row["num_options"])
+    options = row.get("options")
+    return len(options) if isinstance(options, Mapping | list) else int(options or 0)
+
+
 @dataclass(frozen=True)
 class Questions:
     """Per-question arrays of one evaluation, from its ``questions.jsonl`` rows."""
@@ -77,7 +85,7 @@ class Questions:
             greedy=np.array(greedy, dtype=float),
             n=np.array([int(r["n"]) for r in rows]),
             correct=np.array([int(r["correct"]) for r in rows]),
-            options=np.array([int(r.get("options") or 0) for r in rows]),
+            options=np.array([_option_count(r) for r in rows]),
         )
 
     def pass_at(self, k: int) -> np.ndarray:

@@ -91,7 +91,7 @@ class QuestionScore:
         majority: the most frequent parsed answer (ties: the first reached), ``unparseable`` if none parsed.
         unique: number of distinct parsed answers (format failures not counted).
         format_failures: samples with no parseable answer.
-        options: how many options the question offered (0: unknown); sets its chance level.
+        num_options: how many options the question offered (0: unknown); sets its chance level.
     """
 
     gold: str
@@ -101,7 +101,7 @@ class QuestionScore:
     majority: str
     unique: int
     format_failures: int
-    options: int = 0
+    num_options: int = 0
 
     @property
     def n(self) -> int:
@@ -138,7 +138,7 @@ def score_question(
         majority=majority,
         unique=len(counts),
         format_failures=len(answers) - len(parsed),
-        options=len(letters),
+        num_options=len(letters),
     )
 
 
@@ -189,7 +189,7 @@ class PassAtK(Metric):
             "unique": [s.unique for s in scores],
             "greedy": [math.nan if s.greedy is None else float(s.greedy == s.gold) for s in scores],
             "majority": [float(s.majority == s.gold) for s in scores],
-            "options": [s.options for s in scores],
+            "options": [s.num_options for s in scores],
         }
         for name, values in columns.items():
             getattr(self, name).append(torch.tensor(values, dtype=self.dtype, device=self.device))

@@ -127,13 +127,15 @@ def boundary_finding(results: RunResults, flags: list[str]) -> Finding | None:
 def plot(sweep_results: list[RungResult], title: str, tau: float | None, configured_tau: float | None) -> bytes:
     """RL's change in Acc@1 and in support (with 95 % intervals) against the starting support."""
     import io
+    import textwrap
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.8, 3.9))
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    sweep_results = sorted(sweep_results, key=lambda r: r.support.value)  # a line from low to high support
     xs = [r.support.value for r in sweep_results]
     for attr, label, colour, shift in (("acc_change", "change in Acc@1", "C0", -0.004),
                                        ("support_change", "change in support", "C1", 0.004)):  # fmt: skip
@@ -141,9 +143,9 @@ def plot(sweep_results: list[RungResult], title: str, tau: float | None, configu
         ys = [iv.value for iv in ivs]
         err = [[y - iv.lo for y, iv in zip(ys, ivs, strict=True)], [iv.hi - y for y, iv in zip(ys, ivs, strict=True)]]
         ax.errorbar([x + shift for x in xs], ys, yerr=err, fmt="o-", color=colour, capsize=3, label=label)
-    for r in sweep_results:
-        ax.annotate(r.rung.name, (r.support.value, r.acc_change.value), fontsize=6, xytext=(3, 4),
-                    textcoords="offset points")  # fmt: skip
+    for i, r in enumerate(sweep_results):  # alternate above and below: neighbouring rungs sit close together
+        ax.annotate(r.rung.name, (r.support.value, r.acc_change.value), fontsize=6, rotation=30,
+                    xytext=(2, 8 if i % 2 == 0 else -14), textcoords="offset points")  # fmt: skip
     ax.axhline(0, color="k", linewidth=0.8)
     if configured_tau is not None:
         ax.axvline(configured_tau, color="grey", linestyle="--", label=f"recipe tau {configured_tau:g}")
@@ -151,7 +153,7 @@ def plot(sweep_results: list[RungResult], title: str, tau: float | None, configu
         ax.axvline(tau, color="C2", linestyle=":", label=f"data's tau {tau:.2f}")
     ax.set_xlabel("starting support (Pass@k above chance)")
     ax.set_ylabel("change after RL")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 70), fontsize=8)
     ax.legend(fontsize=7)
     buffer = io.BytesIO()
     fig.tight_layout()

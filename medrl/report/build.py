@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medrl.core.io import atomic_write_bytes, atomic_write_text
 from medrl.core.tables import markdown_table
-from medrl.metrics.intervals import interval
+from medrl.metrics.intervals import interval, paired_change
 from medrl.report import boundary, figures
 from medrl.report.findings import CHANGES, change, findings, metric_name, support_metric
 from medrl.report.load import RunResults, load_run
@@ -56,8 +56,10 @@ def _support_row(results: RunResults, stage: str, flag: str, ks: list[int], k: i
         figures.STAGE_NAMES[stage],
         f"{int(results.metric(label, flag, 'questions') or 0)}",
         _ci(results, label, flag, "acc@1"),
-        *[_fmt(results.metric(label, flag, f"pass@{j}")) for j in ks if j != k],
-        _ci(results, label, flag, f"pass@{k}"),
+        *[
+            _ci(results, label, flag, f"pass@{j}") if j == k else _fmt(results.metric(label, flag, f"pass@{j}"))
+            for j in ks
+        ],
         _fmt(results.metric(label, flag, f"chance@{k}")),
         _ci(results, label, flag, f"adj_pass@{k}") if results.metric(label, flag, f"chance@{k}") is not None else "n/a",
         _fmt(gap),
@@ -101,8 +103,9 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
     ]
     for flag in results.flags:
         ks = results.ks("base", flag) or next((results.ks(m, flag) for m in results.evals if results.ks(m, flag)), [])
-        header = ["model", "questions", "acc@1 [95% CI]", *[f"pass@{j}" for j in ks if j != k], f"pass@{k} [95% CI]",
-                  f"chance@{k}", f"above chance@{k} [95% CI]", f"G_{k}", "majority vote", "format fail"]  # fmt: skip
+        passes = [f"pass@{j} [95% CI]" if j == k else f"pass@{j}" for j in ks]
+        header = ["model", "questions", "acc@1 [95% CI]", *passes, f"chance@{k}", f"above chance@{k} [95% CI]",
+                  f"G_{k}", "majority vote", "format fail"]  # fmt: skip
         rows = [_support_row(results, stage, flag, ks, k) for stage in figures.STAGE_MODELS]
         rows = [r for r in rows if r is not None]
         figs[f"support_{flag}.png"] = figures.support_curves(results, flag)
@@ -151,8 +154,16 @@ def _transfer(results: RunResults, figs: dict[str, bytes]) -> list[str]:
     if not rows or "base" not in results.evals:
         return lines + ["Not run.", ""]
     figs["transfer.png"] = figures.transfer_heatmap(results)
-    body = [[r, *[("n/a" if math.isnan(v) else f"{v:+.3f}") for v in d]] for r, d in zip(rows, deltas, strict=True)]
-    lines += ["Change in Acc@1 against the base model (rows: trained model; columns: evaluated modality).", ""]
+
+    def cell(model: str, flag: str, delta: float) -> str:
+        before, after = results.question_set("base", flag), results.question_set(model, flag)
+        if before is None or after is None or math.isnan(delta):
+            return "n/a" if math.isnan(delta) else f"{delta:+.3f}"
+        return paired_change(before, after, "acc@1").text(signed=True)
+
+    body = [[r, *(cell(r, f, v) for f, v in zip(cols, d, strict=True))] for r, d in zip(rows, deltas, strict=True)]
+    lines += ["Change in Acc@1 against the base model on the same questions, with paired 95 % intervals (rows: "
+              "trained model; columns: evaluated modality).", ""]  # fmt: skip
     return lines + markdown_table(["model", *cols], body) + ["", "![transfer](figures/transfer.png)", ""]
 
 
@@ -163,12 +174,24 @@ def _recipe(results: RunResults) -> list[str]:
     rows = []
     for flag, rec in results.recipes.items():
         k = rec["k"]
-        path = " -> ".join(
-            f"{m['label']} (A {m['acc1']:.3f}, S_{k} {m['pass_at_k'][str(k)]:.3f})" for m in rec["measurements"]
-        )
+
+        def said(m: dict, k: int = k) -> str:
+            raw, chance = m["pass_at_k"][str(k)], (m.get("chance") or {}).get(str(k))
+            above = "" if chance is None else f", above chance {(raw - chance) / (1 - chance):.3f}"
+            return f"{m['label']} (A {m['acc1']:.3f}, S_{k} {raw:.3f}{above})"
+
+        path = " -> ".join(said(m) for m in rec["measurements"])
         decisions = "; ".join(f"**{d['action']}**: {d['reason']}" for d in rec["decisions"])
         rows.append([flag, str(rec["tau"]), path, decisions])
-    return lines + markdown_table(["target", "tau", "measurements", "decisions"], rows) + [""]
+    compared = {rec.get("support", "raw") for rec in results.recipes.values()}
+    notes = {"adjusted": "tau is compared with the support above chance", "raw": "tau is compared with raw Pass@k"}
+    note = notes[next(iter(compared))] if len(compared) == 1 else "tau comparisons differ by target"
+    return (
+        lines
+        + [f"{note.capitalize()}.", ""]
+        + markdown_table(["target", "tau", "measurements", "decisions"], rows)
+        + [""]
+    )
 
 
 def _data_sources(results: RunResults) -> list[str]:

@@ -91,7 +91,7 @@ def acc_gap_bars(results: RunResults, k: int) -> bytes:
 def transfer_matrix(results: RunResults, metric: str = "acc@1") -> tuple[list[str], list[str], list[list[float]]]:
     """``(rows, columns, deltas)``: each trained model's ``metric`` on each flag minus the base model's."""
     flags = results.flags
-    rows = [m for m in sorted(results.evals) if m != "base"]
+    rows = [m for m in sorted(results.evals) if m != "base" and not m.startswith("boundary-")]  # sweep: own section
     deltas = []
     for model in rows:
         row = []
