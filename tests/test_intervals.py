@@ -51,3 +51,19 @@ def test_adjusted_support_interval_and_missing_option_counts() -> None:
     unknown = Questions.from_rows(_rows([1, 0], [1, 1], options=0))
     assert math.isnan(interval(unknown, "adj_pass@1").value)
     assert interval(unknown, "pass@1").text() == "0.250 [0.25, 0.25]"
+
+
+def test_several_training_seeds_widen_the_interval_by_their_spread() -> None:
+    rng = np.random.default_rng(3)
+    seeds = [(rng.random(100) < rate).astype(int).tolist() for rate in (0.3, 0.6)]  # two runs that disagree
+    sets = [Questions.from_rows(_rows(g, [2] * 100)) for g in seeds]
+    both = interval(sets, "acc@1")
+    assert both.value == pytest.approx(np.mean([np.mean(g) for g in seeds]))
+    one = interval(sets[0], "acc@1")
+    assert both.hi - both.lo > one.hi - one.lo  # the seed-to-seed spread is in the interval
+    # Paired seed by seed: each run's after against its own before.
+    after = [Questions.from_rows(_rows([1] * 100, [2] * 100)) for _ in seeds]
+    change = paired_change(sets, after, "acc@1")
+    assert change.value == pytest.approx(1 - both.value) and change.lo > 0
+    with pytest.raises(ValueError, match="cannot pair"):
+        paired_change(sets, after[:1], "acc@1")

@@ -217,3 +217,24 @@ def test_boundary_section_fits_the_datas_tau(tmp_path: Path) -> None:
     assert "| SFT 10 steps | 80 | 0.704 [0.70, 0.70] | +0.050 [+0.01, +0.10] |" in text
     for name in ("boundary_breastmnist", "boundary_pooled"):
         assert (tmp_path / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_training_seed_enters_the_values_and_the_intervals(tmp_path: Path) -> None:
+    """The same run with the SFT then RL model trained from a second seed that gained less."""
+    run = _findings_run(tmp_path, [0] * 10 + [1] * 50)
+    plan = json.loads((run / "plan.json").read_text())
+    _write(run / "plan.json", {**plan, "seeds": [0, 1]})
+    single = build_report(run).read_text()
+    for model, greedy in (("sft_breastmnist-s1", [0] * 30 + [1] * 30), ("rl_sft_breastmnist-s1", [0] * 26 + [1] * 34)):
+        rows = _question_rows(greedy, [3] * 60)
+        folder = run / "eval" / model / "breastmnist"
+        folder.mkdir(parents=True)
+        (folder / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {"questions": 60, "acc@1": sum(greedy) / 60, "pass@1": 0.75, "pass@2": 1.0, "chance@1": 0.25,
+                   "chance@2": 7 / 16}  # fmt: skip
+        _write(folder / "summary.json", {"meta": {}, "ks": [1, 2], "metrics": {"all": metrics}})
+    text = build_report(run).read_text()
+    assert "| SFT then RL (2 seeds) | 60 | 0.700 [" in text  # (50 + 34) / 120 right
+    first = next(line for line in text.splitlines() if line.startswith("- **RL raises Acc@1"))
+    assert "2 training seeds" in first and "+0.200 [" in first  # each seed against its own SFT model
+    assert "trained from 2 seeds (0, 1)" in text and "2 training seeds" not in single

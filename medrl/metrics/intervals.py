@@ -114,24 +114,66 @@ def _mean_statistic(values: np.ndarray, chance: np.ndarray | None) -> Callable[[
     return statistic
 
 
-def interval(questions: Questions, metric: str, seed: int = 0) -> Interval:
-    """The metric over the questions (``acc@1``, ``pass@k``, ``adj_acc@1``, ``adj_pass@k``) with its interval."""
-    values, chance = questions.values(metric)
-    if np.isnan(values).any() or (chance is not None and np.isnan(chance).any()):
-        return Interval(math.nan, math.nan, math.nan)
-    return bootstrap(_mean_statistic(values, chance), len(values), seed=seed)
+def _seeded_bootstrap(stats: Sequence[Callable[[np.ndarray], float]], n: int, seed: int) -> Interval:
+    """One statistic per training seed, each a function of question indices: the mean over seeds, with a
+    two-level bootstrap (seeds with replacement, then questions) when there are several, so the interval
+    holds training noise as well as question sampling. One seed: the plain question bootstrap."""
+    if len(stats) == 1:
+        return bootstrap(stats[0], n, seed=seed)
+    rng = np.random.default_rng([seed, len(stats)])
+
+    def resampled(idx: np.ndarray) -> float:
+        return float(np.mean([stats[s](idx) for s in rng.integers(0, len(stats), len(stats))]))
+
+    found = bootstrap(resampled, n, seed=seed)  # its own point estimate resamples seeds too: replaced below
+    return Interval(float(np.mean([f(np.arange(n)) for f in stats])), found.lo, found.hi)
 
 
-def paired_change(before: Questions, after: Questions, metric: str, seed: int = 0) -> Interval:
-    """``after - before`` of a metric on the questions both evaluated, with its paired interval."""
-    common = sorted(set(before.ids) & set(after.ids))
+def _aligned(sets: Sequence[Questions]) -> list[Questions] | None:
+    """The sets reordered to the ids they all share (training seeds are scored on the same questions)."""
+    common = sorted(set.intersection(*(set(q.ids) for q in sets)))
     if not common:
+        return None
+    out = []
+    for q in sets:
+        pos = {i: j for j, i in enumerate(q.ids)}
+        idx = np.array([pos[i] for i in common])
+        out.append(Questions(common, q.greedy[idx], q.n[idx], q.correct[idx], q.options[idx]))
+    return out
+
+
+def interval(questions: Questions | Sequence[Questions], metric: str, seed: int = 0) -> Interval:
+    """The metric over the questions (``acc@1``, ``pass@k``, ``adj_acc@1``, ``adj_pass@k``) with its interval;
+    a list of question sets (one per training seed) gives the mean over seeds and an interval over both."""
+    sets = _aligned([questions] if isinstance(questions, Questions) else list(questions))
+    if not sets:
         return Interval(math.nan, math.nan, math.nan)
-    pick = lambda q: np.array([q.ids.index(i) for i in common])  # noqa: E731
-    (b_values, b_chance), (a_values, a_chance) = before.values(metric), after.values(metric)
-    bi, ai = pick(before), pick(after)
-    b_stat = _mean_statistic(b_values[bi], None if b_chance is None else b_chance[bi])
-    a_stat = _mean_statistic(a_values[ai], None if a_chance is None else a_chance[ai])
-    if np.isnan(b_values[bi]).any() or np.isnan(a_values[ai]).any():
+    stats = []
+    for q in sets:
+        values, chance = q.values(metric)
+        if np.isnan(values).any() or (chance is not None and np.isnan(chance).any()):
+            return Interval(math.nan, math.nan, math.nan)
+        stats.append(_mean_statistic(values, chance))
+    return _seeded_bootstrap(stats, len(sets[0].ids), seed)
+
+
+def paired_change(
+    before: Questions | Sequence[Questions], after: Questions | Sequence[Questions], metric: str, seed: int = 0
+) -> Interval:
+    """``after - before`` of a metric on the questions both evaluated, with its paired interval. Lists pair
+    seed by seed (``before[s]`` with ``after[s]``); a single ``before`` pairs with every ``after``."""
+    afters = [after] if isinstance(after, Questions) else list(after)
+    befores = [before] * len(afters) if isinstance(before, Questions) else list(before)
+    if len(befores) != len(afters) or not afters:
+        raise ValueError(f"{len(befores)} before-sets cannot pair with {len(afters)} after-sets")
+    sets = _aligned([*befores, *afters])
+    if not sets:
         return Interval(math.nan, math.nan, math.nan)
-    return bootstrap(lambda idx: a_stat(idx) - b_stat(idx), len(common), seed=seed)
+    stats = []
+    for b, a in zip(sets[: len(befores)], sets[len(befores) :], strict=True):
+        (b_values, b_chance), (a_values, a_chance) = b.values(metric), a.values(metric)
+        if np.isnan(b_values).any() or np.isnan(a_values).any():
+            return Interval(math.nan, math.nan, math.nan)
+        b_stat, a_stat = _mean_statistic(b_values, b_chance), _mean_statistic(a_values, a_chance)
+        stats.append(lambda idx, a_stat=a_stat, b_stat=b_stat: a_stat(idx) - b_stat(idx))
+    return _seeded_bootstrap(stats, len(sets[0].ids), seed)

@@ -39,32 +39,37 @@ def _vision(results: RunResults, figs: dict[str, bytes]) -> list[str]:
 
 
 def _ci(results: RunResults, label: str, flag: str, metric: str) -> str:
-    """A metric of one evaluation with its 95 % interval (bootstrap over questions), or its plain value."""
-    questions = results.question_set(label, flag)
-    if questions is None:
-        return _fmt(results.metric(label, flag, metric))
-    return interval(questions, metric).text()
+    """A metric of one model with its 95 % interval (bootstrap over questions, and over training seeds where
+    the plan ran several), or its plain value."""
+    sets = results.question_sets(label, flag)
+    return interval(sets, metric).text() if sets else _fmt(_seed_mean(results, label, flag, metric))
+
+
+def _seed_mean(results: RunResults, label: str, flag: str, metric: str) -> float | None:
+    """A summary metric of one model, averaged over its training seeds."""
+    values = [results.metric(m, flag, metric) for m in results.seed_labels(label, flag) or [label]]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _support_row(results: RunResults, stage: str, flag: str, ks: list[int], k: int) -> list[str] | None:
     label = figures.model_label(stage, flag)
     if flag not in results.evals.get(label, {}):
         return None
-    acc, sup = results.metric(label, flag, "acc@1"), results.metric(label, flag, f"pass@{k}")
+    mean = lambda metric: _seed_mean(results, label, flag, metric)  # noqa: E731
+    acc, sup = mean("acc@1"), mean(f"pass@{k}")
     gap = None if acc is None or sup is None else sup - acc
+    seeds = len(results.seed_labels(label, flag))
     return [
-        figures.STAGE_NAMES[stage],
+        figures.STAGE_NAMES[stage] + (f" ({seeds} seeds)" if seeds > 1 else ""),
         f"{int(results.metric(label, flag, 'questions') or 0)}",
         _ci(results, label, flag, "acc@1"),
-        *[
-            _ci(results, label, flag, f"pass@{j}") if j == k else _fmt(results.metric(label, flag, f"pass@{j}"))
-            for j in ks
-        ],
-        _fmt(results.metric(label, flag, f"chance@{k}")),
-        _ci(results, label, flag, f"adj_pass@{k}") if results.metric(label, flag, f"chance@{k}") is not None else "n/a",
+        *[_ci(results, label, flag, f"pass@{j}") if j == k else _fmt(mean(f"pass@{j}")) for j in ks],
+        _fmt(mean(f"chance@{k}")),
+        _ci(results, label, flag, f"adj_pass@{k}") if mean(f"chance@{k}") is not None else "n/a",
         _fmt(gap),
-        _fmt(results.metric(label, flag, "majority")),
-        _fmt(results.metric(label, flag, "format_fail")),
+        _fmt(mean("majority")),
+        _fmt(mean("format_fail")),
     ]
 
 
@@ -87,6 +92,16 @@ def _changes(results: RunResults, flag: str, k: int) -> list[str]:
     return ["Paired changes on the same questions, 95 % bootstrap intervals:", "", *markdown_table(header, rows), ""]
 
 
+def _seeds_note(results: RunResults) -> str:
+    """What the intervals cover, by how many training seeds the plan ran."""
+    seeds = list(results.plan.get("seeds") or [])
+    if len(seeds) > 1:
+        listed = ", ".join(map(str, seeds))
+        return (f"Each trained model was trained from {len(seeds)} seeds ({listed}) and measured on the same "
+                "questions: values are means over seeds, and intervals resample seeds, then questions.")  # fmt: skip
+    return "One training seed per model: the intervals cover question sampling, not training noise."
+
+
 def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
     lines = ["## 2-4. Support and sampling efficiency, before and after SFT and RL", ""]
     if not results.flags:
@@ -97,8 +112,7 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
     lines += [
         "Intervals: 95 % percentile bootstrap over questions (2,000 resamples; paired for changes). Chance: what "
         "answering a random offered letter scores, 1 - (1 - 1/m)^k per question with m options; above chance = "
-        "(Pass@k - chance) / (1 - chance), 0 for guessing. One training seed per model: the intervals cover "
-        "question sampling, not training noise.",
+        "(Pass@k - chance) / (1 - chance), 0 for guessing. " + _seeds_note(results),
         "",
     ]
     for flag in results.flags:

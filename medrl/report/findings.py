@@ -61,30 +61,39 @@ def metric_name(metric: str) -> str:
     )
 
 
-def pooled(results: RunResults, stage: str, flags: list[str] | None = None) -> Questions | None:
-    """One question set of a stage's models over ``flags`` (default: all), ids made unique per flag."""
-    parts = []
+def pooled(results: RunResults, stage: str, flags: list[str] | None = None) -> list[Questions]:
+    """A stage's models over ``flags`` (default: all) as one question set per training seed (ids made unique
+    per flag); a seed counts only where every flag has it."""
+    per_flag = []
     for flag in flags or results.flags:
-        q = results.question_set(model_label(stage, flag), flag)
-        if q is not None:
-            parts.append(replace(q, ids=[f"{flag}/{i}" for i in q.ids]))
-    if not parts:
-        return None
-    return Questions(
-        ids=[i for p in parts for i in p.ids],
-        **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("greedy", "n", "correct", "options")},
-    )
+        sets = results.question_sets(model_label(stage, flag), flag)
+        if not sets:
+            return []
+        per_flag.append((flag, sets))
+    seeds = min(len(sets) for _, sets in per_flag)
+    out = []
+    for s in range(seeds):
+        parts = [replace(sets[s], ids=[f"{flag}/{i}" for i in sets[s].ids]) for flag, sets in per_flag]
+        out.append(Questions(
+            ids=[i for p in parts for i in p.ids],
+            **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("greedy", "n", "correct", "options")},
+        ))  # fmt: skip
+    return out
 
 
 def change(
     results: RunResults, after: str, before: str, metric: str, flags: list[str] | None = None
 ) -> tuple[Interval, int] | None:
-    """The paired change of ``metric`` from stage ``before`` to ``after`` (pooled over ``flags``), with the
-    number of questions it is over; None when either side was not evaluated."""
+    """The paired change of ``metric`` from stage ``before`` to ``after`` (pooled over ``flags``; over the
+    training seeds, each after-model against its own seed's before-model, or the one base), with the number
+    of questions it is over; None when either side was not evaluated."""
     a, b = pooled(results, after, flags), pooled(results, before, flags)
-    if a is None or b is None:
+    if not a or not b:
         return None
-    return paired_change(b, a, metric), len(set(a.ids) & set(b.ids))
+    if len(b) > 1:
+        a, b = a[: len(b)], b[: len(a)]
+    shared = set(a[0].ids) & set(b[0].ids)
+    return paired_change(b if len(b) > 1 else b[0], a, metric), len(shared)
 
 
 def verdict(found: Interval, expected: Literal["up", "down"]) -> Verdict:
@@ -99,6 +108,8 @@ def findings(results: RunResults, k: int, flags: list[str] | None = None) -> lis
     """The three findings (those the run has the models for), pooled over ``flags`` (default: all)."""
     support = support_metric(results, k)
     where = f"over {len(flags or results.flags)} modalit{'y' if len(flags or results.flags) == 1 else 'ies'}"
+    seeds = len(pooled(results, "sft", flags))
+    where += f", {seeds} training seeds" if seeds > 1 else ""
 
     def evidence(found: Interval, n: int, metric: str, what: str) -> str:
         return f"{what} changed {metric_name(metric)} by {found.text(signed=True)} ({where}, {n} questions)"

@@ -56,6 +56,17 @@ class RunResults:
         rows = self.questions.get(model, {}).get(flag)
         return Questions.from_rows(rows) if rows else None
 
+    def seed_labels(self, model: str, flag: str) -> list[str]:
+        """A model's label for each training seed the plan ran (``sft_x``, ``sft_x-s1``, ...) that was
+        evaluated on ``flag``; the base model has one."""
+        seeds = list(self.plan.get("seeds") or [])
+        labels = [model, *(f"{model}-s{s}" for s in seeds[1:])]
+        return [label for label in labels if flag in self.questions.get(label, {})]
+
+    def question_sets(self, model: str, flag: str) -> list[Questions]:
+        """The per-question arrays of a model's evaluation on ``flag``, one per training seed."""
+        return [q for label in self.seed_labels(model, flag) if (q := self.question_set(label, flag)) is not None]
+
     def ks(self, model: str, flag: str) -> list[int]:
         """The k values an evaluation measured."""
         return list(self.evals.get(model, {}).get(flag, {}).get("ks", []))

@@ -99,6 +99,8 @@ class StudyPlan:
         rl_from: which models RL starts from (``base``, ``sft``).
         transfer: measure every trained model on every flag.
         tau: the recipe's support threshold on Pass@k.
+        seeds: training seeds: each SFT and RL model is trained once per seed (labels ``<model>-s<seed>`` after
+            the first) and measured on the same questions, so the report's intervals cover training noise too.
         boundary_sft_steps: the support-boundary sweep's ladder: SFT budgets in optimizer steps between the
             base model (0) and the full SFT run, each followed by the same GRPO budget (empty: no sweep).
         support_measure: what tau is compared with: Pass@k above chance (``adjusted``, the default: on 2-option
@@ -121,6 +123,13 @@ class StudyPlan:
     tau: float = 0.6
     support_measure: Literal["adjusted", "raw"] = "adjusted"
     boundary_sft_steps: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def training_seeds(self) -> list[int]:
+        """The seeds every SFT and RL model is trained with (``seeds``, else just ``seed``); the first is ``seed``'s
+        role: the transfer, boundary and recipe stages use its models."""
+        return list(dict.fromkeys(self.seeds)) or [self.seed]
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what ``plan.json`` holds)."""

@@ -55,6 +55,9 @@ def build_stages(study: Study) -> list[Stage]:
     stages += [study.eval_stage("base", flag) for flag in plan.flags]
     stages += [study.train_stage("sft", flag) for flag in plan.flags]
     stages += [study.train_stage("rl", flag, start=start) for start in plan.rl_from for flag in plan.flags]
+    for seed in plan.training_seeds[1:]:  # the same models again from other seeds: training noise, measured
+        stages += [study.train_stage("sft", flag, seed=seed) for flag in plan.flags]
+        stages += [study.train_stage("rl", flag, start=s, seed=seed) for s in plan.rl_from for flag in plan.flags]
     trained = [f"sft_{f}" for f in plan.flags] + [f"rl_{s}_{f}" for s in plan.rl_from for f in plan.flags]
     if plan.transfer:
         stages += [study.eval_stage(m, f) for m in trained for f in plan.flags if not m.endswith(f"_{f}")]

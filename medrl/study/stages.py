@@ -38,6 +38,15 @@ def trained_by(model_label: str) -> str:
     return f"{model_label.split('_', 1)[0].split('-', 1)[0]}:{model_label}"
 
 
+def seed_label(model_label: str, seed: int, first: int) -> str:
+    """A model's label for one training seed: the first seed keeps the plain label, the others add ``-s<seed>``.
+
+    >>> seed_label("rl_sft_breastmnist", 1, 0), seed_label("rl_sft_breastmnist", 0, 0)
+    ('rl_sft_breastmnist-s1', 'rl_sft_breastmnist')
+    """
+    return model_label if seed == first else f"{model_label}-s{seed}"
+
+
 def target_slug(target: str) -> str:
     """A target as a folder name: ``pmc:pmc_vqa_8k.jsonl`` -> ``pmc-pmc_vqa_8k``; MedMNIST flags unchanged."""
     if target.startswith(PMC_PREFIX):
@@ -178,16 +187,27 @@ class Study:
             )
         return str(model)
 
-    def train(self, kind: str, model_label: str, flag: str, start: str, extra: dict[str, Any] | None = None) -> None:
+    def train(
+        self,
+        kind: str,
+        model_label: str,
+        flag: str,
+        start: str,
+        extra: dict[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> None:
         """Run ``medrl fit`` with the plan's config for ``kind`` (sft or rl) on ``flag`` from ``start``;
-        ``extra`` is merged over the plan's overrides (e.g. the Pass@k advantage)."""
+        ``extra`` is merged over the plan's overrides (e.g. the Pass@k advantage). ``seed`` (default: the
+        plan's) seeds the run, the module and the training data's subset and order; evaluations keep the
+        plan's seed, so every seed's model answers the same questions."""
         self._load_sources()
+        seed = self.plan.seed if seed is None else seed
         train = self.plan.sft if kind == "sft" else self.plan.rl
         folder = self.train_dir(model_label)
         override = _merge(
             _merge(train.overrides, extra or {}),
             {
-                "seed_everything": self.plan.seed,
+                "seed_everything": seed,
                 "trainer": {
                     "default_root_dir": str(folder),
                     "callbacks": [{
@@ -196,8 +216,8 @@ class Study:
                                       "merged": True, "monitor": None, "every_n_train_steps": None},
                     }],
                 },
-                "model": {"init_args": {"model": start}},
-                "data": self.data_config(flag),
+                "model": {"init_args": {"model": start, "seed": seed}},
+                "data": _merge(self.data_config(flag), {"init_args": {"seed": seed}}),
             },
         )  # fmt: skip
         override_path = folder / "override.yaml"
@@ -221,15 +241,18 @@ class Study:
         label: str | None = None,
         start_label: str | None = None,
         extra: dict[str, Any] | None = None,
+        seed: int | None = None,
     ) -> Stage:
         """A stage that trains one model (``kind`` sft or rl, from the ``start`` model: base or sft, or from
         ``start_label``'s model) and measures it on its own flag; ``extra`` goes over the plan's overrides."""
-        start_label = start_label or ("base" if start == "base" else f"sft_{flag}")
-        label = label or (f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}")
+        first = self.plan.training_seeds[0]
+        at = first if seed is None else seed
+        start_label = start_label or ("base" if start == "base" else seed_label(f"sft_{flag}", at, first))
+        label = label or seed_label(f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}", at, first)
 
         def run() -> None:
             if exported_model(self.train_dir(label)) is None:
-                self.train(kind, label, flag, self.model_path(start_label), extra)
+                self.train(kind, label, flag, self.model_path(start_label), extra, at)
             self.evaluate(self.model_path(label), label, flag)
 
         def reset() -> None:
