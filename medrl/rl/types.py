@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# Vision inputs whose first dimension counts patches, not rows: sliced through their grid's patch counts.
+# Vision inputs whose first dimension counts patches, not rows, when their grid is there (Qwen-VL): sliced
+# through the grid's patch counts. Without a grid (Idefics3 / SmolVLM: pixel_values [N, images, C, H, W],
+# pixel_attention_mask [N, images, H, W]; Gemma 3: [N, C, H, W]) every vision input is per row.
 _PATCH_KEYS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 
@@ -93,7 +95,7 @@ class Trajectory:
         inputs = {}
         for key, value in self.inputs.items():
             grid_key = _PATCH_KEYS.get(key)
-            if grid_key is None:
+            if grid_key is None or grid_key not in self.inputs:
                 inputs[key] = value[rows_t.to(value.device)]
                 continue
             counts = self.inputs[grid_key].prod(-1).tolist()  # patches of each row's image
@@ -151,7 +153,7 @@ class Trajectory:
                 fill = pad_token_id if key == "input_ids" else 0
                 inputs[key] = torch.cat([left(p.inputs[key], width, fill) for p in parts])
             else:
-                inputs[key] = torch.cat([p.inputs[key] for p in parts])
+                inputs[key] = torch.cat(_pad_to_common([p.inputs[key] for p in parts]))
         shared_parts = set.intersection(*(set(p.reward_parts) for p in parts))
         return Trajectory(
             inputs=inputs,
@@ -192,3 +194,21 @@ class Trajectory:
     def from_state_dict(cls, state: dict) -> Trajectory:
         """The inverse of :meth:`state_dict` (also of one saved before a field was added)."""
         return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+def _pad_to_common(values: list[Tensor]) -> list[Tensor]:
+    """Per-row vision inputs padded with zeros to one shape past the first dimension: parts whose rows carry
+    different numbers of image tiles (Idefics3's image splitting) can then be stacked. Zero images are the
+    padding those models already skip."""
+    if len({v.shape[1:] for v in values}) == 1:
+        return values
+    if len({v.dim() for v in values}) != 1:
+        raise ValueError(f"cannot stack vision inputs of shapes {[tuple(v.shape) for v in values]}")
+    target = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    out = []
+    for v in values:
+        pad: list[int] = []
+        for d in reversed(range(1, v.dim())):
+            pad += [0, target[d - 1] - v.shape[d]]
+        out.append(F.pad(v, pad, value=0))
+    return out
