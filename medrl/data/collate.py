@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and transformers' losses) skip
-END_OF_TURN = "<|im_end|>"  # Qwen chat templates close every turn with it; generation stops there
+END_OF_TURN = "<|im_end|>"  # the fallback end of turn (Qwen's), when a chat template does not say
 
 
 @dataclass
@@ -52,8 +52,24 @@ class ChatBatch:
         )
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The id of Qwen's ``<|im_end|>`` (the tokenizer's EOS token when the vocabulary lacks it)."""
+def end_of_turn_id(tokenizer, template_owner=None) -> int:
+    """The token that closes an assistant turn under the model's own chat template.
+
+    Read off the template: a conversation whose assistant says a sentinel is rendered, and the special
+    token right after the sentinel is the end of turn (Qwen's ``<|im_end|>``, Idefics3 / SmolVLM's
+    ``<end_of_utterance>``, Gemma 3's ``<end_of_turn>``). ``template_owner`` is whatever holds the template
+    (the processor; default: the tokenizer). Without a template that says, ``<|im_end|>``, else EOS.
+    """
+    owner = template_owner if getattr(template_owner, "chat_template", None) else tokenizer
+    sentinel = "Sentinel"
+    try:
+        chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": sentinel}]
+        tail = owner.apply_chat_template(chat, tokenize=False).split(sentinel, 1)[1]
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in set(tokenizer.all_special_ids):
+            return int(first[0])
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):  # no template, or one that refuses this
+        pass
     token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if token_id is None or token_id == tokenizer.unk_token_id:
         token_id = tokenizer.eos_token_id
@@ -92,8 +108,8 @@ def encode_chat(
     """Encode conversations (and optional assistant completions) into one left-padded batch.
 
     Args:
-        processor: a Qwen2-VL / Qwen2.5-VL processor (tokenizer + image processor + chat template).
-        messages: one chat per row, in the Qwen-VL content format, without the assistant's answer.
+        processor: a VLM processor (tokenizer + image processor + chat template: Qwen-VL, Idefics3, ...).
+        messages: one chat per row, in the transformers content format, without the assistant's answer.
         images: the images the chats refer to (one per row, or a list per row), or None for text only.
         completions: per row, the assistant's text or token ids; None encodes prompts only (for generation).
         add_end_of_turn: append ``<|im_end|>`` to text completions (token-id completions are kept as given).
@@ -114,7 +130,7 @@ def encode_chat(
     # Every per-token field the processor made (attention mask, multimodal token types) is re-padded with it.
     token_keys = [k for k, v in encoded.items() if torch.is_tensor(v) and v.shape == input_ids.shape]
     tokenizer = processor.tokenizer
-    eot = end_of_turn_id(tokenizer)
+    eot = end_of_turn_id(tokenizer, processor)
 
     rows: list[dict[str, torch.Tensor]] = []
     for i in range(len(texts)):

@@ -440,7 +440,94 @@ class QwenVisionEncoder(Encoder):
         return tokens.mean(1) if self.pooling == "mean" else tokens.amax(1)
 
 
-ENCODER_KINDS: dict[str, type[Encoder]] = {"timm": TimmEncoder, "qwen": QwenVisionEncoder}
+class Idefics3VisionEncoder(Encoder):
+    """The SigLIP vision tower of an Idefics3 / SmolVLM model, pooled to one vector per image.
+
+    Features are the tower's last hidden state (after its final layer norm, before the pixel-shuffle
+    connector), mean- or max-pooled over the image's patches; each image is resized whole to the processor's
+    ``max_image_size`` (no image splitting), as the model sees its global image.
+
+    Args:
+        model: ``tiny:smolvlm``, a local folder or a hub id such as ``HuggingFaceTB/SmolVLM-256M-Instruct``.
+        pooling: ``mean`` (default) or ``max`` over the patches.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16``.
+    """
+
+    kind = "idefics3"
+
+    def __init__(
+        self, model: str = "tiny:smolvlm", pooling: Literal["mean", "max"] = "mean",
+        dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if pooling not in ("mean", "max"):
+            raise ConfigError(f"pooling must be 'mean' or 'max', got {pooling!r}")
+        self.model, self.pooling, self.dtype = model, pooling, dtype
+        self.tower: torch.nn.Module | None = None
+        self._path: Path | None = None
+        self._processor = None
+
+    def _resolved(self) -> Path:
+        if self._path is None:
+            from medrl.models.hub import resolve_model
+
+            self._path = resolve_model(self.model)
+        return self._path
+
+    def _image_processor(self):
+        if self._processor is None:
+            from transformers import AutoImageProcessor
+
+            self._processor = AutoImageProcessor.from_pretrained(self._resolved())
+        return self._processor
+
+    def describe(self) -> dict[str, Any]:
+        ip = self._image_processor()
+        path = self._resolved()
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        return {
+            "kind": self.kind,
+            "name": self.model,
+            "pretrained": not (str(self.model).startswith("tiny") or path.name.startswith("tiny-")),
+            "weights": {f.name: file_fingerprint(f) for f in files},
+            "image_size": int(ip.max_image_size["longest_edge"]),
+            "features": "vision_model last_hidden_state (post layer norm, pre connector)",
+            "pooling": self.pooling,
+            "dtype": dtype_name(resolve_dtype(self.dtype, self.device)),
+            "mean": list(ip.image_mean),
+            "std": list(ip.image_std),
+        }
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} SigLIP tower ({self.pooling})"
+
+    @property
+    def dim(self) -> int:
+        if self.tower is None:
+            raise RuntimeError("load() the encoder before asking for its width")
+        return int(self.tower.config.hidden_size)
+
+    def _load(self, device: torch.device) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        full = AutoModelForImageTextToText.from_pretrained(self._resolved(), dtype=resolve_dtype(self.dtype, device))
+        self.tower = full.model.vision_model.eval().requires_grad_(False).to(device)
+        del full  # the language model is not needed for features
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        ip = self._image_processor()
+        inputs = ip(images=[[im] for im in images.cpu()], do_image_splitting=False, return_tensors="pt")
+        pixels = inputs["pixel_values"][:, 0]  # [B, 3, S, S]: one global image each
+        assert self.tower is not None
+        tokens = self.tower(
+            pixel_values=pixels.to(self.device, resolve_dtype(self.dtype, self.device))
+        ).last_hidden_state
+        return tokens.mean(1) if self.pooling == "mean" else tokens.amax(1)
+
+
+ENCODER_KINDS: dict[str, type[Encoder]] = {"timm": TimmEncoder, "qwen": QwenVisionEncoder,
+                                           "idefics3": Idefics3VisionEncoder}  # fmt: skip
 
 
 def encoder_from_spec(spec: str) -> Encoder:

@@ -38,9 +38,16 @@ def is_hub_id(name: str) -> bool:
 def resolve_model(name: str | os.PathLike) -> Path:
     """The local folder for a model argument (building ``tiny`` or fetching a hub id if needed)."""
     text = str(name)
+    if text == "tiny:smolvlm" or text.startswith("tiny:smolvlm:"):
+        from medrl.models.tiny_smolvlm import tiny_smolvlm_dir
+
+        return tiny_smolvlm_dir(int(text.split(":")[2]) if text.count(":") == 2 else 0)
     if text == "tiny" or text.startswith("tiny:"):
-        seed = int(text.partition(":")[2] or 0)
-        return tiny_dir(seed)
+        seed = text.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise ModelNotFoundError(f"model {text!r}: the tiny models are tiny, tiny:SEED, tiny:smolvlm[:SEED] "
+                                     "and tiny-instruct[:SEED]")  # fmt: skip
+        return tiny_dir(int(seed))
     if text == "tiny-instruct" or text.startswith("tiny-instruct:"):
         from medrl.models.tiny_instruct import tiny_instruct_dir
 

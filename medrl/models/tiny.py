@@ -19,6 +19,7 @@ import torch
 from medrl.core.env import CACHE_ENV, cache_dir
 from medrl.core.errors import UserError
 from medrl.core.io import umask_modes
+from medrl.models.families import FAMILY_TOKENS
 from medrl.models.tiny_corpus import CORPUS
 
 # Bump when anything below changes what gets built, so stale cached copies are rebuilt.
@@ -35,7 +36,7 @@ SPECIAL_TOKENS = [
 ]
 # Placeholders a random model must never generate: a sampled <|image_pad|> makes the next forward pass
 # miscount image tokens.
-VISION_PLACEHOLDERS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+VISION_PLACEHOLDERS = list(FAMILY_TOKENS["qwen2_vl"][0])
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

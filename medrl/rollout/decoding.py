@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from medrl.models.tiny import VISION_PLACEHOLDERS
+from medrl.models.families import turn_end_tokens, vision_placeholders
 from medrl.rollout.types import Completion, FinishReason, Item
 
 
@@ -22,13 +22,11 @@ def prompt_texts(processor: Any, items: Sequence[Item]) -> list[str]:
 def end_token_ids(tokenizer: Any, extra: Iterable[int] = ()) -> list[int]:
     """Token ids that end a completion: the chat end token, the tokenizer's EOS and pad, plus ``extra``.
 
-    Qwen models end a turn with ``<|im_end|>`` and may emit ``<|endoftext|>``; both stop generation.
+    Each family's end-of-turn tokens (:func:`medrl.models.families.turn_end_tokens`: Qwen's ``<|im_end|>``
+    and ``<|endoftext|>``, Idefics3's ``<end_of_utterance>``, Gemma 3's ``<end_of_turn>``) stop generation
+    where the tokenizer has them.
     """
-    ids: list[int] = []
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
-            ids.append(tid)
+    ids: list[int] = [*_known_ids(tokenizer, turn_end_tokens())]
     for tid in (tokenizer.eos_token_id, *extra):
         if isinstance(tid, int):
             ids.append(tid)
@@ -36,10 +34,16 @@ def end_token_ids(tokenizer: Any, extra: Iterable[int] = ()) -> list[int]:
 
 
 def banned_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the vision placeholder tokens, which no engine may generate."""
+    """Ids of the vision placeholder tokens (every family's that the tokenizer has), which no engine may
+    generate."""
+    return _known_ids(tokenizer, vision_placeholders())
+
+
+def _known_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """The ids of those ``tokens`` the tokenizer has as whole tokens (not its unknown token)."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS]
-    return [i for i in ids if isinstance(i, int) and i != unk]
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in tokens if t in vocab and vocab[t] != unk]
 
 
 def finish_completion(

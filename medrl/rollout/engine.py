@@ -16,7 +16,7 @@ Conventions shared by both engines, so their outputs are interchangeable:
 - ``logprobs[t]`` is ``log p(token_ids[t] | prompt, token_ids[:t])`` under the model's unmodified
   distribution (temperature 1, no top-k/top-p, no token bans): the quantity GRPO's ratio needs, and what
   vLLM reports by default (``logprobs_mode="raw_logprobs"``).
-- The vision placeholder tokens (:data:`medrl.models.tiny.VISION_PLACEHOLDERS`) are never generated.
+- The vision placeholder tokens (every family's, :mod:`medrl.models.families`) are never generated.
 - A fixed ``seed`` makes a call repeatable: the same items, parameters and weights give the same samples.
 """
 

@@ -1,0 +1,90 @@
+"""``tiny:smolvlm``: a random 2-layer model of the SmolVLM / Idefics3 architecture, built offline.
+
+The family's real classes (``Idefics3ForConditionalGeneration``, ``Idefics3Processor``,
+``Idefics3ImageProcessor``) with its special tokens (``<image>``, ``<fake_token_around_image>``,
+``<global-img>``, ``<end_of_utterance>``) and a SmolVLM-style chat template; a Llama text model (hidden 128,
+head size 32 so vLLM's CPU attention takes it) and a SigLIP-style vision tower (64 px images, 16 px patches,
+pixel shuffle by 2: 4 image tokens per image, no image splitting). Cached atomically like ``tiny``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medrl.core.env import cache_dir
+from medrl.models.families import FAMILY_TOKENS
+from medrl.models.tiny import TINY_VERSION, build_folder, build_tokenizer
+
+SMOLVLM_VERSION = 1
+END_OF_UTTERANCE = FAMILY_TOKENS["idefics3"][1][0]
+IMAGE_TOKENS = list(FAMILY_TOKENS["idefics3"][0])
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_tiny_smolvlm(seed: int = 0) -> tuple[Any, Any]:
+    """``(model, processor)``: the tiny Idefics3 with weights drawn from ``seed``, eval mode, fp32."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        LlamaConfig,
+    )
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [*IMAGE_TOKENS, END_OF_UTTERANCE]},
+                                 replace_extra_special_tokens=False)  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64}
+    )
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=CHAT_TEMPLATE)  # fmt: skip
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       tie_word_embeddings=True)  # fmt: skip
+    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=64, patch_size=16)  # fmt: skip
+    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # fmt: skip
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = Idefics3ForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(state)  # building a model must not move the caller's RNG
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+    return model.eval(), processor
+
+
+def tiny_smolvlm_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
+    """The saved ``tiny:smolvlm`` folder for ``seed``, built on first use."""
+    base = Path(root) if root is not None else cache_dir() / "models"
+    target = base / f"tiny-smolvlm-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+
+    def write(tmp: Path) -> None:
+        model, processor = build_tiny_smolvlm(seed)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return build_folder(target, write, "tiny:smolvlm", uses_env_cache=root is None)
