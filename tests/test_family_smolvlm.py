@@ -55,6 +55,24 @@ def test_probe_features_of_the_siglip_tower(medmnist) -> None:
     assert described["features"].startswith("vision_model last_hidden_state") and described["pretrained"] is False
 
 
+@pytest.mark.parametrize(("vision", "trains"), [("frozen", set()), ("projector", {"connector"}),
+                                               ("all", {"vision_model", "connector"})])  # fmt: skip
+def test_vision_training_follows_the_familys_module_names(vision: str, trains: set[str]) -> None:
+    from medrl.models.lora import LoRAConfig, apply_lora, set_full_finetune
+
+    def vision_side(model) -> set[str]:
+        names = {"vision_model", "connector"}
+        return {part for n, p in model.named_parameters() if p.requires_grad for part in n.split(".") if part in names}
+
+    model, _ = build_tiny_smolvlm(seed=0)
+    set_full_finetune(model, vision)
+    assert vision_side(model) == trains  # `frozen` used to leave Idefics3's tower trainable (it looked for `visual`)
+    assert any(p.requires_grad for n, p in model.named_parameters() if "text_model" in n)
+    adapted = apply_lora(build_tiny_smolvlm(seed=0)[0], LoRAConfig(), vision)
+    assert vision_side(adapted) == trains
+    assert not any("lora_" in n for n, _ in adapted.named_parameters() if "vision_model" in n)
+
+
 def test_no_engine_generates_an_image_placeholder(smolvlm, items) -> None:
     model, processor = smolvlm
     banned = set(processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>", "<global-img>"]))

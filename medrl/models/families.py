@@ -5,6 +5,9 @@ next forward pass count more image tokens than there are images), and the tokens
 The engines ban, and stop at, every listed token that a model's tokenizer actually has, so one model's list
 costs nothing on another. This is the first piece of the per-family adapters; the rest (vision towers,
 LoRA targets, weight sync) still assumes Qwen-VL.
+
+Also each family's module names for the vision tower and its projector, which ``vision: frozen | projector |
+all`` freezes or trains: Qwen keeps the projector inside the tower (``visual.merger``), the others beside it.
 """
 
 from __future__ import annotations
@@ -29,3 +32,25 @@ def vision_placeholders() -> list[str]:
 def turn_end_tokens() -> list[str]:
     """Every family's end-of-turn tokens, in a fixed order."""
     return list(dict.fromkeys(t for _, ends in FAMILY_TOKENS.values() for t in ends))
+
+
+# family -> (vision tower module, projector module), as path components of parameter names
+VISION_MODULES: dict[str, tuple[str, str]] = {
+    "qwen2_vl": ("visual", "merger"),
+    "idefics3": ("vision_model", "connector"),
+    "gemma3": ("vision_tower", "multi_modal_projector"),
+    "internvl": ("vision_tower", "multi_modal_projector"),
+}
+
+
+def vision_modules(parameter_names: list[str]) -> tuple[str, str]:
+    """``(tower, projector)`` module names of the family whose tower appears in ``parameter_names``; ValueError
+    naming the known families when none does (a model medrl cannot tell the vision side of)."""
+    parts = {part for name in parameter_names for part in name.split(".")}
+    for tower, projector in VISION_MODULES.values():
+        if tower in parts:
+            return tower, projector
+    raise ValueError(
+        f"no vision tower among the model's modules: medrl knows the families {sorted(VISION_MODULES)} "
+        f"(towers {sorted({t for t, _ in VISION_MODULES.values()})})"
+    )

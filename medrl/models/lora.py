@@ -2,9 +2,10 @@
 
 Qwen2.5-VL's vision tower has ``gate_proj``/``up_proj``/``down_proj`` layers of its own, so the usual list of
 module names would put adapters on the vision tower too. Targets here are a regex over module paths that
-matches only the decoder layers outside the vision tower. The vision tower and its projector (Qwen's
-``merger``) stay frozen unless asked; when asked, they train fully (PEFT ``modules_to_save``) and their weights
-travel in the adapter folder.
+matches only the decoder layers outside the vision tower. The vision tower and its projector (each family's
+names in :data:`medrl.models.families.VISION_MODULES`: Qwen's ``visual`` / ``visual.merger``, Idefics3's
+``vision_model`` / ``connector``) stay frozen unless asked; when asked, they train fully (PEFT
+``modules_to_save``) and their weights travel in the adapter folder.
 
 Everything written here (adapter, merged or fully fine-tuned model) is a plain ``save_pretrained`` folder: it
 loads with ``PeftModel.from_pretrained`` / ``AutoModelForImageTextToText.from_pretrained`` without medrl.
@@ -26,12 +27,10 @@ import torch
 
 from medrl.core.errors import ConfigError
 from medrl.core.io import umask_modes
+from medrl.models.families import vision_modules
 
 LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VisionTraining = Literal["frozen", "projector", "all"]
-# Where Qwen2-VL / Qwen2.5-VL keep the vision side: the tower is `visual`, its projector `visual.merger`.
-_VISION_MODULE = "visual"
-_PROJECTOR_MODULE = "merger"
 
 
 @dataclass
@@ -70,10 +69,17 @@ def language_target_regex(names: Sequence[str]) -> str:
     return rf"^(?!.*(?:visual|vision)).*\blayers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})$"
 
 
-def _vision_modules_to_save(vision: VisionTraining) -> list[str] | None:
+def _vision_modules_to_save(vision: VisionTraining, model: torch.nn.Module) -> list[str] | None:
     if vision not in ("frozen", "projector", "all"):
         raise ConfigError(f"vision must be 'frozen', 'projector' or 'all', got {vision!r}")
-    return {"frozen": None, "projector": [_PROJECTOR_MODULE], "all": [_VISION_MODULE]}[vision]
+    if vision == "frozen":
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    tower, projector = vision_modules(names)
+    if vision == "projector":
+        return [projector]
+    nested = any({tower, projector} <= set(name.split(".")) for name in names)  # Qwen: visual.merger
+    return [tower] if nested else [tower, projector]
 
 
 def apply_lora(model: torch.nn.Module, config: LoRAConfig, vision: VisionTraining = "frozen"):
@@ -96,7 +102,7 @@ def apply_lora(model: torch.nn.Module, config: LoRAConfig, vision: VisionTrainin
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=pattern,
-        modules_to_save=[*config.modules_to_save, *(_vision_modules_to_save(vision) or [])] or None,
+        modules_to_save=[*config.modules_to_save, *(_vision_modules_to_save(vision, model) or [])] or None,
         bias="none",
     )
     return get_peft_model(model, peft_config)
@@ -104,11 +110,12 @@ def apply_lora(model: torch.nn.Module, config: LoRAConfig, vision: VisionTrainin
 
 def set_full_finetune(model: torch.nn.Module, vision: VisionTraining = "frozen") -> torch.nn.Module:
     """Make every language-model weight trainable; the vision tower and projector only as ``vision`` asks."""
-    _vision_modules_to_save(vision)
+    _vision_modules_to_save(vision, model)
+    tower, projector = vision_modules([name for name, _ in model.named_parameters()])
     for name, param in model.named_parameters():
         parts = name.split(".")
-        in_vision = _VISION_MODULE in parts
-        in_projector = in_vision and _PROJECTOR_MODULE in parts
+        in_projector = projector in parts  # Qwen's merger sits inside the tower, the others' beside it
+        in_vision = tower in parts or in_projector
         param.requires_grad_(not in_vision or vision == "all" or (vision == "projector" and in_projector))
     return model
 
