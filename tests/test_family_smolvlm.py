@@ -109,19 +109,36 @@ def test_two_grpo_steps_train_and_export(engine: str, medmnist, tmp_path: Path, 
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
 
 
-def test_vllm_greedy_equals_hf_after_a_weight_push(smolvlm, items) -> None:
+def _distinct(seed: int):
+    """A tiny SmolVLM with larger random weights: decisive greedy choices that differ from the base model's."""
+    policy, _ = build_tiny_smolvlm(seed=seed)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for param in policy.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.1, generator=generator)
+    return policy
+
+
+def test_vllm_greedy_equals_hf_after_full_and_merged_lora_pushes(smolvlm, items) -> None:
+    from peft import LoraConfig, get_peft_model
+
     base, processor = smolvlm
+    greedy = lambda engine: [r.greedy.token_ids for r in engine.generate(items, GREEDY)]  # noqa: E731
     engine = make_engine("vllm", base, processor, max_model_len=512, kv_cache_gib=0.25, max_num_seqs=16)
     try:
-        policy, _ = build_tiny_smolvlm(seed=5)
-        with torch.no_grad():  # larger weights: decisive greedy choices that differ from the base model's
-            generator = torch.Generator().manual_seed(5)
-            for param in policy.parameters():
-                if param.dim() >= 2:
-                    param.normal_(0.0, 0.1, generator=generator)
-        expected = [r.greedy.token_ids for r in make_engine("hf", policy, processor).generate(items, GREEDY)]
-        assert [r.greedy.token_ids for r in engine.generate(items, GREEDY)] != expected  # still the base
+        policy = _distinct(5)
+        expected = greedy(make_engine("hf", policy, processor))
+        assert greedy(engine) != expected  # still the base
         engine.sync(policy)
-        assert [r.greedy.token_ids for r in engine.generate(items, GREEDY)] == expected
+        assert greedy(engine) == expected
+        # A LoRA policy (random A and B, large alpha) goes over merged into vLLM's text model.
+        config = LoraConfig(r=8, lora_alpha=64, target_modules=r".*text_model.*\.(q_proj|v_proj|o_proj)",
+                            init_lora_weights=False)  # fmt: skip
+        lora = get_peft_model(_distinct(6), config).eval()
+        expected = greedy(make_engine("hf", lora, processor))
+        assert greedy(engine) != expected
+        engine.sync(lora)
+        assert greedy(engine) == expected
     finally:
         engine.close()
