@@ -64,6 +64,10 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
     "reproduce": ("the whole study, narrated and resumable, ending in report.md", "medrl.study.reproduce:reproduce"),
     "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.study.evaluate:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.study.report_command:report"),
+    "models": (
+        "the VLM families medrl knows, what each runs, and their tiny models",
+        "medrl.study.models_command:models",
+    ),
 }
 # Verbs whose required arguments are positional (`medrl report RUN_DIR`, `medrl data get pmc-vqa`); the
 # others take only --flags.

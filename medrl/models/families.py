@@ -54,3 +54,24 @@ def vision_modules(parameter_names: list[str]) -> tuple[str, str]:
         f"no vision tower among the model's modules: medrl knows the families {sorted(VISION_MODULES)} "
         f"(towers {sorted({t for t, _ in VISION_MODULES.values()})})"
     )
+
+
+# What each family runs in medrl, as the test suite checks it on the family's tiny model: "tested", or
+# "untested" (code paths exist but no test runs them), or "no". `medrl models` prints this table.
+FEATURES = ("probe", "SFT", "GRPO (hf)", "GRPO (vLLM)", "vLLM weight sync", "LoRA", "FSDP2", "multi-image")
+SUPPORT: dict[str, dict[str, str]] = {
+    "qwen2_vl": {"probe": "tested", "SFT": "tested", "GRPO (hf)": "tested", "GRPO (vLLM)": "tested",
+                 "vLLM weight sync": "tested", "LoRA": "tested", "FSDP2": "tested (slow)", "multi-image": "tiled"},
+    "idefics3": {"probe": "tested", "SFT": "tested", "GRPO (hf)": "tested", "GRPO (vLLM)": "tested",
+                 "vLLM weight sync": "tested", "LoRA": "tested", "FSDP2": "untested", "multi-image": "tiled"},
+    "gemma3": dict.fromkeys(FEATURES, "untested"),
+    "internvl": dict.fromkeys(FEATURES, "untested"),
+}  # fmt: skip
+# family -> (architectures it covers, its offline tiny model or None, example hub ids)
+FAMILIES: dict[str, tuple[str, str | None, str]] = {
+    "qwen2_vl": ("Qwen2-VL, Qwen2.5-VL (OctoMed, Lingshu, HuatuoGPT-Vision)", "tiny, tiny-instruct",
+                 "Qwen/Qwen2.5-VL-7B-Instruct, OctoMed/OctoMed-7B"),
+    "idefics3": ("Idefics3, SmolVLM", "tiny:smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+    "gemma3": ("Gemma 3 (MedGemma)", None, "google/medgemma-4b-it"),
+    "internvl": ("InternVL3 (-hf)", None, "OpenGVLab/InternVL3-8B-hf"),
+}  # fmt: skip
