@@ -296,7 +296,29 @@ def load_vision_tower(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return tower
 
 
-class QwenVisionEncoder(Encoder):
+class _VLMTowerEncoder(Encoder):
+    """What the towers of a VLM share: the model argument resolved to a folder once, its image processor."""
+
+    model: str
+    _path: Path | None = None
+    _processor: Any = None
+
+    def _resolved(self) -> Path:
+        if self._path is None:
+            from medrl.models.hub import resolve_model
+
+            self._path = resolve_model(self.model)
+        return self._path
+
+    def _image_processor(self):
+        if self._processor is None:
+            from transformers import AutoImageProcessor
+
+            self._processor = AutoImageProcessor.from_pretrained(self._resolved())
+        return self._processor
+
+
+class QwenVisionEncoder(_VLMTowerEncoder):
     """The vision tower of a Qwen2-VL / Qwen2.5-VL model, pooled to one vector per image.
 
     The tower's output is its patch-merger tokens (width = the language model's hidden size, 2048 for the 3B,
@@ -333,20 +355,6 @@ class QwenVisionEncoder(Encoder):
         self._path: Path | None = None
         self._processor = None
         self._weights_memo: dict[str, str] | None = None
-
-    def _resolved(self) -> Path:
-        if self._path is None:
-            from medrl.models.hub import resolve_model
-
-            self._path = resolve_model(self.model)
-        return self._path
-
-    def _image_processor(self):
-        if self._processor is None:
-            from transformers import AutoImageProcessor
-
-            self._processor = AutoImageProcessor.from_pretrained(self._resolved())
-        return self._processor
 
     def _torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.device)
@@ -440,7 +448,7 @@ class QwenVisionEncoder(Encoder):
         return tokens.mean(1) if self.pooling == "mean" else tokens.amax(1)
 
 
-class Idefics3VisionEncoder(Encoder):
+class Idefics3VisionEncoder(_VLMTowerEncoder):
     """The SigLIP vision tower of an Idefics3 / SmolVLM model, pooled to one vector per image.
 
     Features are the tower's last hidden state (after its final layer norm, before the pixel-shuffle
@@ -466,20 +474,6 @@ class Idefics3VisionEncoder(Encoder):
         self.tower: torch.nn.Module | None = None
         self._path: Path | None = None
         self._processor = None
-
-    def _resolved(self) -> Path:
-        if self._path is None:
-            from medrl.models.hub import resolve_model
-
-            self._path = resolve_model(self.model)
-        return self._path
-
-    def _image_processor(self):
-        if self._processor is None:
-            from transformers import AutoImageProcessor
-
-            self._processor = AutoImageProcessor.from_pretrained(self._resolved())
-        return self._processor
 
     def describe(self) -> dict[str, Any]:
         ip = self._image_processor()
