@@ -63,7 +63,7 @@ SUPPORT: dict[str, dict[str, str]] = {
     "qwen2_vl": {"probe": "tested", "SFT": "tested", "GRPO (hf)": "tested", "GRPO (vLLM)": "tested",
                  "vLLM weight sync": "tested", "LoRA": "tested", "FSDP2": "tested (slow)", "multi-image": "tiled"},
     "idefics3": {"probe": "tested", "SFT": "tested", "GRPO (hf)": "tested", "GRPO (vLLM)": "tested",
-                 "vLLM weight sync": "tested", "LoRA": "tested", "FSDP2": "untested", "multi-image": "tiled"},
+                 "vLLM weight sync": "tested", "LoRA": "tested", "FSDP2": "tested (slow)", "multi-image": "tiled"},
     "gemma3": dict.fromkeys(FEATURES, "untested"),
     "internvl": dict.fromkeys(FEATURES, "untested"),
 }  # fmt: skip
