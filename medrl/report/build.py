@@ -98,7 +98,8 @@ def _seeds_note(results: RunResults) -> str:
     if len(seeds) > 1:
         listed = ", ".join(map(str, seeds))
         return (f"Each trained model was trained from {len(seeds)} seeds ({listed}) and measured on the same "
-                "questions: values are means over seeds, and intervals resample seeds, then questions.")  # fmt: skip
+                "questions: values are means over seeds, and intervals resample seeds, then questions (the "
+                "transfer table, the boundary sweep and the recipe use the first seed's models).")  # fmt: skip
     return "One training seed per model: the intervals cover question sampling, not training noise."
 
 
