@@ -252,7 +252,11 @@ def _runcard(results: RunResults) -> list[str]:
             *markdown_table(["model", "logs"], rows),
         ]
     if results.stages:
-        rows = [[name, rec.get("status", "?"), f"{rec.get('seconds', 0):.1f}"] for name, rec in results.stages.items()]
+
+        def status(name: str, rec: dict) -> str:  # the report stage is running while it writes this table
+            return "this report" if name == "report" and rec.get("status") == "running" else rec.get("status", "?")
+
+        rows = [[name, status(name, rec), f"{rec.get('seconds', 0):.1f}"] for name, rec in results.stages.items()]
         total = sum(rec.get("seconds", 0) for rec in results.stages.values())
         lines += [
             "",
