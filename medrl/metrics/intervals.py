@@ -88,6 +88,14 @@ class Questions:
             options=np.array([_option_count(r) for r in rows]),
         )
 
+    @classmethod
+    def concat(cls, parts: Sequence[tuple[str, Questions]]) -> Questions:
+        """``(prefix, set)`` pairs as one set, each id made ``prefix/id`` (pooling modalities)."""
+        return cls(
+            ids=[f"{prefix}/{i}" for prefix, q in parts for i in q.ids],
+            **{f: np.concatenate([getattr(q, f) for _, q in parts]) for f in ("greedy", "n", "correct", "options")},
+        )
+
     def pass_at(self, k: int) -> np.ndarray:
         """The unbiased pass@k of each question."""
         return np.array([pass_at_k(int(n), int(c), k) for n, c in zip(self.n, self.correct, strict=True)])

@@ -208,13 +208,11 @@ class PassAtK(Metric):
                 out[f"gap@{k}"] = out[f"pass@{k}"] - acc1
         options = _cat(self.options).long()
         if bool((options >= 2).all()):
-            for k in [1, *(k for k in self.ks if f"pass@{k}" in out and k != 1)]:
-                chance = chance_pass_at_k(options.tolist(), k)
-                out[f"chance@{k}"] = chance
-                name = "acc@1" if k == 1 else f"pass@{k}"
-                out[f"adj_{name}"] = adjusted(out[name], chance)
-            if "pass@1" in out:
-                out["adj_pass@1"] = adjusted(out["pass@1"], out["chance@1"])
+            # chance@1 is also the chance Acc@1; every reported value gets its excess over chance.
+            for k in sorted({1, *(k for k in self.ks if f"pass@{k}" in out)}):
+                out[f"chance@{k}"] = chance_pass_at_k(options.tolist(), k)
+            for name in ["acc@1", *(f"pass@{k}" for k in self.ks if f"pass@{k}" in out)]:
+                out[f"adj_{name}"] = adjusted(out[name], out[f"chance@{name.split('@')[1]}"])
         out["majority"] = float(_cat(self.majority).double().mean())
         out["format_fail"] = float(_cat(self.failures).double().sum() / n.sum())
         out["unique"] = float(_cat(self.unique).double().mean())

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,22 +176,27 @@ def build_tiny(seed: int = 0):
 
 
 def tiny_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
-    """The saved tiny model folder for ``seed``, built on first use.
+    """The saved tiny model folder for ``seed``, built on first use (atomically: see :func:`build_folder`)."""
+    return cached_model(f"tiny-qwen2.5-vl-v{TINY_VERSION}-seed{seed}", lambda: (*build_tiny(seed), {}), root)
 
-    The folder appears atomically (built in a temp dir, then renamed), so a crash never leaves a
-    half-written model that later runs would load.
-    """
-    base = Path(root) if root is not None else cache_dir() / "models"
-    target = base / f"tiny-qwen2.5-vl-v{TINY_VERSION}-seed{seed}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+
+def cached_model(
+    name: str, build: Callable[[], tuple[Any, Any, dict[str, str]]], root: str | os.PathLike | None = None
+) -> Path:
+    """``root/name`` (default root: the medrl cache's ``models/``), made on first use by ``build()`` ->
+    ``(model, processor, extra files)``; the folder appears whole, in one rename."""
+    target = (Path(root) if root is not None else cache_dir() / "models") / name
 
     def write(tmp: Path) -> None:
-        model, processor = build_tiny(seed)
+        model, processor, extra = build()
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        for file, text in extra.items():
+            (tmp / file).write_text(text)
 
-    return build_folder(target, write, "the tiny model", uses_env_cache=root is None)
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    return build_folder(target, write, name, uses_env_cache=root is None)
 
 
 def build_folder(target: Path, write: Callable[[Path], None], what: str, uses_env_cache: bool = True) -> Path:

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medrl.core.env import cache_dir
 from medrl.core.prompts import LETTERS, chat_messages, format_prompt
-from medrl.models.tiny import TINY_VERSION, build_folder, build_tiny
+from medrl.models.tiny import TINY_VERSION, build_tiny, cached_model
 
 # Bump when the recipe below changes, so stale cached copies are rebuilt.
 INSTRUCT_VERSION = 1
@@ -135,15 +134,9 @@ def build_tiny_instruct(seed: int = 0) -> tuple[Any, Any, dict[str, Any]]:
 
 def tiny_instruct_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """The saved ``tiny-instruct`` folder for ``seed``, built on first use and renamed into place atomically."""
-    base = Path(root) if root is not None else cache_dir() / "models"
-    target = base / f"tiny-instruct-v{TINY_VERSION}.{INSTRUCT_VERSION}-seed{seed}"
-    if (target / "config.json").is_file() and (target / "instruct.json").is_file():
-        return target
 
-    def write(tmp: Path) -> None:
+    def build() -> tuple[Any, Any, dict[str, str]]:
         model, processor, record = build_tiny_instruct(seed)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "instruct.json").write_text(json.dumps(record, indent=1) + "\n")
+        return model, processor, {"instruct.json": json.dumps(record, indent=1) + "\n"}
 
-    return build_folder(target, write, "tiny-instruct", uses_env_cache=root is None)
+    return cached_model(f"tiny-instruct-v{TINY_VERSION}.{INSTRUCT_VERSION}-seed{seed}", build, root)

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from medrl.core.env import cache_dir
 from medrl.models.families import FAMILY_TOKENS
-from medrl.models.tiny import TINY_VERSION, build_folder, build_tokenizer
+from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model
 
 SMOLVLM_VERSION = 1
 END_OF_UTTERANCE = FAMILY_TOKENS["idefics3"][1][0]
@@ -77,14 +76,5 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[Any, Any]:
 
 def tiny_smolvlm_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """The saved ``tiny:smolvlm`` folder for ``seed``, built on first use."""
-    base = Path(root) if root is not None else cache_dir() / "models"
-    target = base / f"tiny-smolvlm-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-
-    def write(tmp: Path) -> None:
-        model, processor = build_tiny_smolvlm(seed)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-
-    return build_folder(target, write, "tiny:smolvlm", uses_env_cache=root is None)
+    name = f"tiny-smolvlm-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"
+    return cached_model(name, lambda: (*build_tiny_smolvlm(seed), {}), root)

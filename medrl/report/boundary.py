@@ -52,17 +52,9 @@ def rungs(results: RunResults, flag: str) -> list[Rung]:
 
 
 def _pool(results: RunResults, flags: list[str], pick) -> Questions | None:
-    parts = []
-    for flag in flags:
-        label = pick(flag)
-        q = results.question_set(label, flag) if label else None
-        if q is None:
-            return None
-        parts.append(Questions([f"{flag}/{i}" for i in q.ids], q.greedy, q.n, q.correct, q.options))
-    return Questions(
-        ids=[i for p in parts for i in p.ids],
-        **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("greedy", "n", "correct", "options")},
-    )
+    """The questions of the model ``pick(flag)`` names on each flag, pooled; None if one was not evaluated."""
+    parts = [(flag, results.question_set(pick(flag), flag)) for flag in flags]
+    return None if any(q is None for _, q in parts) else Questions.concat(parts)
 
 
 def sweep(results: RunResults, flags: list[str], support: str) -> list[RungResult]:

@@ -15,7 +15,7 @@ contradicts it; an interval that spans zero can't tell. The sentences are comput
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -71,14 +71,7 @@ def pooled(results: RunResults, stage: str, flags: list[str] | None = None) -> l
             return []
         per_flag.append((flag, sets))
     seeds = min(len(sets) for _, sets in per_flag)
-    out = []
-    for s in range(seeds):
-        parts = [replace(sets[s], ids=[f"{flag}/{i}" for i in sets[s].ids]) for flag, sets in per_flag]
-        out.append(Questions(
-            ids=[i for p in parts for i in p.ids],
-            **{f: np.concatenate([getattr(p, f) for p in parts]) for f in ("greedy", "n", "correct", "options")},
-        ))  # fmt: skip
-    return out
+    return [Questions.concat([(flag, sets[s]) for flag, sets in per_flag]) for s in range(seeds)]
 
 
 def change(

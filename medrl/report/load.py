@@ -35,6 +35,8 @@ class RunResults:
     rl_logs: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     log_dirs: dict[str, Path] = field(default_factory=dict)
     questions: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    # Arrays built once per evaluation: every table cell, finding and rung of the report asks again.
+    _sets: dict[tuple[str, str], Questions | None] = field(default_factory=dict, repr=False)
 
     @property
     def flags(self) -> list[str]:
@@ -53,8 +55,10 @@ class RunResults:
 
     def question_set(self, model: str, flag: str) -> Questions | None:
         """The per-question arrays of one evaluation (for intervals), or None when its rows are absent."""
-        rows = self.questions.get(model, {}).get(flag)
-        return Questions.from_rows(rows) if rows else None
+        if (model, flag) not in self._sets:
+            rows = self.questions.get(model, {}).get(flag)
+            self._sets[model, flag] = Questions.from_rows(rows) if rows else None
+        return self._sets[model, flag]
 
     def seed_labels(self, model: str, flag: str) -> list[str]:
         """A model's label for each training seed the plan ran (``sft_x``, ``sft_x-s1``, ...) that was

@@ -53,8 +53,16 @@ def allow_mlflow_file_store(logger_config: Any) -> None:
     folder is the one store that needs no server and no database, so a ``file:`` URI in the config is taken
     as that choice. A value the user set is kept.
     """
-    if "tracking_uri='file:" in repr(logger_config) or "'tracking_uri': 'file:" in repr(logger_config):
+    if any(str(uri).startswith("file:") for uri in _values_of(logger_config, "tracking_uri")):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def _values_of(value: Any, key: str) -> list[Any]:
+    """Every value stored under ``key`` anywhere in a parsed config (namespaces, dicts, lists)."""
+    if isinstance(value, list | tuple):
+        return [v for item in value for v in _values_of(item, key)]
+    items = value.items() if hasattr(value, "items") else []
+    return [v for k, item in items for v in ([item] if str(k).rsplit(".", 1)[-1] == key else _values_of(item, key))]
 
 
 def next_version(root: str | os.PathLike) -> int:
