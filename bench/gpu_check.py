@@ -41,13 +41,13 @@ def _sizes(tiny: bool) -> dict[str, int]:
 def build_model(tiny: bool, layers: int, folder: Path) -> Path:
     """Save the check's model to ``folder``: tiny, or Qwen2.5-VL-3B's shapes with ``layers`` layers."""
     if tiny:
-        from medrl.models.tiny import tiny_dir
+        from medrl.models.families.qwen_vl import tiny_dir
 
         return tiny_dir(0, root=folder)
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from medrl.models.tiny import build_processor, build_tokenizer, tiny_config
+    from medrl.models.families.qwen_vl import build_processor, build_tokenizer, tiny_config
 
     processor = build_processor(build_tokenizer(), min_pixels=224 * 224, max_pixels=224 * 224)
     config = tiny_config(processor.tokenizer, hidden=2048, layers=layers, vision_hidden=1280, vision_depth=layers)

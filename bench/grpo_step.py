@@ -39,7 +39,7 @@ def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, floa
 
     from medrl.lit.grpo import GRPOModule
     from medrl.lit.grpo_args import CareArgs, EngineArgs, LossArgs, OptimArgs, SamplingArgs
-    from medrl.models.tiny import tiny_dir
+    from medrl.models.families.qwen_vl import tiny_dir
 
     stamps: list[float] = []
 
@@ -88,8 +88,8 @@ def run_trl(args: argparse.Namespace, stages: list[dict[str, float]] | None = No
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from medrl.models.families.qwen_vl import tiny_dir
     from medrl.models.hub import load_vlm
-    from medrl.models.tiny import tiny_dir
     from medrl.rl.rewards import accuracy_reward, format_reward
 
     def text_of(completions: list) -> list[str]:

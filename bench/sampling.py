@@ -33,7 +33,7 @@ def one_call_per_sample(model, processor, items: list[dict], k: int, max_new_tok
     """The authors' loop: for every question, K sequential ``generate`` calls of one sample each."""
     import torch
 
-    from medrl.models.tiny import VISION_PLACEHOLDERS
+    from medrl.models.families.qwen_vl import VISION_PLACEHOLDERS
 
     banned = [[i] for i in processor.tokenizer.convert_tokens_to_ids(VISION_PLACEHOLDERS)]
     tokens, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -90,8 +90,8 @@ def baseline_side(questions: int, k: int, max_new_tokens: int, repeats: int = 1)
 
     Returns lists of wall seconds, CPU seconds and new tokens, one entry per repeat.
     """
+    from medrl.models.families.qwen_vl import tiny_dir
     from medrl.models.hub import load_vlm
-    from medrl.models.tiny import tiny_dir
 
     items = _items(questions)
     model, processor = load_vlm(str(tiny_dir(0)))
@@ -108,8 +108,8 @@ def engine_side(
     Returns the engine's start seconds, and per repeat the wall seconds, CPU seconds and new tokens of the
     Pass@K pass (``pass_at_k``) and of each throughput pass (``throughput[questions per call]``).
     """
+    from medrl.models.families.qwen_vl import tiny_dir
     from medrl.models.hub import load_vlm
-    from medrl.models.tiny import tiny_dir
     from medrl.rollout import SamplingParams
 
     items = _items(questions)
@@ -153,8 +153,8 @@ def main(
     import torch
 
     from medrl.core.io import atomic_write_json
+    from medrl.models.families.qwen_vl import tiny_dir
     from medrl.models.hub import load_vlm
-    from medrl.models.tiny import tiny_dir
     from medrl.rollout import SamplingParams
 
     batch_sizes = batch_sizes or [1, 4, 16, 64]

@@ -80,7 +80,7 @@ def medmnist(tmp_path_factory: pytest.TempPathFactory) -> MedMNISTFolder:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2.5-VL saved to disk once per session (an isolated cache, built offline)."""
-    from medrl.models.tiny import tiny_dir as build
+    from medrl.models.families.qwen_vl import tiny_dir as build
 
     return build(seed=0, root=tmp_path_factory.mktemp("models"))
 

@@ -123,14 +123,14 @@ def test_a_read_only_medrl_cache_is_named(shared_folder: Path) -> None:
     cache = shared_folder / "cache"
     cache.mkdir()
     cache.chmod(0o555)
-    code = "from medrl.models.tiny import tiny_dir; tiny_dir(3)"
+    code = "from medrl.models.families.qwen_vl import tiny_dir; tiny_dir(3)"
     out = _without_read_override(["-c", code], shared_folder, MEDRL_CACHE=str(cache))
     last = out.stderr.strip().splitlines()[-1]
     assert "UserError" in last and f"MEDRL_CACHE={cache} is not writable" in last, last
 
 
 def test_model_folders_get_the_umask_mode_like_every_other_output(tmp_path: Path) -> None:
-    from medrl.models.tiny import tiny_dir
+    from medrl.models.families.qwen_vl import tiny_dir
 
     old = os.umask(0o022)
     try:

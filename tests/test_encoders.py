@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medrl.models.encoders import (
-    EncoderUnavailableError,
-    QwenVisionEncoder,
-    TimmEncoder,
-    encoder_from_spec,
-)
+from medrl.models.encoders import EncoderUnavailableError, TimmEncoder, encoder_from_spec
 from medrl.models.hub import vision_tower
+from medrl.models.qwen_tower import QwenVisionEncoder
 
 
 def _images(n: int, channels: int, size: int) -> torch.Tensor:

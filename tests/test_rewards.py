@@ -114,7 +114,7 @@ def test_score_completions_rejects_bad_reward_outputs() -> None:
 
 
 def test_answer_span_on_real_tokens() -> None:
-    from medrl.models.tiny import build_tokenizer
+    from medrl.models.families.qwen_vl import build_tokenizer
 
     tok = build_tokenizer()
     text = "<think> The image shows it, so the answer is B. </think> <answer> B </answer>"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medrl.data.medmnist import MedMNISTDataModule
-from medrl.models.tiny import VISION_PLACEHOLDERS
+from medrl.models.families.qwen_vl import VISION_PLACEHOLDERS
 from medrl.rollout import SamplingParams, make_engine
 from medrl.rollout.decoding import end_token_ids
 from medrl.rollout.hf import HFEngine

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medrl.data.medmnist import MedMNISTDataModule
-from medrl.models.tiny import VISION_PLACEHOLDERS, build_tiny
+from medrl.models.families.qwen_vl import VISION_PLACEHOLDERS, build_tiny
 from medrl.rollout import SamplingParams, make_engine
 from medrl.rollout.vllm import VLLMEngine
 

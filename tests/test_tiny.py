@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from medrl.data.vqa import chat_messages
+from medrl.models.families.qwen_vl import VISION_PLACEHOLDERS, build_tiny, tiny_dir
 from medrl.models.hub import ModelNotFoundError, load_vlm, resolve_model, vision_tower
-from medrl.models.tiny import VISION_PLACEHOLDERS, build_tiny, tiny_dir
 
 
 def _encode(processor, size: int = 28):

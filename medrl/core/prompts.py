@@ -32,7 +32,7 @@ def format_prompt(question: str, options: dict[str, str], instruction: str = INS
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
-    """Chat messages with one image placeholder followed by the prompt text (Qwen-VL content format)."""
+    """Chat messages with one image placeholder, then the prompt text (the content format every template reads)."""
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
     return messages

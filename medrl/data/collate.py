@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and transformers' losses) skip
-END_OF_TURN = "<|im_end|>"  # the fallback end of turn (Qwen's), when a chat template does not say
 
 
 @dataclass
@@ -29,8 +28,8 @@ class ChatBatch:
 
     Attributes:
         inputs: keyword arguments for the model's forward: ``input_ids`` [B, L], ``attention_mask`` [B, L],
-            ``mm_token_type_ids`` [B, L] where the processor makes it, ``pixel_values`` [N_patches, D] and
-            ``image_grid_thw`` [N_images, 3] when there are images.
+            per-token fields where the processor makes them (``token_type_ids``), and the processor's vision
+            inputs when there are images (``pixel_values``, and a patch grid where the family packs patches).
         assistant_mask: bool [B, L], True on the tokens of each row's completion (its closing end-of-turn
             token included); all False when no completions were given.
         prompt_lengths: int64 [B], prompt tokens per row (padding excluded).
@@ -56,9 +55,9 @@ def end_of_turn_id(tokenizer, template_owner=None) -> int:
     """The token that closes an assistant turn under the model's own chat template.
 
     Read off the template: a conversation whose assistant says a sentinel is rendered, and the special
-    token right after the sentinel is the end of turn (Qwen's ``<|im_end|>``, Idefics3 / SmolVLM's
+    token right after the sentinel is the end of turn (``<|im_end|>``, Idefics3 / SmolVLM's
     ``<end_of_utterance>``, Gemma 3's ``<end_of_turn>``). ``template_owner`` is whatever holds the template
-    (the processor; default: the tokenizer). Without a template that says, ``<|im_end|>``, else EOS.
+    (the processor; default: the tokenizer). Without a template that says, EOS.
     """
     owner = template_owner if getattr(template_owner, "chat_template", None) else tokenizer
     sentinel = "Sentinel"
@@ -70,12 +69,18 @@ def end_of_turn_id(tokenizer, template_owner=None) -> int:
             return int(first[0])
     except (ValueError, TypeError, IndexError, KeyError, AttributeError):  # no template, or one that refuses this
         pass
-    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        token_id = tokenizer.eos_token_id
+    token_id = tokenizer.eos_token_id
     if token_id is None:
-        raise ValueError("the tokenizer has neither <|im_end|> nor an EOS token: cannot end an assistant turn")
+        raise ValueError("the chat template shows no end of turn and the tokenizer has no EOS token: cannot end "
+                         "an assistant turn")  # fmt: skip
     return int(token_id)
+
+
+def item_images(item: Mapping[str, Any]) -> list[Any]:
+    """The images of one VQA item, in prompt order: its ``images`` list, else its one ``image``, else none."""
+    if item.get("images") is not None:
+        return list(item["images"])
+    return [item["image"]] if item.get("image") is not None else []
 
 
 def prompt_texts(processor, messages: Sequence[list[dict]]) -> list[str]:
@@ -108,7 +113,7 @@ def encode_chat(
     """Encode conversations (and optional assistant completions) into one left-padded batch.
 
     Args:
-        processor: a VLM processor (tokenizer + image processor + chat template: Qwen-VL, Idefics3, ...).
+        processor: a VLM processor of any family (tokenizer + image processor + chat template).
         messages: one chat per row, in the transformers content format, without the assistant's answer.
         images: the images the chats refer to (one per row, or a list per row), or None for text only.
         completions: per row, the assistant's text or token ids; None encodes prompts only (for generation).
@@ -124,7 +129,8 @@ def encode_chat(
     if images is not None and len(images) != len(messages):
         raise ValueError(f"{len(messages)} conversations but {len(images)} images")
     texts = prompt_texts(processor, messages)
-    kwargs = {"images": list(images)} if images is not None else {}
+    # One list of images per row: every family's processor takes that shape (Gemma 3's takes no other).
+    kwargs = {"images": [im if isinstance(im, list | tuple) else [im] for im in images]} if images is not None else {}
     encoded = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
     input_ids, attention = encoded["input_ids"], encoded["attention_mask"].bool()
     # Every per-token field the processor made (attention mask, multimodal token types) is re-padded with it.
@@ -200,7 +206,8 @@ class SFTCollator:
     max_completion_tokens: int | None = None
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> ChatBatch:
-        images = [item["image"] for item in items] if all("image" in item for item in items) else None
+        per_row = [item_images(item) for item in items]
+        images = per_row if all(per_row) else None
         return encode_chat(
             self.processor,
             [item["messages"] for item in items],

@@ -38,7 +38,7 @@ class FeatureDataModule(L.LightningDataModule):
 
     Args:
         flag: MedMNIST flag, e.g. ``pneumoniamnist``.
-        encoder: the frozen encoder (``medrl.models.encoders.TimmEncoder`` or ``QwenVisionEncoder``).
+        encoder: the frozen encoder (any :class:`medrl.models.encoders.Encoder`: timm, a VLM family's tower).
         size: image size of the data file (28, 64, 128 or 224); the encoder's own ``image_size`` decides
             what it sees.
         root: directory of the .npz files (default ``$MEDRL_DATA_DIR``).

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a Qwen2-VL / Qwen2.5-VL model on chat-formatted multiple-choice VQA.
+"""Supervised fine-tuning of a VLM of any supported family on chat-formatted multiple-choice VQA.
 
 In the study SFT is the bridge: it widens what the model can produce at all (Pass@K) so that RL has
 something to sharpen. The loss covers the assistant's answer tokens only (the prompt, the image tokens and

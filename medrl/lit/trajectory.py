@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medrl.data.collate import encode_chat
+from medrl.data.collate import encode_chat, item_images
 from medrl.rl.logprobs import token_entropy, token_logprobs
 from medrl.rl.rewards import answer_mask, answer_token_span
 from medrl.rl.types import Trajectory
@@ -33,8 +33,8 @@ def build_trajectory(processor: Any, items: Sequence[Mapping[str, Any]], results
     group = sizes.pop()
     completions = [c for r in results for c in r.samples]
     messages = [item["messages"] for item in items for _ in range(group)]
-    has_images = all(item.get("image") is not None for item in items)
-    images = [item["image"] for item in items for _ in range(group)] if has_images else None
+    per_item = [item_images(item) for item in items]
+    images = [row for row in per_item for _ in range(group)] if all(per_item) else None
     batch = encode_chat(processor, messages, images, completions=[c.token_ids for c in completions])
     lengths = [len(c.token_ids) for c in completions]
     window = max(max(lengths), 1)

@@ -1,13 +1,13 @@
 """Frozen image encoders behind one interface: uint8 images ``[B, 3, H, W]`` in, one float vector per image out.
 
-Two kinds: any timm model by name (:class:`TimmEncoder`) and the vision tower of any Qwen2-VL / Qwen2.5-VL
-checkpoint (:class:`QwenVisionEncoder`, from ``tiny``, a folder or a hub id). Constructing an encoder loads
+Kinds: any timm model by name (:class:`TimmEncoder`), the vision tower of a VLM of any family
+(:class:`VLMTowerEncoder`, ``vlm:``), and the kinds family adapters add (:func:`encoder_kinds`; one reads
+only the tower's tensors). Constructing an encoder loads
 nothing; :meth:`Encoder.describe` says everything that determines its features (the feature cache keys on it)
 and :meth:`Encoder.load` reads the weights on first use, so a cache hit never touches the model.
 
-Image size is always an explicit, recorded policy: ``image_size=224`` (the default) resizes every image to
-224 px, where a Qwen tower makes 8x8 = 64 merged tokens; ``"native"`` keeps the file's size (for a Qwen tower
-the processor's own min/max pixels then apply: 28 and 64 px images become 56 px, i.e. only 4 tokens).
+Image size is always an explicit, recorded policy: a timm encoder's ``image_size`` (224 by default, or
+``"native"``), a family encoder's own resolution control, or the processor's fixed size.
 """
 
 from __future__ import annotations
@@ -230,72 +230,6 @@ class TimmEncoder(Encoder):
         return self.model((x - self._mean) / self._std)
 
 
-def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The size a Qwen2-VL image processor resizes to (its ``smart_resize``)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-
-
-def _size_bounds(image_processor) -> tuple[int, int]:
-    """(min_pixels, max_pixels) of a Qwen2-VL image processor, across transformers versions."""
-    size = image_processor.size
-    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
-    low = get("shortest_edge") or getattr(image_processor, "min_pixels", None)
-    high = get("longest_edge") or getattr(image_processor, "max_pixels", None)
-    if not low or not high:
-        raise ValueError(f"cannot read min/max pixels from the image processor's size {size!r}")
-    return int(low), int(high)
-
-
-def load_vision_tower(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """Only the vision tower of a Qwen2-VL / Qwen2.5-VL checkpoint, read from its safetensors files.
-
-    The language model's tensors are never read, so a 7B checkpoint costs the memory of its ~0.7B tower.
-    Checkpoints without safetensors fall back to loading the whole model and dropping the language model.
-    """
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel as Tower,
-        )
-    elif config.model_type == "qwen2_vl":
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as Tower
-    else:
-        raise EncoderUnavailableError(
-            f"{path}: model_type {config.model_type!r} is not Qwen2-VL or Qwen2.5-VL; use a timm encoder instead"
-        )
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
-    files = [path / f for f in files] or sorted(path.glob("*.safetensors"))
-    if not files:
-        from medrl.models.hub import load_vlm, vision_tower
-
-        model, _ = load_vlm(str(path), dtype=dtype)
-        tower = vision_tower(model)
-        del model  # only the tower stays referenced
-        return tower
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                for prefix in ("model.visual.", "visual."):  # transformers >= 4.52 vs the original checkpoints
-                    if key.startswith(prefix):
-                        state[key[len(prefix) :]] = fh.get_tensor(key)
-    if not state:
-        raise EncoderUnavailableError(f"{path}: no vision tower weights (keys under `visual.`) in {len(files)} files")
-    tower = Tower._from_config(config.vision_config, dtype=dtype)
-    missing, unexpected = tower.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise EncoderUnavailableError(
-            f"{path}: vision tower weights do not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return tower
-
-
 class _VLMTowerEncoder(Encoder):
     """What the towers of a VLM share: the model argument resolved to a folder once, its image processor."""
 
@@ -318,150 +252,23 @@ class _VLMTowerEncoder(Encoder):
         return self._processor
 
 
-class QwenVisionEncoder(_VLMTowerEncoder):
-    """The vision tower of a Qwen2-VL / Qwen2.5-VL model, pooled to one vector per image.
+class VLMTowerEncoder(_VLMTowerEncoder):
+    """The vision tower of a VLM of any family, pooled to one vector per image (the ``vlm:`` encoder; a spec
+    ``vlm:MODEL`` of a family that has an encoder of its own gets that one, see :func:`encoder_from_spec`).
 
-    The tower's output is its patch-merger tokens (width = the language model's hidden size, 2048 for the 3B,
-    3584 for the 7B); there is no CLS token, so tokens are pooled. ``features: pre_merger`` instead pools the
-    last block's output before the merger (1280-d in the released models), taken with a forward hook.
-
-    Args:
-        model: ``tiny``, a local folder or a hub id such as ``Qwen/Qwen2.5-VL-3B-Instruct``.
-        pooling: ``mean`` (default) or ``max`` over the image's tokens.
-        features: ``merger`` (the tower's output) or ``pre_merger`` (the last block's output).
-        image_size: resize to this many pixels (default 224: 64 merged tokens), or ``native`` to let the
-            model's processor decide from the file's size (28 and 64 px become 56 px: 4 tokens).
-        dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16``.
-    """
-
-    kind = "qwen-vl"
-
-    def __init__(
-        self,
-        model: str = "tiny",
-        pooling: Literal["mean", "max"] = "mean",
-        features: Literal["merger", "pre_merger"] = "merger",
-        image_size: ImageSize = 224,
-        dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-    ) -> None:
-        super().__init__()
-        if pooling not in ("mean", "max"):
-            raise ConfigError(f"pooling must be 'mean' or 'max', got {pooling!r}")
-        if features not in ("merger", "pre_merger"):
-            raise ConfigError(f"features must be 'merger' or 'pre_merger', got {features!r}")
-        self.model, self.pooling, self.features = model, pooling, features
-        self.image_size, self.dtype = _size_policy(image_size), dtype
-        self.tower: torch.nn.Module | None = None
-        self._path: Path | None = None
-        self._processor = None
-        self._weights_memo: dict[str, str] | None = None
-
-    def _torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.device)
-
-    def resized(self, height: int, width: int) -> tuple[int, int]:
-        """The size the tower sees for an input of ``height x width`` under this encoder's policy."""
-        ip = self._image_processor()
-        factor = ip.patch_size * ip.merge_size
-        if self.image_size == "native":
-            low, high = _size_bounds(ip)
-        else:
-            low = high = self.image_size * self.image_size  # overrides the processor's own bounds on purpose
-        return smart_size(height, width, factor, low, high)
-
-    def tokens(self, height: int, width: int) -> int:
-        """Merged tokens per image of ``height x width`` (pre-merger features have ``merge_size**2`` times more)."""
-        ip = self._image_processor()
-        h, w = self.resized(height, width)
-        return (h // (ip.patch_size * ip.merge_size)) * (w // (ip.patch_size * ip.merge_size))
-
-    def _weights(self) -> dict[str, str]:
-        """Fingerprints of the checkpoint's weight files (computed once: shards of a 7B model are large)."""
-        if self._weights_memo is None:
-            path = self._resolved()
-            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-            self._weights_memo = {f.name: file_fingerprint(f) for f in files}
-        return self._weights_memo
-
-    def describe(self) -> dict[str, Any]:
-        path = self._resolved()
-        ip = self._image_processor()
-        return {
-            "kind": self.kind,
-            "name": self.model,
-            # tiny (by name or as its saved folder) is random weights by construction.
-            "pretrained": not (
-                str(self.model).startswith("tiny") or path.name.startswith(("tiny-qwen", "tiny-instruct"))
-            ),
-            "weights": self._weights(),
-            "image_size": self.image_size,
-            "min_max_pixels": list(_size_bounds(ip)) if self.image_size == "native" else [self.image_size**2] * 2,
-            "pooling": self.pooling,
-            "features": self.features,
-            "dtype": dtype_name(self._torch_dtype()),
-            "mean": list(ip.image_mean),
-            "std": list(ip.image_std),
-        }
-
-    @property
-    def label(self) -> str:
-        size = self.image_size if self.image_size == "native" else f"{self.image_size}px"
-        extra = "" if self.features == "merger" else " pre-merger"
-        return f"{self.model} tower ({self.pooling}{extra}, {size})"
-
-    @property
-    def dim(self) -> int:
-        if self.tower is None:
-            raise RuntimeError("load() the encoder before asking for its width")
-        cfg = self.tower.config
-        if self.features == "pre_merger":
-            return int(getattr(cfg, "embed_dim", None) or cfg.hidden_size)  # Qwen2-VL: embed_dim; 2.5: hidden_size
-        return int(getattr(cfg, "out_hidden_size", None) or cfg.hidden_size)
-
-    def _load(self, device: torch.device) -> None:
-        self.tower = load_vision_tower(self._resolved(), self._torch_dtype()).eval().requires_grad_(False).to(device)
-        self._captured: list[torch.Tensor] = []
-        # Pre-merger features: the merger's input, captured as the tower runs (one code path for both versions).
-        self.tower.merger.register_forward_pre_hook(self._capture)
-
-    def _capture(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self._captured.append(args[0])
-
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        ip = self._image_processor()
-        batch, _, height, width = images.shape
-        low, high = _size_bounds(ip) if self.image_size == "native" else (self.image_size**2,) * 2
-        # The processor batches same-sized images through torchvision; the explicit bounds make the size exact.
-        inputs = ip(images=images.cpu(), size={"shortest_edge": low, "longest_edge": high}, return_tensors="pt")
-        grid = inputs["image_grid_thw"]
-        expected = [h // ip.patch_size for h in self.resized(height, width)]
-        if grid[0, 1:].tolist() != expected:
-            raise RuntimeError(f"processor made a {grid[0].tolist()} grid, expected {expected}: policy mismatch")
-        assert self.tower is not None
-        self._captured.clear()
-        out = self.tower(inputs["pixel_values"].to(self.device, self._torch_dtype()), grid_thw=grid.to(self.device))
-        if self.features == "pre_merger":
-            tokens = self._captured.pop()  # window order inside each image does not matter for pooling
-        else:
-            tokens = out.pooler_output if hasattr(out, "pooler_output") else out
-        tokens = tokens.reshape(batch, -1, tokens.shape[-1])  # [B, T, D]: every image here has the same grid
-        return tokens.mean(1) if self.pooling == "mean" else tokens.amax(1)
-
-
-class Idefics3VisionEncoder(_VLMTowerEncoder):
-    """The SigLIP vision tower of an Idefics3 / SmolVLM model, pooled to one vector per image.
-
-    Features are the tower's last hidden state (after its final layer norm, before the pixel-shuffle
-    connector), mean- or max-pooled over the image's patches; each image is resized whole to the processor's
-    ``max_image_size`` (no image splitting), as the model sees its global image.
+    Features are the tower's last hidden state (after its final norm, before the family's projector), mean-
+    or max-pooled over the image's patch tokens; a class token, where the family's tower has one (InternViT),
+    is left out. Each image is resized whole to the processor's size, without tiling or splitting (the
+    family's ``image_options``), as the model sees its global image. The whole model is read once and all but
+    the tower dropped; a family may add its own encoder kind that reads only the tower's tensors.
 
     Args:
-        model: ``tiny:smolvlm``, a local folder or a hub id such as ``HuggingFaceTB/SmolVLM-256M-Instruct``.
+        model: a tiny id (``tiny:gemma3``), a local folder or a hub id such as ``google/medgemma-4b-it``.
         pooling: ``mean`` (default) or ``max`` over the patches.
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16``.
     """
 
-    kind = "idefics3"
+    kind = "vlm"
 
     def __init__(
         self, model: str = "tiny:smolvlm", pooling: Literal["mean", "max"] = "mean",
@@ -475,17 +282,31 @@ class Idefics3VisionEncoder(_VLMTowerEncoder):
         self._path: Path | None = None
         self._processor = None
 
+    def _family(self):
+        from medrl.models.families import family_of_folder
+
+        return family_of_folder(self._resolved())
+
+    def _image_size(self) -> int:
+        ip = self._image_processor()
+        size = getattr(ip, "max_image_size", None) or ip.size
+        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+        return int(get("longest_edge") or get("height"))
+
     def describe(self) -> dict[str, Any]:
         ip = self._image_processor()
         path = self._resolved()
+        family = self._family()
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        skipped = ", class token dropped" if family.cls_tokens else ""
         return {
             "kind": self.kind,
+            "family": family.name,
             "name": self.model,
             "pretrained": not (str(self.model).startswith("tiny") or path.name.startswith("tiny-")),
             "weights": {f.name: file_fingerprint(f) for f in files},
-            "image_size": int(ip.max_image_size["longest_edge"]),
-            "features": "vision_model last_hidden_state (post layer norm, pre connector)",
+            "image_size": self._image_size(),
+            "features": f"{family.tower} last_hidden_state (pre {family.projector}{skipped})",
             "pooling": self.pooling,
             "dtype": dtype_name(resolve_dtype(self.dtype, self.device)),
             "mean": list(ip.image_mean),
@@ -494,7 +315,7 @@ class Idefics3VisionEncoder(_VLMTowerEncoder):
 
     @property
     def label(self) -> str:
-        return f"{self.model} SigLIP tower ({self.pooling})"
+        return f"{self.model} {self._family().name} tower ({self.pooling})"
 
     @property
     def dim(self) -> int:
@@ -505,40 +326,58 @@ class Idefics3VisionEncoder(_VLMTowerEncoder):
     def _load(self, device: torch.device) -> None:
         from transformers import AutoModelForImageTextToText
 
+        from medrl.models.hub import vision_tower
+
         full = AutoModelForImageTextToText.from_pretrained(self._resolved(), dtype=resolve_dtype(self.dtype, device))
-        self.tower = full.model.vision_model.eval().requires_grad_(False).to(device)
+        self.tower = vision_tower(full).eval().requires_grad_(False).to(device)
         del full  # the language model is not needed for features
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        ip = self._image_processor()
-        inputs = ip(images=[[im] for im in images.cpu()], do_image_splitting=False, return_tensors="pt")
-        pixels = inputs["pixel_values"][:, 0]  # [B, 3, S, S]: one global image each
+        family = self._family()
+        inputs = self._image_processor()(images=[[im] for im in images.cpu()], return_tensors="pt",
+                                         **family.image_options)  # fmt: skip
+        pixels = inputs["pixel_values"]
+        pixels = pixels.flatten(0, 1) if pixels.ndim == 5 else pixels  # Idefics3: [B, 1 image, 3, S, S]
         assert self.tower is not None
-        tokens = self.tower(
-            pixel_values=pixels.to(self.device, resolve_dtype(self.dtype, self.device))
-        ).last_hidden_state
+        out = self.tower(pixel_values=pixels.to(self.device, resolve_dtype(self.dtype, self.device)))
+        tokens = out.last_hidden_state[:, family.cls_tokens :]
         return tokens.mean(1) if self.pooling == "mean" else tokens.amax(1)
 
 
-ENCODER_KINDS: dict[str, type[Encoder]] = {"timm": TimmEncoder, "qwen": QwenVisionEncoder,
-                                           "idefics3": Idefics3VisionEncoder}  # fmt: skip
+def encoder_kinds() -> dict[str, type[Encoder]]:
+    """Encoder kind -> class: ``timm``, ``vlm`` (any family's tower) and those the family adapters add."""
+    import importlib
+
+    from medrl.models.families import families
+
+    kinds: dict[str, type[Encoder]] = {"timm": TimmEncoder, "vlm": VLMTowerEncoder}
+    for family in families().values():
+        if family.encoder_class:
+            module, _, name = family.encoder_class.partition(":")
+            kinds[family.encoder] = getattr(importlib.import_module(module), name)
+    return kinds
 
 
 def encoder_from_spec(spec: str) -> Encoder:
     """An encoder from a short spec: ``KIND:NAME[,key=value...]``.
 
-    ``timm:resnet18,pretrained=false``, ``qwen:tiny``, ``qwen:Qwen/Qwen2.5-VL-3B-Instruct,pooling=max``,
+    ``timm:resnet18,pretrained=false``, ``vlm:google/medgemma-4b-it,pooling=max``, a family kind's spec,
     ``timm:vit_base_patch16_224.dino,image_size=native``. Keys are the encoder's constructor arguments.
     """
     kind, _, rest = spec.partition(":")
-    if kind not in ENCODER_KINDS or not rest:
-        raise ConfigError(
-            f"encoder spec {spec!r}: expected KIND:NAME[,key=value...] with KIND in {list(ENCODER_KINDS)}"
-        )
-    cls = ENCODER_KINDS[kind]
+    kinds = encoder_kinds()
+    if kind not in kinds or not rest:
+        raise ConfigError(f"encoder spec {spec!r}: expected KIND:NAME[,key=value...] with KIND in {list(kinds)}")
+    cls = kinds[kind]
     name, *options = rest.split(",")
+    if cls is VLMTowerEncoder:  # a family with an encoder of its own (tower-only loading) uses it
+        from medrl.models.families import family_of_folder
+        from medrl.models.hub import resolve_model
+
+        family = family_of_folder(resolve_model(name))
+        cls = kinds.get(family.encoder, cls)
     params = inspect.signature(cls.__init__).parameters
-    first = next(iter(list(params)[1:]))  # `name` for timm, `model` for qwen
+    first = next(iter(list(params)[1:]))  # `name` for timm, `model` for the VLM towers
     kwargs: dict[str, Any] = {first: name}
     for option in options:
         key, sep, value = option.partition("=")

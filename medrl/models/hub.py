@@ -1,9 +1,9 @@
 """Load a VLM and its processor from ``tiny``, a local folder, or a Hugging Face id.
 
 Every model argument in medrl goes through :func:`resolve_model`, so each accepts the same three forms:
-``tiny`` (or ``tiny:SEED``) and ``tiny-instruct`` (``tiny`` taught the answer format, the CPU study's base),
-a directory holding ``config.json``, or a hub id such as
-``Qwen/Qwen2.5-VL-3B-Instruct`` or ``OctoMed/OctoMed-7B``. A hub id that is neither cached nor reachable
+an offline tiny model (``tiny``, ``tiny:SEED``, ``tiny-instruct``, ``tiny:<family>[:SEED]``: `medrl models`
+lists them), a directory holding ``config.json``, or a hub id such as ``OctoMed/OctoMed-7B``.
+A hub id that is neither cached nor reachable
 fails at once with the ways to point medrl at a local copy.
 """
 
@@ -17,7 +17,7 @@ import torch
 from medrl.core.dtypes import resolve_dtype
 from medrl.core.env import is_offline
 from medrl.core.errors import UserError
-from medrl.models.tiny import tiny_dir
+from medrl.models.families import UnsupportedModelError, family_of, tiny_model_dir
 
 
 class ModelNotFoundError(UserError, RuntimeError):
@@ -27,31 +27,22 @@ class ModelNotFoundError(UserError, RuntimeError):
 def is_hub_id(name: str) -> bool:
     """True for an ``owner/name`` Hugging Face id; False for ``tiny``, ``tiny:SEED`` and paths.
 
-    >>> [is_hub_id(n) for n in ("Qwen/Qwen2.5-VL-3B-Instruct", "tiny", "tiny:3", "./runs/m", "/m", "a/b/c")]
-    [True, False, False, False, False, False]
+    >>> [is_hub_id(n) for n in ("google/medgemma-4b-it", "tiny", "tiny:3", "tiny:gemma3", "./m", "/m", "a/b/c")]
+    [True, False, False, False, False, False, False]
     """
-    return not (name in ("tiny", "tiny-instruct") or name.startswith(("tiny:", "tiny-instruct:", ".", "/", "~"))) and (
-        name.count("/") == 1
-    )
+    tiny = name in ("tiny", "tiny-instruct") or name.startswith(("tiny:", "tiny-instruct:"))
+    return not (tiny or name.startswith((".", "/", "~"))) and name.count("/") == 1
 
 
 def resolve_model(name: str | os.PathLike) -> Path:
     """The local folder for a model argument (building ``tiny`` or fetching a hub id if needed)."""
     text = str(name)
-    if text == "tiny:smolvlm" or text.startswith("tiny:smolvlm:"):
-        from medrl.models.tiny_smolvlm import tiny_smolvlm_dir
-
-        return tiny_smolvlm_dir(int(text.split(":")[2]) if text.count(":") == 2 else 0)
-    if text == "tiny" or text.startswith("tiny:"):
-        seed = text.partition(":")[2] or "0"
-        if not seed.isdigit():
-            raise ModelNotFoundError(f"model {text!r}: the tiny models are tiny, tiny:SEED, tiny:smolvlm[:SEED] "
-                                     "and tiny-instruct[:SEED]")  # fmt: skip
-        return tiny_dir(int(seed))
-    if text == "tiny-instruct" or text.startswith("tiny-instruct:"):
-        from medrl.models.tiny_instruct import tiny_instruct_dir
-
-        return tiny_instruct_dir(int(text.partition(":")[2] or 0))
+    try:
+        tiny = tiny_model_dir(text)
+    except UnsupportedModelError as exc:
+        raise ModelNotFoundError(str(exc)) from None
+    if tiny is not None:
+        return tiny
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -93,10 +84,16 @@ def load_vlm(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
 ):
-    """``(model, processor)`` for a Qwen2-VL / Qwen2.5-VL model argument, on ``device`` in eval mode."""
+    """``(model, processor)`` for a model argument of any supported family, on ``device`` in eval mode.
+
+    The family is checked from ``config.json`` first, so a model of no known family fails with one line
+    naming the families before any weights are read."""
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model(name)
+    from medrl.models.families import family_of_folder
+
+    family_of_folder(path)
     kwargs = {"dtype": dtype or resolve_dtype("auto", device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -105,10 +102,10 @@ def load_vlm(
 
 
 def vision_tower(model) -> torch.nn.Module:
-    """The vision transformer of a Qwen2(.5)-VL model (``model.model.visual`` in transformers 5.x)."""
+    """The vision tower of a VLM of any supported family (the module its adapter names)."""
+    tower = family_of(model).tower
     inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "visual"):
-        return inner.visual
-    if hasattr(model, "visual"):
-        return model.visual
-    raise TypeError(f"{type(model).__name__} has no vision tower (expected a Qwen2-VL / Qwen2.5-VL model)")
+    for owner in (inner, model):
+        if owner is not None and hasattr(owner, tower):
+            return getattr(owner, tower)
+    raise TypeError(f"{type(model).__name__} has no vision tower `{tower}`")

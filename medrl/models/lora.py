@@ -1,10 +1,11 @@
 """LoRA (through PEFT) on a VLM's language model, what else trains, and saving in Hugging Face formats.
 
-Qwen2.5-VL's vision tower has ``gate_proj``/``up_proj``/``down_proj`` layers of its own, so the usual list of
-module names would put adapters on the vision tower too. Targets here are a regex over module paths that
-matches only the decoder layers outside the vision tower. The vision tower and its projector (each family's
-names in :data:`medrl.models.families.VISION_MODULES`: Qwen's ``visual`` / ``visual.merger``, Idefics3's
-``vision_model`` / ``connector``) stay frozen unless asked; when asked, they train fully (PEFT
+Vision towers have ``q_proj``/``gate_proj``/... layers of their own (SigLIP's attention, one family's MLPs), so
+the usual list of module names would put adapters on the vision tower too. Targets here are a regex over
+module paths that matches only the decoder layers outside every family's vision tower. The vision tower and
+its projector (each family's ``tower`` / ``projector`` in :mod:`medrl.models.families`: ``visual`` /
+``visual.merger``, ``vision_model`` / ``connector``, ``vision_tower`` / ``multi_modal_projector``) stay frozen
+unless asked; when asked, they train fully (PEFT
 ``modules_to_save``) and their weights travel in the adapter folder.
 
 Everything written here (adapter, merged or fully fine-tuned model) is a plain ``save_pretrained`` folder: it
@@ -27,7 +28,7 @@ import torch
 
 from medrl.core.errors import ConfigError
 from medrl.core.io import umask_modes
-from medrl.models.families import vision_modules
+from medrl.models.families import families, vision_modules
 
 LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VisionTraining = Literal["frozen", "projector", "all"]
@@ -66,7 +67,8 @@ def language_target_regex(names: Sequence[str]) -> str:
     if not names:
         raise ConfigError("LoRA needs at least one target module name (e.g. q_proj, v_proj)")
     alternatives = "|".join(re.escape(n) for n in names)
-    return rf"^(?!.*(?:visual|vision)).*\blayers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})$"
+    towers = "|".join(sorted({re.escape(f.tower) for f in families().values()}))
+    return rf"^(?!.*\b(?:{towers})\b).*\blayers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})$"
 
 
 def _vision_modules_to_save(vision: VisionTraining, model: torch.nn.Module) -> list[str] | None:
@@ -78,7 +80,7 @@ def _vision_modules_to_save(vision: VisionTraining, model: torch.nn.Module) -> l
     tower, projector = vision_modules(names)
     if vision == "projector":
         return [projector]
-    nested = any({tower, projector} <= set(name.split(".")) for name in names)  # Qwen: visual.merger
+    nested = any({tower, projector} <= set(name.split(".")) for name in names)  # a projector inside the tower
     return [tower] if nested else [tower, projector]
 
 
@@ -114,7 +116,7 @@ def set_full_finetune(model: torch.nn.Module, vision: VisionTraining = "frozen")
     tower, projector = vision_modules([name for name, _ in model.named_parameters()])
     for name, param in model.named_parameters():
         parts = name.split(".")
-        in_projector = projector in parts  # Qwen's merger sits inside the tower, the others' beside it
+        in_projector = projector in parts  # inside the tower in one family, beside it in the others
         in_vision = tower in parts or in_projector
         param.requires_grad_(not in_vision or vision == "all" or (vision == "projector" and in_projector))
     return model

@@ -4,8 +4,8 @@
 from ``configure_model``, which does nothing under any other strategy, so one module runs unchanged on one
 process, under DDP and under FSDP.
 
-The wrap units are the classes a transformers model lists in ``_no_split_modules`` (for Qwen2-VL and
-Qwen2.5-VL: the decoder layers and the vision blocks); the rest (embeddings, final norm, the tied LM head,
+The wrap units are the classes a transformers model lists in ``_no_split_modules`` (for every family here:
+the decoder layers and the vision blocks); the rest (embeddings, final norm, the tied LM head,
 the vision patch embedding and merger) is sharded as one root unit on the transformers model itself. The
 root is the transformers model, not a PEFT wrapper around it, because ``generate`` calls the transformers
 model directly and FSDP gathers a unit's weights only in that unit's own forward.

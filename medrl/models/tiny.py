@@ -1,9 +1,9 @@
-"""``tiny``: a Qwen2.5-VL-architecture model with random weights, built offline from a seed.
+"""What every family's offline tiny model is built from: an in-memory tokenizer and an atomic model cache.
 
-It is the test model and the embedded default: 2 text layers (hidden 128), a 2-block vision tower, a
-byte-level BPE tokenizer trained in memory on medrl's own prompt vocabulary and carrying the Qwen chat and
-vision special tokens, a chat template, and a ``Qwen2_5_VLProcessor``. :func:`tiny_dir` saves it once with
-``save_pretrained`` under the medrl cache, so transformers, PEFT and vLLM all load it like any local model.
+Each family's adapter (:mod:`medrl.models.families`) builds its ``tiny:<family>`` model from its real
+transformers classes with :func:`build_tokenizer` (a byte-level BPE trained offline on medrl's own prompt
+vocabulary, carrying the family's special tokens) and saves it once with :func:`cached_model` under the medrl
+cache, so transformers, PEFT and vLLM all load it like any local model.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,52 +20,35 @@ import torch
 from medrl.core.env import CACHE_ENV, cache_dir
 from medrl.core.errors import UserError
 from medrl.core.io import umask_modes
-from medrl.models.families import FAMILY_TOKENS
 from medrl.models.tiny_corpus import CORPUS
 
 # Bump when anything below changes what gets built, so stale cached copies are rebuilt.
 TINY_VERSION = 1
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-# Placeholders a random model must never generate: a sampled <|image_pad|> makes the next forward pass
-# miscount image tokens.
-VISION_PLACEHOLDERS = list(FAMILY_TOKENS["qwen2_vl"][0])
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
-def _corpus() -> list[str]:
-    """Text the tokenizer learns merges from (see :mod:`medrl.models.tiny_corpus`)."""
-    return list(CORPUS)
+def build_tokenizer(
+    special_tokens: Sequence[str],
+    eos: str,
+    pad: str,
+    chat_template: str,
+    named: dict[str, str] | None = None,
+    newline_tokens: bool = False,
+    vocab_size: int = 1024,
+    **kwargs: Any,
+):
+    """A ``PreTrainedTokenizerFast`` trained offline, byte-level (every byte has a token: no UNK, ever).
 
-
-def build_tokenizer(vocab_size: int = 1024):
-    """A ``PreTrainedTokenizerFast`` with the Qwen special tokens (ids 0-7), trained offline, byte-level."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    Args:
+        special_tokens: the family's special tokens, ids 0.. in this order (the first is the padding token
+            only if ``pad`` names it).
+        eos: the end-of-sequence token; pad: the padding token.
+        chat_template: the family's chat template (Jinja).
+        named: model-specific token attributes the family's processor reads (``{"boi_token": ...}``).
+        newline_tokens: add ``"\\n"`` to ``"\\n\\n\\n\\n"`` as whole tokens, as SentencePiece vocabularies
+            (Gemma's) have them and vLLM's Gemma 3 processor looks them up.
+        kwargs: more tokenizer arguments (``bos_token``).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -73,111 +56,29 @@ def build_tokenizer(vocab_size: int = 1024):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte has a token: no UNK, ever
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus() * 4, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        padding_side="left",  # batched generation pads on the left
-        model_max_length=4096,
-    )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    tok.train_from_iterator(list(CORPUS) * 4, trainer=trainer)
+    others = [t for t in special_tokens if t != pad]
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad,
+                                     additional_special_tokens=others, padding_side="left", model_max_length=4096,
+                                     **(named or {}), **kwargs)  # fmt: skip
+    if newline_tokens:
+        hf_tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
+    hf_tok.chat_template = chat_template
     return hf_tok
 
 
-def build_processor(tokenizer=None, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112):
-    """A ``Qwen2_5_VLProcessor`` (patch 14, merge 2): a 28 px image becomes 56x56, i.e. 4 merged tokens."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    tokenizer = tokenizer or build_tokenizer()
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    # transformers 5.x needs a real video processor here even for image-only use.
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 64, vision_depth: int = 2):
-    """A ``Qwen2_5_VLConfig`` small enough to train on a laptop CPU."""
-    from transformers import Qwen2_5_VLConfig
-
-    ids = tokenizer.convert_tokens_to_ids
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        # mrope sections must add up to head_dim / 2 (head_dim = 128 / 4 = 32 -> 16).
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-        "bos_token_id": ids("<|endoftext|>"),
-        "eos_token_id": ids("<|im_end|>"),
-        "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": True,
-    }
-    vision_config = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden,
-        "intermediate_size": vision_hidden * 2,
-        "num_heads": 4,
-        "in_channels": 3,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 112,
-        "out_hidden_size": hidden,  # the merger projects to the language model's width
-        "fullatt_block_indexes": [vision_depth - 1],
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        tie_word_embeddings=True,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
-
-
-def build_tiny(seed: int = 0):
-    """``(model, processor)``: the tiny Qwen2.5-VL with weights drawn from ``seed``, in eval mode, fp32."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    processor = build_processor(build_tokenizer())
-    tokenizer = processor.tokenizer
-    generator_state = torch.random.get_rng_state()
+def seeded(build: Callable[[], Any], seed: int) -> Any:
+    """``build()`` with torch's RNG seeded by ``seed``; the caller's RNG state is left as it was."""
+    state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+        return build()
     finally:
-        torch.random.set_rng_state(generator_state)  # building a model must not move the caller's RNG
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), processor
-
-
-def tiny_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
-    """The saved tiny model folder for ``seed``, built on first use (atomically: see :func:`build_folder`)."""
-    return cached_model(f"tiny-qwen2.5-vl-v{TINY_VERSION}-seed{seed}", lambda: (*build_tiny(seed), {}), root)
+        torch.random.set_rng_state(state)
 
 
 def cached_model(

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# Vision inputs whose first dimension counts patches, not rows, when their grid is there (Qwen-VL): sliced
-# through the grid's patch counts. Without a grid (Idefics3 / SmolVLM: pixel_values [N, images, C, H, W],
-# pixel_attention_mask [N, images, H, W]; Gemma 3: [N, C, H, W]) every vision input is per row.
+# Vision inputs whose first dimension counts patches, not rows, when their grid is there (families that pack
+# patches): sliced through the grid's patch counts. Without a grid (Idefics3 / SmolVLM: pixel_values
+# [N, images, C, H, W], pixel_attention_mask [N, images, H, W]; Gemma 3, InternVL: [N, C, H, W]) every vision
+# input is per row.
 _PATCH_KEYS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 
 

@@ -22,7 +22,7 @@ def prompt_texts(processor: Any, items: Sequence[Item]) -> list[str]:
 def end_token_ids(tokenizer: Any, extra: Iterable[int] = ()) -> list[int]:
     """Token ids that end a completion: the chat end token, the tokenizer's EOS and pad, plus ``extra``.
 
-    Each family's end-of-turn tokens (:func:`medrl.models.families.turn_end_tokens`: Qwen's ``<|im_end|>``
+    Each family's end-of-turn tokens (:func:`medrl.models.families.turn_end_tokens`: ``<|im_end|>``
     and ``<|endoftext|>``, Idefics3's ``<end_of_utterance>``, Gemma 3's ``<end_of_turn>``) stop generation
     where the tokenizer has them.
     """

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from medrl.data.collate import item_images
 from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_completion, prompt_texts
 from medrl.rollout.engine import Engine
 from medrl.rollout.types import Completion, Item, PromptResult, SamplingParams
@@ -67,7 +68,7 @@ class HFEngine(Engine):
     """Batched transformers generation on an in-memory VLM (the policy itself when colocated).
 
     Args:
-        model: a transformers Qwen2-VL / Qwen2.5-VL model, or a PEFT model wrapping one.
+        model: a transformers VLM of any supported family, or a PEFT model wrapping one.
         processor: its processor (tokenizer, image processor, chat template).
         max_batch_sequences: most sequences (prompts x samples) per ``generate`` call; bounds memory.
     """
@@ -90,11 +91,11 @@ class HFEngine(Engine):
         return next(self.model.parameters()).device
 
     def _inputs(self, texts: list[str], items: Sequence[Item]) -> dict[str, torch.Tensor]:
-        images = [item.get("image") for item in items]
-        if all(img is None for img in images):
+        images = [item_images(item) for item in items]
+        if not any(images):
             images_arg = None
-        elif any(img is None for img in images):
-            missing = [i for i, img in enumerate(images) if img is None]
+        elif not all(images):
+            missing = [i for i, img in enumerate(images) if not img]
             raise ValueError(f"items {missing} have no image while others do: one call takes all-image or no-image")
         else:
             images_arg = images

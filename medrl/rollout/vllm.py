@@ -29,6 +29,8 @@ import torch
 
 from medrl.core.dtypes import dtype_name, resolve_dtype
 from medrl.core.seeds import derive_seed
+from medrl.data.collate import item_images
+from medrl.models.families import family_of, family_of_folder
 from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_completion, prompt_texts
 from medrl.rollout.engine import Engine
 from medrl.rollout.types import Item, PromptResult, SamplingParams
@@ -44,7 +46,8 @@ def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:
     """Save an in-memory policy (merged, if PEFT) with its processor, for vLLM to start from.
 
     vLLM's ``load_format="dummy"`` would avoid the write, but it also randomises persistent buffers that
-    no checkpoint carries (Qwen2.5-VL's fused image normalisation), which a later weight push cannot repair.
+    no checkpoint carries (a fused image normalisation, in one family's tower), which a later weight push
+    cannot repair.
     Weights go through safetensors directly: ``save_pretrained`` writes nothing on ranks other than 0 once
     ``torch.distributed`` is initialised, and every rank needs its own copy here.
     """
@@ -53,12 +56,13 @@ def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:
     from medrl.rollout.weights import policy_weights
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = family_of(base)
     state, seen = {}, set()
     for name, tensor in policy_weights(model):
         if tensor.data_ptr() in seen:  # tied weights (lm_head = embeddings): the config says to tie them
             continue
         seen.add(tensor.data_ptr())
-        state[name] = tensor.detach().contiguous().cpu()
+        state[family.vllm_name(name)] = tensor.detach().contiguous().cpu()
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(base.config)
     # vLLM picks its model class from `architectures`, which only from_pretrained/save_pretrained fill in.
@@ -67,6 +71,36 @@ def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def _renamed_copy(path: Path, folder: Path) -> bool:
+    """Write ``path``'s checkpoint into ``folder`` with its family's vLLM names, if any name needs it (a folder
+    ``save_pretrained`` wrote for Gemma 3); False, writing nothing, when vLLM can load ``path`` as it is."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    family = family_of_folder(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not family.vllm_renames or not files:
+        return False
+    with safe_open(str(files[0]), framework="pt") as fh:
+        if all(family.vllm_name(key) == key for key in fh.keys()):
+            return False
+    for item in path.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy2(item, folder / item.name)
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            state = {family.vllm_name(key): fh.get_tensor(key) for key in fh.keys()}
+        save_file(state, str(folder / file.name), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        data = json.loads(index.read_text())
+        data["weight_map"] = {family.vllm_name(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data))
+    return True
 
 
 def gpu_switches(
@@ -143,6 +177,10 @@ class VLLMEngine(Engine):
             path = resolve_model(model)
             processor = processor or load_processor(path)
             param_dtype = None
+            self._tmp = Path(tempfile.mkdtemp(prefix="medrl-vllm-"))
+            if _renamed_copy(path, self._tmp):
+                path = self._tmp
+        self.family = family_of_folder(path)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.end_ids = end_token_ids(self.tokenizer)
@@ -237,10 +275,10 @@ class VLLMEngine(Engine):
         texts = prompt_texts(self.processor, items)
         requests, sampling, owners = [], [], []
         for i, (text, item) in enumerate(zip(texts, items, strict=True)):
-            image = item.get("image")
+            images = item_images(item)
             request: dict[str, Any] = {"prompt": text}
-            if image is not None:
-                request["multi_modal_data"] = {"image": image}
+            if images:
+                request["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
             if params.n > 0:
                 requests.append(request)
                 sampling.append(self._vllm_params(params, i, greedy=False))
@@ -279,7 +317,7 @@ class VLLMEngine(Engine):
         too (else the next image request fails with "Encoder cache miss"), and so are the cached KV
         prefixes, which were computed with the old weights.
         """
-        batch = list(weights)
+        batch = [(self.family.vllm_name(name), tensor) for name, tensor in weights]
         if not batch:
             raise ValueError("no weights to load")
         self._wake(["weights"])  # the weights' memory first; the KV cache waits for the next generate

@@ -7,7 +7,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from medrl.models.families import FAMILIES, FEATURES, SUPPORT
+from medrl.models.families import FEATURES, families
 
 
 def models() -> int:
@@ -17,9 +17,9 @@ def models() -> int:
     for column in ("family", "architectures", "tiny", *FEATURES, "e.g."):
         table.add_column(column)
     colours = {"tested": "green", "tested (slow)": "green", "tiled": "yellow", "untested": "red", "no": "red"}
-    for family, (architectures, tiny, examples) in FAMILIES.items():
-        cells = [f"[{colours.get(SUPPORT[family][f], 'white')}]{SUPPORT[family][f]}[/]" for f in FEATURES]
-        table.add_row(family, architectures, tiny or "-", *cells, examples)
+    for family in families().values():
+        cells = [f"[{colours.get(family.support[f], 'white')}]{family.support[f]}[/]" for f in FEATURES]
+        table.add_row(family.name, family.architectures, ", ".join(family.tiny) or "-", *cells, family.examples)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     print("multi-image 'tiled': several images of one question are tiled into one picture (native multi-image "
           "prompts are to come)")  # fmt: skip

@@ -24,7 +24,7 @@ class VisionPlan:
     """Stage 1, the probe table (arguments of ``medrl probe-table``).
 
     Args:
-        encoders: encoder specs (``timm:resnet18,pretrained=false``, ``qwen:tiny``, ``qwen:<HF id or folder>``).
+        encoders: encoder specs (``timm:resnet18,pretrained=false``, ``vlm:tiny``, ``vlm:<HF id or folder>``).
         optimizer: probe optimiser, or a list of them (each a row): sgd (the authors'), adamw, lbfgs or knn
             (the authors' weighted cosine kNN).
         max_epochs: probe epochs.
@@ -32,7 +32,7 @@ class VisionPlan:
         test_samples: subset of test images (None: all).
     """
 
-    encoders: list[str] = field(default_factory=lambda: ["timm:resnet18,pretrained=false", "qwen:tiny"])
+    encoders: list[str] = field(default_factory=lambda: ["timm:resnet18,pretrained=false", "vlm:tiny"])
     optimizer: ProbeName | list[ProbeName] = "sgd"
     max_epochs: int = 20
     train_samples: int | None = None

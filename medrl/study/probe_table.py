@@ -136,12 +136,13 @@ def probe_table(
     """Probe every encoder on every flag and size; write results.csv, results.md and results.png to --out.
 
     Encoders are specs ``KIND:NAME[,key=value...]``: ``timm:resnet18``, ``timm:resnet18,pretrained=false``,
-    ``qwen:tiny``, ``qwen:Qwen/Qwen2.5-VL-3B-Instruct,pooling=max``, ``qwen:DIR,features=pre_merger``; keys
-    are the arguments of TimmEncoder / QwenVisionEncoder (image_size=224 by default; image_size=native keeps
-    the file's size). A rerun skips cells already in results.csv.
+    ``vlm:MODEL`` (the vision tower of a model of any family, e.g. ``vlm:tiny:gemma3,pooling=max``), or a
+    family's own kind (``medrl models`` lists them, with their options); keys are the encoder's arguments
+    (timm: image_size=224 by default; image_size=native keeps the file's size). A rerun skips cells already
+    in results.csv.
 
     Args:
-        encoders: encoder specs, e.g. '["timm:resnet18,pretrained=false", "qwen:tiny"]'.
+        encoders: encoder specs, e.g. '["timm:resnet18,pretrained=false", "vlm:tiny:smolvlm"]'.
         flags: MedMNIST flags (default: breastmnist and pneumoniamnist).
         sizes: data file sizes in pixels (default: 28).
         out: output folder.

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from medrl.core.prompts import LETTERS, chat_messages, format_prompt
-from medrl.models.tiny import TINY_VERSION, build_tiny, cached_model
+from medrl.models.families.qwen_vl import build_tiny
+from medrl.models.tiny import TINY_VERSION, cached_model
 
 # Bump when the recipe below changes, so stale cached copies are rebuilt.
 INSTRUCT_VERSION = 1

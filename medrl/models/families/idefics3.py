@@ -1,4 +1,9 @@
-"""``tiny:smolvlm``: a random 2-layer model of the SmolVLM / Idefics3 architecture, built offline.
+"""The Idefics3 / SmolVLM family, and its offline ``tiny:smolvlm``: a random 2-layer model, built offline.
+
+Idefics3 puts a SigLIP tower (``vision_model``) beside a pixel-shuffle ``connector``, marks images with
+``<fake_token_around_image><global-img><image>...`` and may split large images into tiles (``do_image_splitting``,
+an image-processor option; the tiny model does not split). Its chat template ends turns with
+``<end_of_utterance>``. The tiny model:
 
 The family's real classes (``Idefics3ForConditionalGeneration``, ``Idefics3Processor``,
 ``Idefics3ImageProcessor``) with its special tokens (``<image>``, ``<fake_token_around_image>``,
@@ -13,14 +18,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
+from medrl.models.families import FEATURES, Family
+from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, seeded
 
-from medrl.models.families import FAMILY_TOKENS
-from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model
-
-SMOLVLM_VERSION = 1
-END_OF_UTTERANCE = FAMILY_TOKENS["idefics3"][1][0]
-IMAGE_TOKENS = list(FAMILY_TOKENS["idefics3"][0])
+SMOLVLM_VERSION = 2
+END_OF_UTTERANCE = "<end_of_utterance>"
+IMAGE_TOKENS = ["<image>", "<fake_token_around_image>", "<global-img>"]
+FAMILIES = (
+    Family(
+        name="idefics3", model_types=("idefics3", "smolvlm"), architectures="Idefics3, SmolVLM",
+        examples="HuggingFaceTB/SmolVLM-256M-Instruct, HuggingFaceTB/SmolVLM-500M-Instruct",
+        placeholders=tuple(IMAGE_TOKENS), turn_ends=(END_OF_UTTERANCE,), tower="vision_model", projector="connector",
+        support=dict.fromkeys(FEATURES, "tested") | {"FSDP2": "tested (slow)"},
+        tiny={"tiny:smolvlm": "medrl.models.families.idefics3:tiny_smolvlm_dir"},
+        image_options={"do_image_splitting": False},
+    ),
+)  # fmt: skip
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] | capitalize }}:"
@@ -45,10 +58,8 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[Any, Any]:
     )
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": [*IMAGE_TOKENS, END_OF_UTTERANCE]},
-                                 replace_extra_special_tokens=False)  # fmt: skip
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = build_tokenizer(["<|endoftext|>", "<|im_start|>", END_OF_UTTERANCE, *IMAGE_TOKENS],
+                                eos=END_OF_UTTERANCE, pad="<|endoftext|>", chat_template=CHAT_TEMPLATE)  # fmt: skip
     image_processor = Idefics3ImageProcessor(
         do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64}
     )
@@ -63,12 +74,7 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[Any, Any]:
     config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=2,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # fmt: skip
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = Idefics3ForConditionalGeneration(config)
-    finally:
-        torch.random.set_rng_state(state)  # building a model must not move the caller's RNG
+    model = seeded(lambda: Idefics3ForConditionalGeneration(config), seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
     return model.eval(), processor
