@@ -187,7 +187,12 @@ def test_items_are_vqa_items_with_the_benchmark_as_flag(suite: Path) -> None:
     assert first["prompt"] == format_prompt("Which modality, case 0?", ABCD, INSTRUCTION)
     assert first["answer"] == "A" and first["label"] == 0 and first["index"] == 0 and first["image"].mode == "RGB"
     mmmu = items[4]
-    assert mmmu["image"].size == (10 * 2 + 30 + 2, 20)  # two images tiled at a common height, 2 px apart
+    assert [im.size for im in mmmu["images"]] == [(10, 10), (30, 20)] and mmmu["image"] is None  # native
+    assert [c["type"] for c in mmmu["messages"][-1]["content"]] == ["image", "image", "text"]
+    assert dm.dataset().max_images() == 2
+    tiled = BenchmarkSuiteDataModule(str(suite), images="tiled").dataset()[4]
+    assert tiled["image"].size == (10 * 2 + 30 + 2, 20) and "images" not in tiled  # at a common height, 2 px apart
+    assert [c["type"] for c in tiled["messages"][-1]["content"]] == ["image", "text"]
     batch = next(iter(dm.val_dataloader()))
     assert isinstance(batch, list) and len(batch) == 5
     with pytest.raises(Exception, match="evaluation-only"):
@@ -299,6 +304,8 @@ def test_bench_eval_command(suite: Path, tiny_dir: Path, tmp_path: Path, capsys:
             "--max_new_tokens", "8", "--batch_size", "8", "--benchmarks", "[PMC, SLAKE]"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["images"] == "native" and run["max_images"] == 1 and "one image each" in out
     assert "PMC (n=4)" in out and "SLAKE (n=2)" in out and "pass@2" in out
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert saved["benchmarks"] == ["PMC", "SLAKE"] and saved["ks"] == [1, 2]
@@ -307,6 +314,18 @@ def test_bench_eval_command(suite: Path, tiny_dir: Path, tmp_path: Path, capsys:
     assert len((tmp_path / "items.jsonl").read_text().splitlines()) == 6
     assert main([*args, "--n", "4"]) == 2  # same folder, other settings: refused
     assert "other settings" in capsys.readouterr().err
+
+
+def test_bench_eval_passes_several_images_natively_on_vllm(suite: Path, tmp_path: Path, capsys) -> None:
+    args = ["bench-eval", "--model", "tiny:gemma3", "--suite", str(suite), "--out", str(tmp_path), "--engine", "vllm",
+            "--max_new_tokens", "4", "--benchmarks", "[MMMU, PMC]", "--engine_options",
+            '{"max_model_len": 512, "kv_cache_gib": 0.25}']  # fmt: skip
+    assert main(args) == 0
+    assert "several images as separate images (up to 2)" in capsys.readouterr().out
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["images"] == "native" and run["max_images"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["benchmark"] for r in rows} == {"MMMU", "PMC"}
 
 
 def test_bench_eval_takes_a_model_fragment(suite: Path, tiny_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -199,10 +199,11 @@ def test_sft_under_fsdp2_matches_one_process_and_resumes(sft_one_process, medmni
             )
 
 
-@pytest.mark.slow  # a one-process run and a 2-process launch: 1-2 minutes on 2 shared cores
-def test_sft_under_fsdp2_matches_one_process_on_a_non_qwen_family(medmnist, tmp_path) -> None:
-    """tiny:smolvlm (Idefics3): FSDP2 shards its own _no_split_modules (decoder layers, SigLIP layers)."""
-    family = ["--model.init_args.model=tiny:smolvlm"]
+@pytest.mark.slow  # a one-process run and a 2-process launch: 1-2 minutes each on 2 shared cores
+@pytest.mark.parametrize("tiny", ["tiny:smolvlm", "tiny:gemma3", "tiny:internvl", "tiny:qwen3_vl"])
+def test_sft_under_fsdp2_matches_one_process_on_every_other_family(tiny: str, medmnist, tmp_path) -> None:
+    """Each family's tiny model: FSDP2 shards its own _no_split_modules (decoder layers, vision layers)."""
+    family = [f"--model.init_args.model={tiny}"]
     one = _run_here(_args("sft.yaml", medmnist, tmp_path / "one", 1, None, 1, family), tmp_path / "one")
     many = _launch(_args("sft.yaml", medmnist, tmp_path / "two", 2, "fsdp", 1, family), tmp_path / "two")
     _assert_same_step(one, many, SFT_LR)

@@ -182,15 +182,27 @@ def _distinct(tiny: str, seed: int):
     return policy, processor
 
 
-@pytest.mark.parametrize("tiny", FAMILY_TINY)
+def _two_image_item(items) -> dict:
+    """A question with two images, passed natively: one placeholder per image."""
+    from medrl.core.prompts import chat_messages
+
+    images = [items[1]["image"], items[2]["image"].resize((56, 56))]
+    return {**items[0], "image": None, "images": images, "messages": chat_messages(items[0]["prompt"], images=2)}
+
+
+@pytest.mark.parametrize("tiny", EVERY_TINY)
 def test_vllm_greedy_equals_hf_after_full_and_merged_lora_pushes(tiny: str, items) -> None:
     from peft import LoraConfig, get_peft_model
 
     from medrl.models.lora import language_target_regex
 
     base, processor = _distinct(tiny, 4)  # decisive weights: no near-tie for the two engines' rounding to flip
+    items = [*items, _two_image_item(items)]  # native multi-image prompts, on both engines
+    batch = encode_chat(processor, [items[-1]["messages"]], [items[-1]["images"]])
+    image_token = getattr(base.config, "image_token_id", None) or base.config.image_token_index
+    assert (batch.inputs["input_ids"] == image_token).sum() > 4  # both images' tokens, not one image's
     greedy = lambda engine: [r.greedy.token_ids for r in engine.generate(items, GREEDY)]  # noqa: E731
-    engine = make_engine("vllm", base, processor, max_model_len=512, kv_cache_gib=0.25, max_num_seqs=16)
+    engine = make_engine("vllm", base, processor, max_model_len=512, kv_cache_gib=0.25, max_num_seqs=16, max_images=2)
     try:
         assert greedy(engine) == greedy(make_engine("hf", base, processor))  # the same model before any push
         policy, _ = _distinct(tiny, 5)
@@ -208,3 +220,39 @@ def test_vllm_greedy_equals_hf_after_full_and_merged_lora_pushes(tiny: str, item
         assert greedy(engine) == expected
     finally:
         engine.close()
+
+
+# Each hub model's fragment, tried with its settings (dtype aside) on its family's tiny model.
+FRAGMENT_TINY = {"qwen2_5_vl_7b": "tiny", "octomed_7b": "tiny", "lingshu_7b": "tiny", "qwen3_vl_8b": "tiny:qwen3_vl",
+                 "medgemma_4b": "tiny:gemma3", "internvl3_8b": "tiny:internvl",
+                 "smolvlm_256m": "tiny:smolvlm"}  # fmt: skip
+
+
+def test_every_hub_model_has_a_fragment_tried_here() -> None:
+    fragments = {p.stem for p in (REPO / "configs" / "models").glob("*.yaml")}
+    assert fragments - {"medbridgerl_octomed_7b"} == set(FRAGMENT_TINY)
+
+
+@pytest.mark.parametrize(("fragment", "tiny"), FRAGMENT_TINY.items())
+def test_a_hub_models_fragment_trains_on_its_familys_tiny_model(
+    fragment: str, tiny: str, medmnist, tmp_path: Path, monkeypatch
+) -> None:
+    from medrl.models.fragments import fragment_init_args
+    from medrl.models.hub import load_processor
+
+    path = REPO / "configs" / "models" / f"{fragment}.yaml"
+    settings = fragment_init_args(str(path))
+    processor = load_processor(tiny, settings.get("image_options"))  # every option is the family's own setting
+    for key, value in (settings.get("image_options") or {}).items():
+        if key not in ("min_pixels", "max_pixels"):  # Qwen folds these into `size`
+            assert getattr(processor.image_processor, key) == value
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "--config", str(REPO / "configs" / "rl.yaml"), "--config", str(path),
+            "--model.init_args.model", tiny,
+            "--model.init_args.dtype", "float32", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+            "--model.init_args.sampling.max_completion_length", "8", "--data.init_args.val_samples", "2",
+            "--data.init_args.train_samples", "8", "--trainer.default_root_dir", str(tmp_path / "rl"),
+            *medmnist.cli("--data.init_args.")]  # fmt: skip
+    assert main(argv) == 0
+    hparams = (tmp_path / "rl" / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert f"finetune: {settings['finetune']}" in hparams

@@ -142,3 +142,29 @@ def test_redoing_a_training_stage_sets_the_old_run_aside(tmp_path: Path) -> None
     assert not old.parent.exists()  # the stage will train anew...
     (aside,) = (tmp_path / "run" / "replaced").iterdir()  # ...and nothing of the old run is lost
     assert aside.name.startswith("rl_sft_breastmnist-") and (aside / "command.txt").read_text() == "the earlier run"
+
+
+def test_the_laptop_plan_plans_on_another_model_and_fragment(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    plan = ["reproduce", "--plan", str(REPO / "configs" / "study" / "laptop.yaml"), "--dry_run", "true"]
+    assert main([*plan, "--model", "tiny:smolvlm"]) == 0
+    out = capsys.readouterr().out
+    assert "(laptop-tiny-smolvlm): model tiny:smolvlm" in out and "rl:rl_sft_pneumoniamnist" in out
+    fragment = str(REPO / "configs" / "models" / "medgemma_4b.yaml")
+    assert main(["reproduce", "--scale", "cpu", "--dry_run", "true", "--model", fragment]) == 0
+    out = capsys.readouterr().out
+    assert "model google/medgemma-4b-it" in out and "'do_pan_and_scan': False" in out and "'finetune': 'lora'" in out
+
+
+@pytest.mark.slow  # the laptop plan's 19 stages on tiny:smolvlm: about 3 minutes on 2 cores
+def test_the_laptop_plan_runs_end_to_end_on_the_smolvlm_architecture(medmnist, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "laptop"
+    args = ["reproduce", "--plan", str(REPO / "configs" / "study" / "laptop.yaml"), "--model", "tiny:smolvlm",
+            "--out", str(out), "--root", str(medmnist.root)]  # fmt: skip
+    assert main(args) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert len(stages) == 19 and all(rec["status"] == "done" for rec in stages.values())
+    vision = (out / "vision" / "results.csv").read_text()
+    assert "vlm" in vision or "idefics3" in vision  # the SmolVLM tower was probed beside the timm encoder
+    report = (out / "report.md").read_text()
+    assert "tiny:smolvlm" in report and "Not run." not in report

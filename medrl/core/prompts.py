@@ -31,8 +31,10 @@ def format_prompt(question: str, options: dict[str, str], instruction: str = INS
     return "\n".join([*lines, "", instruction]) if instruction else "\n".join(lines)
 
 
-def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
-    """Chat messages with one image placeholder, then the prompt text (the content format every template reads)."""
+def chat_messages(prompt: str, system: str | None = None, images: int = 1) -> list[dict]:
+    """Chat messages with ``images`` image placeholders, then the prompt text (the content format every
+    family's chat template reads; each template writes its own image markers)."""
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+    content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": prompt}]
+    messages.append({"role": "user", "content": content})
     return messages

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from medrl.core.budget import PromptBudget
 from medrl.core.errors import UserError
 from medrl.data.image_store import ImageCheck, ImageStore
-from medrl.data.mcq_items import MCQItem, MCQItemsDataset, ValidationReport, check_images, seeded_subset
+from medrl.data.mcq_items import MCQItem, MCQItemsDataset, MultiImage, ValidationReport, check_images, seeded_subset
 from medrl.data.medmnist import vqa_collate
 from medrl.data.vqa import LETTERS
 
@@ -271,6 +271,7 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
         instruction: overrides the think/answer instruction.
         system_prompt: an optional system message.
         seed: seeds the per-benchmark subsets.
+        images: ``native`` (several images of an item passed separately) or ``tiled`` (into one picture).
     """
 
     def __init__(
@@ -285,9 +286,11 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
         instruction: str | None = None,
         system_prompt: str | None = None,
         seed: int = 0,
+        images: MultiImage = "native",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.images = images
         self.suite, self.image_root, self.benchmarks = suite, image_root, benchmarks
         self.samples_per_benchmark, self.image_check = samples_per_benchmark, image_check
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -300,7 +303,7 @@ class BenchmarkSuiteDataModule(L.LightningDataModule):
         if self._dataset is None:
             items, stores = load_suite(self.suite, self.image_root, self.image_check, self.benchmarks, self.reports)
             items = per_benchmark_subset(items, self.samples_per_benchmark, self.seed)
-            self._dataset = MCQItemsDataset(items, stores, self.instruction, self.system_prompt)
+            self._dataset = MCQItemsDataset(items, stores, self.instruction, self.system_prompt, self.images)
         return self._dataset
 
     def apply_prompt_budget(self, budget: PromptBudget) -> int:

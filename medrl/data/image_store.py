@@ -159,8 +159,8 @@ def tiled_size(sizes: list[tuple[int, int]], max_side: int = 1344) -> tuple[int,
 def tile(images: list[Image.Image], max_side: int = 1344) -> Image.Image:
     """Several images side by side as one RGB image (the tallest one's height), for items with several images.
 
-    The engines take one image per prompt; MMMU and MedXpertQA items can have several (ours: tile them
-    rather than drop them). The result is scaled down so its longer side is at most ``max_side``.
+    MMMU and MedXpertQA items can have several; a model that takes one image per prompt gets them tiled
+    (``images: tiled``) rather than dropped. The result is scaled down so its longer side is at most ``max_side``.
     """
     if len(images) == 1:
         return images[0]

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rich.progress import track
 from torch.utils.data import Dataset
@@ -153,6 +153,10 @@ def check_images(
         return list(track(results, description, total=len(names_per_row), disable=len(names_per_row) < 500))
 
 
+# How a question with several images reaches the model: separately (one placeholder each), or tiled into one.
+MultiImage = Literal["native", "tiled"]
+
+
 class MCQItemsDataset(Dataset):
     """Items as VQA dicts (the format of ``MedMNISTDataModule(mode="vqa")``), images read on access.
 
@@ -161,6 +165,8 @@ class MCQItemsDataset(Dataset):
         store: where their images are; or one store per source file, keyed by ``item.meta["_file"]``.
         instruction: overrides the think/answer instruction.
         system_prompt: an optional system message.
+        images: ``native`` passes an item's several images as separate images (one placeholder each, the
+            item's ``images`` list); ``tiled`` tiles them into one picture, for models that take one image.
     """
 
     def __init__(
@@ -169,9 +175,12 @@ class MCQItemsDataset(Dataset):
         store: ImageStore | dict[str, ImageStore],
         instruction: str | None = None,
         system_prompt: str | None = None,
+        images: MultiImage = "native",
     ) -> None:
+        if images not in ("native", "tiled"):
+            raise ValueError(f"images must be 'native' or 'tiled', got {images!r}")
         self.items, self.store = items, store
-        self.instruction, self.system_prompt = instruction, system_prompt
+        self.instruction, self.system_prompt, self.images = instruction, system_prompt, images
 
     def __len__(self) -> int:
         return len(self.items)
@@ -185,10 +194,15 @@ class MCQItemsDataset(Dataset):
         prompt = vqa.format_prompt(item.question, item.options, self.instruction or vqa.INSTRUCTION)
         return vqa.readable_text(prompt, self.system_prompt)
 
-    def _tiled_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
-        """The one (tiled) image's size the model sees for ``item``, or none."""
+    def max_images(self) -> int:
+        """The most images any item passes to the model (1 when tiled)."""
+        most = max((len(item.images) for item in self.items), default=0)
+        return min(most, 1) if self.images == "tiled" else most
+
+    def _seen_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
+        """The sizes of the images the model sees for ``item``: each one, or the one tiled picture."""
         sizes = self._image_sizes(item)
-        return [tiled_size(sizes)] if sizes else []
+        return [tiled_size(sizes)] if sizes and self.images == "tiled" else sizes
 
     def _image_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
         """Sizes of the item's images that can be read; a bad one is the image check's to report."""
@@ -205,12 +219,8 @@ class MCQItemsDataset(Dataset):
         returns how many were dropped."""
         kept = []
         for item in self.items:
-            n_images = 1 if item.images else 0  # several images are tiled into one (tile)
-            problem = budget.problem_of_row(
-                self.prompt_text(item),
-                n_images,
-                lambda it=item: [tiled_size(s)] if (s := self._image_sizes(it)) else [],
-            )
+            n_images = min(len(item.images), 1) if self.images == "tiled" else len(item.images)
+            problem = budget.problem_of_row(self.prompt_text(item), n_images, lambda it=item: self._seen_sizes(it))
             if problem is None:
                 kept.append(item)
                 continue
@@ -224,12 +234,15 @@ class MCQItemsDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         store = self.store_of(item)
-        image = tile([store.open(name) for name in item.images])
+        opened = [store.open(name) for name in item.images]
+        native = self.images == "native" and len(opened) > 1
         prompt = vqa.format_prompt(item.question, item.options, self.instruction or vqa.INSTRUCTION)
         return {
-            "image": image,
+            # One image stays `image`; several are `images` (one placeholder each) unless tiled into one.
+            "image": None if native else tile(opened),
+            **({"images": opened} if native else {}),
             "prompt": prompt,
-            "messages": vqa.chat_messages(prompt, self.system_prompt),
+            "messages": vqa.chat_messages(prompt, self.system_prompt, len(opened) if native else 1),
             "answer": item.answer_label,
             "options": dict(item.options),
             "label": list(item.options).index(item.answer_label),

@@ -85,6 +85,10 @@ class GRPOModule(L.LightningModule):
         optim: learning rate, warm-up, clipping, micro-batch size, gradient checkpointing.
         dtype: weight dtype; ``auto`` is bfloat16 when a GPU is visible, float32 otherwise.
         attn_implementation: transformers attention kernel; null: default.
+        image_options: image-processor settings, passed to the family's processor: resolution
+            (``{max_pixels: 802816}``, the paper's cap, for pixel-budget families), splitting
+            (``{do_image_splitting: true}`` for SmolVLM / Idefics3, ``{crop_to_patches: true}`` for InternVL,
+            ``{do_pan_and_scan: true}`` for Gemma 3); null: the model's own. The rollout engines use the same.
         log_completions_every: every this many steps, write a few prompts' completions with their parsed
             answers, rewards and advantages to ``<log dir>/completions/step_NNNNNN.jsonl`` (and to the logger,
             where it takes tables); 0: never.
@@ -106,6 +110,7 @@ class GRPOModule(L.LightningModule):
         optim: OptimArgs = OptimArgs(),
         dtype: DType = "auto",
         attn_implementation: str | None = None,
+        image_options: dict[str, Any] | None = None,
         log_completions_every: int = 0,
         log_completions_prompts: int = 2,
         seed: int = 0,
@@ -128,7 +133,11 @@ class GRPOModule(L.LightningModule):
             self.hparams[name] = group_dict(group)
         self.automatic_optimization = False
         base, self.processor = load_vlm(
-            model, device="cpu", dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+            model,
+            device="cpu",
+            dtype=resolve_dtype(dtype),
+            attn_implementation=attn_implementation,
+            image_options=image_options,
         )
         base.config.use_cache = False  # training forwards need no KV cache; generate() turns it on itself
         if self.optim.gradient_checkpointing:

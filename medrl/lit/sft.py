@@ -47,6 +47,10 @@ class SFTModule(L.LightningModule):
         think_key: item field holding a reasoning trace to train on before the answer.
         max_completion_tokens: cut targets to this many tokens (null: no limit).
         attn_implementation: transformers attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); null: default.
+        image_options: image-processor settings, passed to the family's processor: resolution
+            (``{max_pixels: 802816}``, the paper's cap, for pixel-budget families), splitting
+            (``{do_image_splitting: true}`` for SmolVLM / Idefics3, ``{crop_to_patches: true}`` for InternVL,
+            ``{do_pan_and_scan: true}`` for Gemma 3); null: the model's own. The rollout engines use the same.
         max_prompt_length: prompt tokens (text and image) a row may take; longer rows are dropped and reported
             as ``too_long`` (null: the model's context minus max_completion_tokens).
         seed: seeds the dropout of each training step, so a resumed run draws the same masks.
@@ -63,6 +67,7 @@ class SFTModule(L.LightningModule):
         think_key: str = "think",
         max_completion_tokens: int | None = 512,
         attn_implementation: str | None = None,
+        image_options: dict[str, Any] | None = None,
         max_prompt_length: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -79,7 +84,9 @@ class SFTModule(L.LightningModule):
         torch_dtype = resolve_dtype(dtype)
         # Weights load here, not in configure_model: LightningCLI builds the optimizer from model.parameters()
         # right after instantiation. Lightning moves them to the device later; the Parameters stay the same.
-        base, self.processor = load_vlm(model, device="cpu", dtype=torch_dtype, attn_implementation=attn_implementation)
+        base, self.processor = load_vlm(
+            model, device="cpu", dtype=torch_dtype, attn_implementation=attn_implementation, image_options=image_options
+        )
         base.config.use_cache = False  # no KV cache in a training forward; generate() turns it on itself
         if gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads (frozen embeddings) and replays dropout exactly.

@@ -56,7 +56,9 @@ def prompt_budget(
     return PromptBudget(max_prompt_length, count_text, count_image, count_text(template), largest if capped else None)
 
 
-def model_prompt_budget(model: str, completion_tokens: int, max_prompt_length: int | None = None) -> PromptBudget:
+def model_prompt_budget(
+    model: str, completion_tokens: int, max_prompt_length: int | None = None, image_options: dict | None = None
+) -> PromptBudget:
     """:func:`prompt_budget` for a model argument (``tiny``, a folder, a hub id), reading only its processor
     and config (no weights)."""
     from transformers import AutoConfig
@@ -64,4 +66,5 @@ def model_prompt_budget(model: str, completion_tokens: int, max_prompt_length: i
     from medrl.models.hub import load_processor, resolve_model
 
     path = resolve_model(model)
-    return prompt_budget(load_processor(path), AutoConfig.from_pretrained(path), completion_tokens, max_prompt_length)
+    processor = load_processor(path, image_options)
+    return prompt_budget(processor, AutoConfig.from_pretrained(path), completion_tokens, max_prompt_length)

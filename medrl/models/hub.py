@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,11 +70,13 @@ def resolve_model(name: str | os.PathLike) -> Path:
         raise ModelNotFoundError(f"{hint} (download failed: {type(exc).__name__}: {exc})") from exc
 
 
-def load_processor(name: str | os.PathLike):
-    """The processor (tokenizer + image processor + chat template) of a model argument."""
+def load_processor(name: str | os.PathLike, image_options: dict[str, Any] | None = None):
+    """The processor (tokenizer + image processor + chat template) of a model argument; ``image_options`` set
+    the image processor's own settings (``max_pixels``, ``do_image_splitting``, ...), unknown keys fail."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(resolve_model(name))
+    processor = AutoProcessor.from_pretrained(resolve_model(name), **(image_options or {}))
+    _check_image_options(processor, image_options)
     processor.tokenizer.padding_side = "left"  # batched generation needs left padding
     return processor
 
@@ -83,6 +86,7 @@ def load_vlm(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
+    image_options: dict[str, Any] | None = None,
 ):
     """``(model, processor)`` for a model argument of any supported family, on ``device`` in eval mode.
 
@@ -98,7 +102,19 @@ def load_vlm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs).to(device).eval()
-    return model, load_processor(path)
+    return model, load_processor(path, image_options)
+
+
+def _check_image_options(processor: Any, options: dict[str, Any] | None) -> None:
+    """One clear error for an image option the family's image processor does not have (transformers would
+    keep it silently as an unused attribute)."""
+    image_processor = processor.image_processor
+    known = set(getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {}))
+    known |= {k for k in vars(image_processor) if not k.startswith("_")}
+    unknown = sorted(set(options or {}) - known)
+    if unknown:
+        raise UserError(f"image options {unknown} are not settings of {type(image_processor).__name__}; "
+                        f"its settings are {sorted(known)}")  # fmt: skip
 
 
 def vision_tower(model) -> torch.nn.Module:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from medrl.core.tables import markdown_table
@@ -20,13 +22,13 @@ from medrl.data.benchmarks import BENCHMARKS, benchmark_order
 from medrl.metrics.answers import UNPARSEABLE
 from medrl.metrics.pass_at_k import pass_at_k
 
-# Published Acc@1 (%) on the same suite, for comparison rows (facts from the paper and its baselines).
-PUBLISHED: dict[str, dict[str, float]] = {
-    "paper: OctoMed-7B + RL (published)": {"PMC": 59.0, "MMMU": 62.94, "MedX-M": 34.5, "PathVQA": 65.5,
-                                           "SLAKE": 88.0, "VQA-RAD": 79.0},
-    "Qwen2.5-VL-7B (published)": {"PMC": 49.30, "MMMU": 52.94, "MedX-M": 18.89, "PathVQA": 65.39,
-                                  "SLAKE": 65.71, "VQA-RAD": 68.75},
-}  # fmt: skip
+# Published Acc@1 (%) on the same suite, for comparison rows: data, kept with the configs.
+PUBLISHED_FILE = Path(__file__).resolve().parents[2] / "configs" / "published.json"
+
+
+def published_rows() -> dict[str, dict[str, float]]:
+    """Run name -> benchmark -> published Acc@1 (%), from ``configs/published.json``."""
+    return json.loads(PUBLISHED_FILE.read_text())["rows"]
 
 
 def metric_names(ks: Sequence[int]) -> list[str]:
@@ -80,7 +82,7 @@ def table_rows(scores: Mapping[str, Mapping[str, Any]], published: bool = False)
 
     Args:
         scores: run name -> the output of :func:`score`.
-        published: add the published Acc@1 rows of the paper's model and Qwen2.5-VL-7B.
+        published: add the published Acc@1 rows (``configs/published.json``: the paper's model and its base).
     """
     names = benchmark_order(b for s in scores.values() for b in s["benchmarks"])
     counts = {
@@ -95,7 +97,7 @@ def table_rows(scores: Mapping[str, Mapping[str, Any]], published: bool = False)
             value = s["mean"][metric]
             rows.append([run, metric, *cells, "-" if math.isnan(value) else f"{100 * value:.2f}"])
     if published:
-        for run, values in PUBLISHED.items():
+        for run, values in published_rows().items():
             cells = [f"{values[b]:.2f}" if b in values else "-" for b in names]
             # The published mean is over the six benchmarks; over a subset it would not be comparable.
             mean = f"{sum(values.values()) / len(values):.2f}" if set(values) <= set(names) else "-"

@@ -39,12 +39,14 @@ def open_engine(
     device: str = "auto",
     dtype: DType = "auto",
     options: dict[str, Any] | None = None,
+    image_options: dict[str, Any] | None = None,
 ) -> Engine:
     """An engine on a model argument (``tiny``, a folder, a hub id); the caller closes it.
 
     ``vllm`` loads the weights itself (the model is never also loaded into transformers); ``hf`` loads the
     policy on ``device`` (``auto``: the GPU when one is visible) in ``dtype`` (``auto``: bf16 on GPU, fp32
-    on CPU). ``options`` are the engine's own keyword arguments (e.g. ``max_model_len`` for vLLM).
+    on CPU). ``options`` are the engine's own keyword arguments (e.g. ``max_model_len`` or ``max_images`` for
+    vLLM); ``image_options`` the family's image-processor settings, for both engines.
     """
     import torch
 
@@ -53,9 +55,10 @@ def open_engine(
     options = dict(options or {})
     if engine == "vllm":
         options.setdefault("seed", seed)
-        return make_engine("vllm", resolve_model(model), **options)
+        return make_engine("vllm", resolve_model(model), image_options=image_options, **options)
     if engine != "hf":
         raise ValueError(f"unknown engine {engine!r}: use 'hf' or 'vllm'")
     where = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    policy, processor = load_vlm(model, device=where, dtype=resolve_dtype(dtype, where))
+    options.pop("max_images", None)  # transformers' generate takes any number of images
+    policy, processor = load_vlm(model, device=where, dtype=resolve_dtype(dtype, where), image_options=image_options)
     return make_engine("hf", policy, processor, **options)

@@ -19,7 +19,7 @@ from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_compl
 from medrl.rollout.engine import Engine
 from medrl.rollout.types import Completion, Item, PromptResult, SamplingParams
 
-# Generation settings a checkpoint's generation_config.json may carry (Qwen2.5-VL-Instruct ships
+# Generation settings a checkpoint's generation_config.json may carry (instruct checkpoints ship e.g.
 # repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): transformers fills every field left
 # None from the checkpoint, so each one that reshapes the distribution is pinned to its neutral value.
 _NEUTRAL = {

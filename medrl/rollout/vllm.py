@@ -143,6 +143,10 @@ class VLLMEngine(Engine):
         max_num_batched_tokens: tokens vLLM's scheduler processes per step (prefill and decode together);
             null: vLLM's default.
         seed: vLLM's engine seed.
+        max_images: the most images one prompt may carry (vLLM's ``limit_mm_per_prompt``; it sizes the
+            encoder cache for that many, so the commands set it from their data).
+        image_options: the family's image-processor settings (``max_pixels``, ``do_image_splitting``, ...),
+            for a model argument; an in-memory policy's processor already carries its own.
     """
 
     name = "vllm"
@@ -160,6 +164,8 @@ class VLLMEngine(Engine):
         sleep_mode: bool | None = None,
         max_num_batched_tokens: int | None = None,
         seed: int = 0,
+        max_images: int = 1,
+        image_options: dict[str, Any] | None = None,
     ) -> None:
         from medrl.models.hub import load_processor, resolve_model
 
@@ -175,7 +181,7 @@ class VLLMEngine(Engine):
             param_dtype = next(policy.parameters()).dtype
         else:
             path = resolve_model(model)
-            processor = processor or load_processor(path)
+            processor = processor or load_processor(path, image_options)
             param_dtype = None
             self._tmp = Path(tempfile.mkdtemp(prefix="medrl-vllm-"))
             if _renamed_copy(path, self._tmp):
@@ -195,7 +201,7 @@ class VLLMEngine(Engine):
             model=str(path),
             dtype=dtype,
             max_model_len=max_model_len,
-            limit_mm_per_prompt={"image": 1},
+            limit_mm_per_prompt={"image": max(1, max_images)},
             max_num_seqs=max_num_seqs,
             seed=seed,
             disable_log_stats=True,
@@ -218,6 +224,9 @@ class VLLMEngine(Engine):
             # A prompt split across scheduler steps makes vLLM rewind the request's seeded generator, which
             # CPU generators cannot do ("CPU Generator does not use offset"): on CPU, never split a prompt.
             kwargs["enable_chunked_prefill"] = False
+        if image_options:  # vLLM runs the family's HF processor itself: same settings as the trainer's
+            kwargs["mm_processor_kwargs"] = dict(image_options)
+        self.max_images = max(1, max_images)
         self.llm = self._start(kwargs)
 
     @staticmethod
@@ -276,6 +285,9 @@ class VLLMEngine(Engine):
         requests, sampling, owners = [], [], []
         for i, (text, item) in enumerate(zip(texts, items, strict=True)):
             images = item_images(item)
+            if len(images) > self.max_images:
+                raise ValueError(f"a prompt has {len(images)} images but this engine was started for at most "
+                                 f"{self.max_images}: start it with max_images={len(images)}")  # fmt: skip
             request: dict[str, Any] = {"prompt": text}
             if images:
                 request["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}

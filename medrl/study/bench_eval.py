@@ -27,7 +27,9 @@ from medrl.data.benchmarks import BENCHMARKS, BenchmarkSuiteDataModule
 from medrl.data.image_store import ImageCheck
 from medrl.data.mcq_items import MCQItemsDataset
 from medrl.models.budget import model_prompt_budget
-from medrl.models.fragments import model_and_dtype
+from medrl.models.families import family_of_folder
+from medrl.models.fragments import image_options_of, model_and_dtype
+from medrl.models.hub import resolve_model
 from medrl.report.benchmark_table import score, table_rows, to_csv, to_markdown
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import open_engine
@@ -160,6 +162,8 @@ def bench_eval(
     resume: bool = True,
     mean_of_all: bool = False,
     max_prompt_length: int | None = None,
+    images: Literal["auto", "native", "tiled"] = "auto",
+    image_options: dict[str, Any] | None = None,
 ) -> int:
     """Evaluate a model on the six-benchmark suite: greedy Acc@1 per benchmark and the mean (+ Pass@K).
 
@@ -187,14 +191,20 @@ def bench_eval(
         dtype: weight dtype for the hf engine (auto: bf16 on GPU, fp32 on CPU).
         engine_options: engine keyword arguments (e.g. max_model_len, gpu_memory_utilization for vLLM).
         keep_texts: store every sampled completion's text in items.jsonl (greedy texts are always kept).
-        published: add the published rows (the paper's model, Qwen2.5-VL-7B) to the table.
+        published: add the published rows (configs/published.json: the paper's model and its base) to the table.
         resume: continue an interrupted evaluation in ``out`` (false: start over).
         mean_of_all: average every benchmark in the suite (default: the six only; others are scored apart).
         max_prompt_length: prompt tokens (text and image) an item may take; longer ones are dropped and reported
             as ``too_long`` (default: the model's context minus max_new_tokens).
+        images: how an item's several images (MMMU, MedXpertQA) reach the model: ``native`` as separate
+            images in one prompt, ``tiled`` into one picture; ``auto``: native when the model's family takes
+            several images (every family medrl knows does). Recorded in run.json and the summary line.
+        image_options: the family's image-processor settings (e.g. ``{max_pixels: 802816}`` for pixel-budget
+            families, ``{do_image_splitting: false}`` for SmolVLM), for both engines.
     """
     from medrl.evaluation import default_ks
 
+    image_options = image_options_of(model, image_options)
     model, dtype = model_and_dtype(model, dtype)  # a configs/models/*.yaml fragment names the model and its dtype
     if n < 0:
         raise ConfigError(f"medrl bench-eval: n must be >= 0, got {n}")
@@ -202,11 +212,14 @@ def bench_eval(
     if ks and max(ks) > n:
         raise ConfigError(f"medrl bench-eval: pass@{max(ks)} needs n >= {max(ks)} samples per item, got n={n}")
     out_dir = Path(out)
+    if images == "auto":
+        images = "native" if family_of_folder(resolve_model(model)).multi_image else "tiled"
     data = BenchmarkSuiteDataModule(suite, image_root, benchmarks, samples_per_benchmark, image_check,
-                                    instruction=instruction, system_prompt=system_prompt, seed=seed)  # fmt: skip
+                                    instruction=instruction, system_prompt=system_prompt, seed=seed,
+                                    images=images)  # fmt: skip
     dataset = data.dataset()
     # Before any engine starts: one very long row must be dropped and reported, not tokenised into memory.
-    data.apply_prompt_budget(model_prompt_budget(model, max_new_tokens, max_prompt_length))
+    data.apply_prompt_budget(model_prompt_budget(model, max_new_tokens, max_prompt_length, image_options))
     for report in data.reports:
         print(report.summary(), file=sys.stderr)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
@@ -215,11 +228,16 @@ def bench_eval(
         "model": model, "suite": str(suite), "engine": engine, "benchmarks": benchmarks,
         "samples_per_benchmark": samples_per_benchmark, "items": len(dataset), "max_new_tokens": max_new_tokens,
         "n": n, "temperature": temperature, "top_p": top_p, "batch_size": batch_size, "seed": seed,
-        "instruction": instruction, "system_prompt": system_prompt, "keep_texts": keep_texts,
+        "instruction": instruction, "system_prompt": system_prompt, "keep_texts": keep_texts, "images": images,
+        "max_images": dataset.max_images(), "image_options": image_options,
     }  # fmt: skip
     _check_resume(out_dir, settings, resume)
-    print(f"medrl bench-eval: {len(dataset)} items, {model} on {engine}, greedy + {n} samples -> {out_dir}")
-    with open_engine(engine, model, seed, device, dtype, engine_options) as runner:
+    most = dataset.max_images()
+    shown = f"several images {'as separate images' if images == 'native' else 'tiled into one'} (up to {most})"
+    print(f"medrl bench-eval: {len(dataset)} items, {model} on {engine}, greedy + {n} samples, "
+          f"{shown if most > 1 else 'one image each'} -> {out_dir}")  # fmt: skip
+    options = {"max_images": most, **(engine_options or {})} if engine == "vllm" else engine_options
+    with open_engine(engine, model, seed, device, dtype, options, image_options) as runner:
         rows = evaluate_items(runner, dataset, params, out_dir, batch_size, keep_texts)
     label = name or model
     scores = score(rows, ks, mean_of_all=mean_of_all)

@@ -103,6 +103,8 @@ class StudyPlan:
             the first) and measured on the same questions, so the report's intervals cover training noise too.
         boundary_sft_steps: the support-boundary sweep's ladder: SFT budgets in optimizer steps between the
             base model (0) and the full SFT run, each followed by the same GRPO budget (empty: no sweep).
+        image_options: the base model's image-processor settings in the support measurements (a model
+            fragment's, with ``--model``; training stages take theirs from their configs).
         support_measure: what tau is compared with: Pass@k above chance (``adjusted``, the default: on 2-option
             questions a random letter has Pass@8 = 0.996) or raw Pass@k (``raw``).
     """
@@ -124,6 +126,7 @@ class StudyPlan:
     support_measure: Literal["adjusted", "raw"] = "adjusted"
     boundary_sft_steps: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    image_options: dict[str, Any] | None = None
 
     @property
     def training_seeds(self) -> list[int]:
@@ -184,3 +187,39 @@ def claim_run_dir(run_dir: Path, plan: StudyPlan, command: str) -> None:
             f"pass another --out (or delete {run_dir}) to start afresh"
         )
     atomic_write_json(path, wanted)
+
+
+def merge_nested(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: values of ``top`` win; dicts merge key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_nested(merged[key], value) if nested else value
+    return merged
+
+
+def with_model(plan: StudyPlan, model: str) -> StudyPlan:
+    """``plan`` run on another base model: a model argument (``tiny:gemma3``, a folder, a hub id) or a model
+    fragment (``configs/models/*.yaml``), whose other ``model.init_args`` (dtype, image options, LoRA, vision)
+    go into both training stages. The vision stage probes the new model's tower (``vlm:<model>``) beside
+    the plan's timm encoders, and the plan's name gains the model's, so its run folder is its own."""
+    from dataclasses import replace
+
+    from medrl.models.fragments import fragment_init_args, is_fragment
+
+    settings: dict[str, Any] = {}
+    if is_fragment(model):
+        settings = dict(fragment_init_args(model))
+        model = settings.pop("model")
+    top = {"model": {"init_args": settings}} if settings else {}
+    encoders = [spec for spec in plan.vision.encoders if spec.startswith("timm:")] + [f"vlm:{model}"]
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model.replace("/", "--")).strip("-")
+    return replace(
+        plan,
+        name=f"{plan.name}-{slug}",
+        model=model,
+        vision=replace(plan.vision, encoders=encoders),
+        image_options=settings.get("image_options", plan.image_options),
+        sft=replace(plan.sft, overrides=merge_nested(plan.sft.overrides, top)),
+        rl=replace(plan.rl, overrides=merge_nested(plan.rl.overrides, top)),
+    )

@@ -16,7 +16,7 @@ from typing import Literal
 from medrl.core.errors import ConfigError
 from medrl.data.medmnist_files import FLAGS_2D as FLAGS
 from medrl.rl.recipe import Measurement, RecipeRecord, run_recipe
-from medrl.study.plan import TrainPlan, claim_run_dir, load_plan
+from medrl.study.plan import TrainPlan, claim_run_dir, load_plan, with_model
 from medrl.study.reproduce import PLANS
 from medrl.study.runner import run_lock, stop_on_sigterm
 from medrl.study.stages import PMC_PREFIX, Study, exported_model, target_slug
@@ -53,7 +53,9 @@ def recipe(
         target: what to adapt to: a MedMNIST flag, or ``pmc:<train file>`` for PMC-VQA (training on that file,
             e.g. the JSONL of `medrl data pmc-subset`; support measured on the validation file). Its
             validation questions are the support set.
-        model: the starting model: tiny, a Hugging Face folder or hub id (default: the plan's model).
+        model: the starting model: a tiny id, a Hugging Face folder or hub id, or a model fragment
+            (``configs/models/*.yaml``, whose dtype, image and LoRA settings go into SFT and GRPO; default:
+            the plan's model).
         bridge: the data SFT trains on when support is low, a flag or ``pmc:<file>`` (default: the target).
         scale: the plan in configs/study/ whose settings fill in the rest: cpu or paper.
         plan: a plan file instead of --scale.
@@ -79,6 +81,8 @@ def recipe(
                 f"nor {PMC_PREFIX}<train file> for PMC-VQA"
             )
     base = load_plan(Path(plan) if plan else PLANS / f"{scale}.yaml")
+    if model:
+        base = with_model(base, model)
     support = dataclasses.replace(
         base.support,
         **{key: value for key, value in (("k", k), ("n", n), ("questions", questions)) if value is not None},
@@ -90,7 +94,6 @@ def recipe(
     study_plan = dataclasses.replace(
         base,
         name=f"recipe-{target_slug(target)}",
-        model=model or base.model,
         flags=list(dict.fromkeys([target, bridge])),
         support=support,
         tau=base.tau if tau is None else tau,

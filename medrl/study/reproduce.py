@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
-from medrl.study.plan import StudyPlan, claim_run_dir, load_plan
+from medrl.study.plan import StudyPlan, claim_run_dir, load_plan, with_model
 from medrl.study.runcard import run_card
 from medrl.study.runner import Stage, StageRunner, expected_times, json_has_keys, run_lock, stop_on_sigterm
 from medrl.study.stages import Study
@@ -91,6 +91,7 @@ def reproduce(
     root: str | None = None,
     dry_run: bool = False,
     force: str | list[str] | None = None,
+    model: str | None = None,
 ) -> int:
     """Run the whole study: probes, zero-shot support, SFT, GRPO, transfer, the recipe, then the report.
 
@@ -106,6 +107,10 @@ def reproduce(
         force: stages to rerun even if their outputs exist, comma-separated: a full name (`eval:base:breastmnist`)
             or a group (`sft`, `rl`, `eval`, `recipe`, `report`: every stage of it). Stages that read a forced
             stage's outputs run again too; a forced training stage trains anew (the old run is set aside).
+        model: run the plan on this base model instead of the plan's: a tiny id (``tiny:gemma3``), a folder,
+            a hub id, or a model fragment (``configs/models/medgemma_4b.yaml``: its dtype, image and LoRA
+            settings go into every training stage). The vision stage probes its tower; the run folder
+            defaults to ``runs/study-<plan>-<model>``.
     """
     plan_path = Path(plan) if plan else PLANS / f"{scale}.yaml"
     if not plan_path.is_file():
@@ -113,13 +118,15 @@ def reproduce(
             f"medrl reproduce: no plan {plan_path}; scales: {sorted(p.stem for p in PLANS.glob('*.yaml'))}"
         )
     study_plan = load_plan(plan_path)
+    if model:
+        study_plan = with_model(study_plan, model)
     run_dir = Path(out or f"runs/study-{study_plan.name}")
     study = Study(study_plan, run_dir, root=root)
     stages = build_stages(study)
     forced = _forced(stages, force)
     if dry_run:
         return _dry_run(study, stages, plan_path)
-    resume = f"medrl reproduce --plan {plan_path} --out {run_dir}"
+    resume = f"medrl reproduce --plan {plan_path} --out {run_dir}" + (f" --model {model}" if model else "")
     with run_lock(run_dir, resume), stop_on_sigterm():
         claim_run_dir(run_dir, study_plan, "medrl reproduce")
         start = time.perf_counter()

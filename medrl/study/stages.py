@@ -21,7 +21,7 @@ from medrl.core.env import DATA_DIR_ENV, cache_dir, data_dir
 from medrl.core.io import atomic_write_json, atomic_write_text
 from medrl.data import medmnist_files as mf
 from medrl.rl.recipe import Measurement, run_recipe
-from medrl.study.plan import StudyPlan
+from medrl.study.plan import StudyPlan, merge_nested
 from medrl.study.runner import Stage, json_has_keys, run_child
 
 PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
@@ -151,7 +151,7 @@ class Study:
             seed=self.plan.seed, greedy=True,
         )  # fmt: skip
         # The questions are read (and checked) before the model is loaded: a bad file fails in seconds.
-        engine = open_engine(s.engine, model, self.plan.seed)
+        engine = open_engine(s.engine, model, self.plan.seed, image_options=self.plan.image_options)
         try:
             scored = sample_and_score(engine, items, params, batch_size=s.batch_size)
         finally:
@@ -204,8 +204,8 @@ class Study:
         seed = self.plan.seed if seed is None else seed
         train = self.plan.sft if kind == "sft" else self.plan.rl
         folder = self.train_dir(model_label)
-        override = _merge(
-            _merge(train.overrides, extra or {}),
+        override = merge_nested(
+            merge_nested(train.overrides, extra or {}),
             {
                 "seed_everything": seed,
                 "trainer": {
@@ -217,7 +217,7 @@ class Study:
                     }],
                 },
                 "model": {"init_args": {"model": start, "seed": seed}},
-                "data": _merge(self.data_config(flag), {"init_args": {"seed": seed}}),
+                "data": merge_nested(self.data_config(flag), {"init_args": {"seed": seed}}),
             },
         )  # fmt: skip
         override_path = folder / "override.yaml"
@@ -312,14 +312,3 @@ def exported_model(folder: Path) -> Path | None:
     """The Hugging Face model a training folder exported (merged LoRA or full), or None before it has."""
     hf = folder / "checkpoints" / "last.hf"
     return next((hf / sub for sub in ("merged", "model") if (hf / sub / "config.json").is_file()), None)
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Nested dict merge: values of ``top`` win; dicts merge key by key."""
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged

@@ -30,7 +30,8 @@ FAMILIES = (
         examples="HuggingFaceTB/SmolVLM-256M-Instruct, HuggingFaceTB/SmolVLM-500M-Instruct",
         placeholders=tuple(IMAGE_TOKENS), turn_ends=(END_OF_UTTERANCE,), tower="vision_model", projector="connector",
         support=dict.fromkeys(FEATURES, "tested") | {"FSDP2": "tested (slow)"},
-        tiny={"tiny:smolvlm": "medrl.models.families.idefics3:tiny_smolvlm_dir"},
+        tiny={"tiny:smolvlm": "medrl.models.families.idefics3:tiny_smolvlm_dir",
+              "tiny:smolvlm-256m": "medrl.models.families.idefics3:smolvlm_256m_shape_dir"},
         image_options={"do_image_splitting": False},
     ),
 )  # fmt: skip
@@ -47,8 +48,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_smolvlm(seed: int = 0) -> tuple[Any, Any]:
-    """``(model, processor)``: the tiny Idefics3 with weights drawn from ``seed``, eval mode, fp32."""
+# Shapes: the tiny test model, and SmolVLM-256M-Instruct's published configuration (SmolLM2-135M text model,
+# a 93M SigLIP-B/16 tower at 512 px, pixel shuffle 4: 64 image tokens per image), for timing at real size.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 32},
+             "vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "image_size": 64, "patch_size": 16},
+             "scale_factor": 2, "vocab_size": None},
+    "256m": {"text": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                      "num_key_value_heads": 3, "head_dim": 64, "rope_theta": 100000.0},
+             "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "image_size": 512, "patch_size": 16},
+             "scale_factor": 4, "vocab_size": 49280},
+}  # fmt: skip
+
+
+def build_tiny_smolvlm(seed: int = 0, shape: str = "tiny") -> tuple[Any, Any]:
+    """``(model, processor)``: a random Idefics3 of ``shape`` (:data:`SHAPES`) with weights drawn from ``seed``,
+    eval mode, fp32. The ``256m`` shape's embedding has SmolVLM's 49,280 rows (the tokenizer uses the first
+    ~1,000), so its compute per token is the real model's."""
     from transformers import (
         Idefics3Config,
         Idefics3ForConditionalGeneration,
@@ -60,18 +79,19 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[Any, Any]:
 
     tokenizer = build_tokenizer(["<|endoftext|>", "<|im_start|>", END_OF_UTTERANCE, *IMAGE_TOKENS],
                                 eos=END_OF_UTTERANCE, pad="<|endoftext|>", chat_template=CHAT_TEMPLATE)  # fmt: skip
+    dims = SHAPES[shape]
+    side, scale = dims["vision"]["image_size"], dims["scale_factor"]
     image_processor = Idefics3ImageProcessor(
-        do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64}
+        do_image_splitting=False, size={"longest_edge": side}, max_image_size={"longest_edge": side}
     )
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+    tokens = (side // dims["vision"]["patch_size"] // scale) ** 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens,
                                   chat_template=CHAT_TEMPLATE)  # fmt: skip
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+    text = LlamaConfig(vocab_size=dims["vocab_size"] or len(tokenizer), max_position_embeddings=8192,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                       tie_word_embeddings=True)  # fmt: skip
-    vision = Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=64, patch_size=16)  # fmt: skip
-    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=2,
+                       tie_word_embeddings=True, **dims["text"])  # fmt: skip
+    vision = Idefics3VisionConfig(**dims["vision"])
+    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=scale,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # fmt: skip
     model = seeded(lambda: Idefics3ForConditionalGeneration(config), seed)
@@ -84,3 +104,10 @@ def tiny_smolvlm_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Pa
     """The saved ``tiny:smolvlm`` folder for ``seed``, built on first use."""
     name = f"tiny-smolvlm-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"
     return cached_model(name, lambda: (*build_tiny_smolvlm(seed), {}), root)
+
+
+def smolvlm_256m_shape_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
+    """``tiny:smolvlm-256m``: random weights in SmolVLM-256M-Instruct's shapes (~1 GB), built on first use; for
+    timing the laptop plan offline (its answers are noise)."""
+    name = f"random-smolvlm-256m-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"
+    return cached_model(name, lambda: (*build_tiny_smolvlm(seed, "256m"), {}), root)
