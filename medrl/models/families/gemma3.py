@@ -26,7 +26,7 @@ FAMILIES = (
         name="gemma3", model_types=("gemma3",), architectures="Gemma 3 (MedGemma)",
         examples="google/medgemma-4b-it, google/gemma-3-4b-it", placeholders=IMAGE_TOKENS, turn_ends=(END_OF_TURN,),
         tower="vision_tower", projector="multi_modal_projector",
-        support=dict.fromkeys(FEATURES, "tested") | {"FSDP2": "untested"},
+        support=dict.fromkeys(FEATURES, "tested") | {"FSDP2": "tested (slow)"},
         tiny={"tiny:gemma3": "medrl.models.families.gemma3:tiny_gemma3_dir"}, image_options={"do_pan_and_scan": False},
         vllm_renames=(("model.vision_tower.", "model.vision_tower.vision_model."),
                       ("vision_tower.", "vision_tower.vision_model.")),  # in memory; as save_pretrained writes

@@ -24,7 +24,7 @@ FAMILIES = (
         name="internvl", model_types=("internvl",), architectures="InternVL3 (-hf layout)",
         examples="OpenGVLab/InternVL3-8B-hf, OpenGVLab/InternVL3-2B-hf", placeholders=(*IMAGE_TOKENS, "<video>"),
         turn_ends=("<|im_end|>",), tower="vision_tower", projector="multi_modal_projector",
-        support=dict.fromkeys(FEATURES, "tested") | {"FSDP2": "untested"},
+        support=dict.fromkeys(FEATURES, "tested") | {"FSDP2": "tested (slow)"},
         tiny={"tiny:internvl": "medrl.models.families.internvl:tiny_internvl_dir"},
         image_options={"crop_to_patches": False}, cls_tokens=1,
     ),

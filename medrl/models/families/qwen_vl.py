@@ -37,7 +37,7 @@ FAMILIES = (
     Family(
         name="qwen3_vl", model_types=("qwen3_vl",), architectures="Qwen3-VL (dense)",
         examples="Qwen/Qwen3-VL-8B-Instruct", placeholders=PLACEHOLDERS, turn_ends=TURN_ENDS, tower="visual",
-        projector="merger", support=_TESTED | {"FSDP2": "untested"},
+        projector="merger", support=_TESTED,
         tiny={"tiny:qwen3_vl": "medrl.models.families.qwen_vl:tiny_qwen3_vl_dir"},
         encoder="qwen", encoder_class="medrl.models.qwen_tower:QwenVisionEncoder",
     ),
