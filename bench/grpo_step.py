@@ -20,6 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMPLS = ("medrl-hf", "medrl-vllm", "trl")
 
@@ -37,9 +41,9 @@ def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, floa
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
 
+    from bench.sizes import model_dir
     from medrl.lit.grpo import GRPOModule
     from medrl.lit.grpo_args import CareArgs, EngineArgs, LossArgs, OptimArgs, SamplingArgs
-    from medrl.models.families.qwen_vl import tiny_dir
 
     stamps: list[float] = []
 
@@ -48,10 +52,14 @@ def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, floa
             stamps.append(time.perf_counter())
             if stages is not None:
                 metrics = trainer.callback_metrics.items()
-                stages.append({k.removeprefix("time/"): float(v) for k, v in metrics if k.startswith("time/")})
+                step = {k.removeprefix("time/"): float(v) for k, v in metrics if k.startswith("time/")}
+                # Tokens, for the achieved FLOP/s: the completions' mean length (prompts are measured once).
+                if (length := trainer.callback_metrics.get("completion/length")) is not None:
+                    step["completion_tokens_mean"] = float(length)
+                stages.append(step)
 
     module = GRPOModule(
-        model=str(tiny_dir(0)),
+        model=str(model_dir(getattr(args, "size", "tiny"))),
         dtype="float32",  # as TRL's side (bf16=False); "auto" would pick it on CPU anyway
         engine=EngineArgs(engine, {"max_model_len": 1024, "kv_cache_gib": 0.5} if engine == "vllm" else None),
         sampling=SamplingArgs(num_generations=args.generations, max_completion_length=args.completion_length),
@@ -88,7 +96,7 @@ def run_trl(args: argparse.Namespace, stages: list[dict[str, float]] | None = No
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from medrl.models.families.qwen_vl import tiny_dir
+    from bench.sizes import model_dir
     from medrl.models.hub import load_vlm
     from medrl.rl.rewards import accuracy_reward, format_reward
 
@@ -109,7 +117,7 @@ def run_trl(args: argparse.Namespace, stages: list[dict[str, float]] | None = No
 
     items = _items(args.prompts * (args.steps + args.warmup))
     rows = [{"prompt": item["messages"], "image": item["image"], "answer": item["answer"]} for item in items]
-    model, processor = load_vlm(str(tiny_dir(0)))
+    model, processor = load_vlm(str(model_dir(getattr(args, "size", "tiny"))))
     config = GRPOConfig(
         output_dir=os.path.join(args.out, "trl"),
         use_cpu=True,

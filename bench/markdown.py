@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from bench.by_size import render_flops
+
 
 def _num(value: float, metric: str) -> str:
     return f"{value:,.0f}" if "tokens/s" in metric else f"{value:.3g}"
@@ -79,6 +81,7 @@ def render(results: dict[str, Any]) -> str:
         for row in notes:
             text = "; ".join(part for part in (row["note"], row.get("where_time_goes", "")) if part)
             lines.append(f"- **{row['comparison']}**: {text}.")
+    lines += render_flops(results.get("flops", []))
     lines += ["", "## How the sides were made comparable", ""]
     lines += [f"- **{kind}**: {text}." for kind, text in results["fairness"].items()]
     lines += ["", "## Every side run", "", "| side | round | timed median s | process wall s (CPU s) | peak RSS MiB "

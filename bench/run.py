@@ -41,6 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.by_size import expand, flops_rows, view  # noqa: E402
 from bench.isolate import SideFailed, SideRun, run_isolated  # noqa: E402
 from bench.markdown import render  # noqa: E402
 from bench.table import build_rows, stats  # noqa: E402
@@ -49,7 +50,7 @@ from medrl.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 FULL: dict[str, dict[str, Any]] = {
     "grpo": {"prompts": 4, "generations": 8, "completion_length": 64, "steps": 8, "warmup": 2, "threads": 1,
              "rounds": 3},
-    "sampling": {"questions": 64, "k": 16, "max_new_tokens": 64, "batch_sizes": [1, 4, 16, 64], "repeats": 1,
+    "sampling": {"questions": 64, "k": 16, "max_new_tokens": 64, "batch_sizes": [1, 16, 64], "repeats": 1,
                  "threads": 1, "rounds": 3},
     "probe": {"encoder": "qwen:tiny,image_size=native", "size": "native 28 px", "flag": "breastmnist", "epochs": 20,
               "batch_size": 256, "extract_batch_size": 64, "train_samples": 256, "val_samples": 64, "threads": 1,
@@ -78,11 +79,11 @@ def fairness(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
         text["grpo"] = (
             f"TRL 1.16 GRPOTrainer with use_vllm=False (its transformers.generate path, the same kind of generation "
             f"as medrl's hf engine; TRL 1.16 accepts vLLM only up to 0.31, so the vLLM row is compared with the same "
-            f"TRL run). Both load the same saved tiny Qwen2.5-VL folder in float32 on CPU (TRL: use_cpu, bf16 "
-            f"off), take the same {g['prompts']} real PneumoniaMNIST VQA prompts and images per step in the same "
-            f"order (no shuffling), G={g['generations']}, at most {g['completion_length']} completion tokens, "
-            f"temperature 1.0, the same reward functions (medrl's accuracy and format, weight 1 each; CARE off, "
-            f"TRL has none), beta 0 (no reference model), one optimizer step per generation batch (mu 1), all "
+            f"TRL run). Both load the same saved random Qwen2.5-VL folder of the row's size in float32 on CPU "
+            f"(TRL: use_cpu, bf16 off), take the same {g['prompts']} real PneumoniaMNIST VQA prompts and images per "
+            f"step in the same order (no shuffling), G={g['generations']}, at most {g['completion_length']} completion "
+            f"tokens, temperature 1.0, the same reward functions (medrl's accuracy and format, weight 1 each; CARE "
+            f"off, TRL has none), beta 0 (no reference model), one optimizer step per generation batch (mu 1), all "
             f"{g['prompts'] * g['generations']} sequences in one forward/backward, AdamW lr 1e-5, weight decay 0, "
             f"constant learning rate, gradient norm clipped at 5; {g['steps']} timed steps after {g['warmup']} "
             f"untimed warm-up steps per run, {g['threads']} torch thread(s), each run a fresh process"
@@ -117,7 +118,8 @@ def plan(settings: dict[str, dict[str, Any]], vllm: bool) -> list[tuple[str, str
     for round_ in range(rounds):
         for kind, s in settings.items():
             if round_ < s["rounds"]:
-                runs += [(kind, side, round_) for side in SIDES[kind] if vllm or f"{kind}/{side}" not in VLLM_SIDES]
+                base = kind.split("@")[0]
+                runs += [(kind, side, round_) for side in SIDES[base] if vllm or f"{base}/{side}" not in VLLM_SIDES]
     return runs
 
 
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", nargs="+", choices=sorted(SIDES), help="run only these comparisons")
     parser.add_argument("--repeats", type=int, help="fresh processes per side (sampling: passes per process)")
     parser.add_argument("--threads", type=int, help="torch threads of every side (default 1, see FULL)")
+    parser.add_argument("--sizes", help="model sizes of the GRPO and sampling comparisons, comma-separated "
+                        "(tiny, 20m, 100m; default: all three, tiny with --quick)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="sides run at once (above 1 they disturb each other)")
     parser.add_argument("--out", help="folder for results.json/.md (default: bench/, or runs/bench-quick with --quick)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -211,11 +215,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = select(args.quick, args.only, args.repeats, args.threads)
     if not settings:
         parser.error(f"--only {' '.join(args.only)}: the quick mode has only {', '.join(QUICK)}")
+    from bench.sizes import SHAPES
+
+    sizes = [s.strip() for s in (args.sizes or ("tiny" if args.quick else ",".join(SHAPES))).split(",") if s.strip()]
+    if unknown := [s for s in sizes if s not in SHAPES]:
+        parser.error(f"--sizes {','.join(unknown)}: the sizes are {', '.join(SHAPES)}")
+    settings = expand(settings, sizes)
     started, load_start, t0 = datetime.now(UTC), list(os.getloadavg()), time.perf_counter()
+    from bench.flops import peak_matmul_flops
+
+    threads = min(s["threads"] for s in settings.values())
+    peak = peak_matmul_flops(threads, seconds=0.5 if args.quick else 2.0)  # before any side: an idle machine
     with tempfile.TemporaryDirectory(prefix="medrl-bench-") as workdir:
         sides = run_all(settings, vllm, args.jobs, Path(workdir))
     command = shlex.join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     results = summarise(args, command, settings, vllm, sides, started, load_start, time.perf_counter() - t0)
+    results["sizes"], results["peak"] = sizes, peak
+    results["rows"] = sized_rows(sides, settings, sizes)
+    results["flops"] = flops_rows(sides, settings, sizes, peak["flops"])
     # A smoke run never overwrites the committed full results.
     root = Path(__file__).resolve().parents[1]
     out = Path(args.out) if args.out else root / ("runs/bench-quick" if args.quick else "bench")
@@ -225,6 +242,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if failed := [key for key, side in sides.items() if "failed" in side]:
         sys.exit(f"these sides failed (their logs are in results.json, sides.<side>.failed): {', '.join(failed)}")
     return results
+
+
+def sized_rows(sides: dict[str, Any], settings: dict[str, Any], sizes: list[str]) -> list[dict[str, Any]]:
+    """The size-free rows, then each size's rows with the size in their key and name."""
+    from bench.sizes import parameters
+
+    rows = build_rows(*view(sides, settings, None))
+    for size in sizes:
+        label = f"{size}, {parameters(size)['total'] / 1e6:.1f}M"
+        for row in build_rows(*view(sides, settings, size)):
+            rows.append({**row, "key": f"{row['key']}@{size}", "comparison": f"{row['comparison']} [{label}]",
+                         "size": size})  # fmt: skip
+    return rows
 
 
 def summarise(args: argparse.Namespace, command: str, settings: dict, vllm: bool, sides: dict, started: datetime,
@@ -250,8 +280,8 @@ def summarise(args: argparse.Namespace, command: str, settings: dict, vllm: bool
         "versions": package_versions(),
         "code": code_revision(),
         "settings": settings,
-        "fairness": fairness(settings),
-        "rows": build_rows(sides, settings),
+        # Each comparison's words from its first size's settings; the larger sizes' own counts are in `settings`.
+        "fairness": fairness({k.split("@")[0]: v for k, v in reversed(settings.items())}),
         "sides": sides,
     }
 

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _items(n: int) -> list[dict]:
@@ -85,35 +89,41 @@ def build_engine(name: str, model, processor, path: Path, max_sequences: int, it
     return engine, seconds
 
 
-def baseline_side(questions: int, k: int, max_new_tokens: int, repeats: int = 1) -> dict:
+def baseline_side(questions: int, k: int, max_new_tokens: int, repeats: int = 1, size: str = "tiny") -> dict:
     """The one-call-per-sample loop alone, ``repeats`` times, in this process (for a harness that isolates it).
 
     Returns lists of wall seconds, CPU seconds and new tokens, one entry per repeat.
     """
-    from medrl.models.families.qwen_vl import tiny_dir
+    from bench.sizes import model_dir
     from medrl.models.hub import load_vlm
 
     items = _items(questions)
-    model, processor = load_vlm(str(tiny_dir(0)))
+    model, processor = load_vlm(str(model_dir(size)))
     one_call_per_sample(model, processor, items[:1], 1, 4)  # warm-up, as the engines get
     runs = [one_call_per_sample(model, processor, items, k, max_new_tokens) for _ in range(repeats)]
     return {"seconds": [r[0] for r in runs], "cpu_s": [r[1] for r in runs], "tokens": [r[2] for r in runs]}
 
 
 def engine_side(
-    name: str, questions: int, k: int, max_new_tokens: int, batch_sizes: list[int], repeats: int = 1
+    name: str,
+    questions: int,
+    k: int,
+    max_new_tokens: int,
+    batch_sizes: list[int],
+    repeats: int = 1,
+    size: str = "tiny",
 ) -> dict:
     """One medrl engine alone: Pass@K with every question in one call, then throughput per questions per call.
 
     Returns the engine's start seconds, and per repeat the wall seconds, CPU seconds and new tokens of the
     Pass@K pass (``pass_at_k``) and of each throughput pass (``throughput[questions per call]``).
     """
-    from medrl.models.families.qwen_vl import tiny_dir
+    from bench.sizes import model_dir
     from medrl.models.hub import load_vlm
     from medrl.rollout import SamplingParams
 
     items = _items(questions)
-    path = tiny_dir(0)
+    path = model_dir(size)
     model, processor = load_vlm(str(path))
     params = SamplingParams(n=k, temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=0)
     engine, start_s = build_engine(name, model, processor, path, k * max(questions, *batch_sizes), items, params)

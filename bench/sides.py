@@ -18,9 +18,10 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     runners = {"grpo": grpo_side, "sampling": sampling_side, "probe": probe_side, "probe_224": probe_side}
-    if spec["kind"] not in runners:
+    kind = spec["kind"].split("@")[0]  # `grpo@20m`: the comparison at a model size
+    if kind not in runners:
         raise ValueError(f"unknown comparison {spec['kind']!r}: expected one of {sorted(runners)}")
-    result = runners[spec["kind"]](spec["side"], spec["settings"], spec["workdir"])
+    result = runners[kind](spec["side"], spec["settings"], spec["workdir"])
     return {**result, "torch_threads_at_end": torch.get_num_threads()}  # an engine may have changed it
 
 
@@ -42,6 +43,7 @@ def sampling_side(side: str, settings: dict[str, Any], workdir: str) -> dict[str
     from bench.sampling import baseline_side, engine_side
 
     common = {k: settings[k] for k in ("questions", "k", "max_new_tokens", "repeats")}
+    common["size"] = settings.get("size", "tiny")
     if side == "per-sample":
         return baseline_side(**common)
     out = engine_side(side, batch_sizes=settings["batch_sizes"], **common)

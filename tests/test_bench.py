@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HF_ROWS = {"grpo_hf", "pass_at_k_hf", "probe_cold", "probe_warm"}
-VLLM_ROWS = {"grpo_vllm", "pass_at_k_vllm", "throughput_1", "throughput_2"}
+HF_ROWS = {"grpo_hf@tiny", "pass_at_k_hf@tiny", "probe_cold", "probe_warm"}  # the quick mode's one size: tiny
+VLLM_ROWS = {"grpo_vllm@tiny", "pass_at_k_vllm@tiny", "throughput_1@tiny", "throughput_2@tiny"}
 
 
 def _run_quick(out: Path, data_dir: Path, *extra: str) -> dict:
@@ -47,12 +47,17 @@ def _check_common(results: dict, out: Path) -> dict[str, dict]:
         assert _measured(row["medrl"]) and _measured(row["peer"]), key
         assert row["ratio"] > 0 and row["ratio_spread"][0] <= row["ratio"] <= row["ratio_spread"][1], key
     # Where the GRPO time goes: medrl's named stages and TRL's own profiling blocks, per step.
-    where = rows["grpo_hf"]["where_time_goes"]
+    where = rows["grpo_hf@tiny"]["where_time_goes"]
     assert "generate" in where and "update" in where and "transformers.generate" in where
+    # The machine's limit, and each GRPO side's achieved FLOP/s against it.
+    assert results["sizes"] == ["tiny"] and results["peak"]["flops"] > 1e8
+    flops = {row["side"]: row for row in results["flops"]}
+    assert {"medrl-hf", "trl"} <= set(flops)
+    assert all(flops[s]["update_flops"] > 0 and flops[s]["generate_flops"] > 0 for s in ("medrl-hf", "trl"))
     markdown = (out / "results.md").read_text()
     for row in results["rows"]:
         assert f"| {row['comparison']} |" in markdown
-    assert "Load average" in markdown and results["hardware"]["cpu"] in markdown
+    assert "Load average" in markdown and results["hardware"]["cpu"] in markdown and "GFLOP/s" in markdown
     return rows
 
 
@@ -63,12 +68,12 @@ def test_quick_mode_runs_every_comparison(real_data_dir: Path, tmp_path: Path) -
     for key in VLLM_ROWS:  # present, and saying why they hold no figure
         assert rows[key]["ratio"] is None and rows[key]["note"].startswith("not run"), key
     # the throughput rows still carry the hf engine's figures
-    assert _measured(rows["throughput_1"]["peer"]) and rows["throughput_1"]["peer"]["label"] == "hf engine"
+    assert _measured(rows["throughput_1@tiny"]["peer"]) and rows["throughput_1@tiny"]["peer"]["label"] == "hf engine"
     sides = results["sides"]
-    assert set(sides) == {"grpo/medrl-hf", "grpo/trl", "sampling/per-sample", "sampling/hf", "probe/reencoding",
-                          "probe/cached"}  # fmt: skip
+    assert set(sides) == {"grpo@tiny/medrl-hf", "grpo@tiny/trl", "sampling@tiny/per-sample", "sampling@tiny/hf",
+                          "probe/reencoding", "probe/cached"}  # fmt: skip
     # equal work on both sampling sides: the same number of new tokens per pass
-    assert sides["sampling/per-sample"]["runs"][0]["result"]["tokens"][0] > 0
+    assert sides["sampling@tiny/per-sample"]["runs"][0]["result"]["tokens"][0] > 0
 
 
 @pytest.mark.slow
@@ -77,7 +82,7 @@ def test_quick_mode_with_vllm_sides(real_data_dir: Path, tmp_path: Path) -> None
     rows = _check_common(results, tmp_path)
     for key in VLLM_ROWS:
         assert _measured(rows[key]["medrl"]) and _measured(rows[key]["peer"]) and rows[key]["ratio"] > 0, key
-    assert "sync" in rows["grpo_vllm"]["where_time_goes"]
+    assert "sync" in rows["grpo_vllm@tiny"]["where_time_goes"]
 
 
 def _side(seconds: list[float], peak: float = 100.0, **result: object) -> dict:
@@ -120,4 +125,4 @@ def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
                                                          "one_minute_at_run_starts": {}}}  # fmt: skip
     markdown = render(results)
     assert "| GRPO step, vLLM engine | s/step | medrl, vllm engine: failed |" in markdown
-    assert "**0.50** (0.17-1.50)" in markdown and "<= 1: met" in markdown and ">= 10: missed" in markdown
+    assert "**0.50** (0.17-1.50)" in markdown and "<= 0.7: met" in markdown and ">= 10: missed" in markdown

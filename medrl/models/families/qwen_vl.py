@@ -62,6 +62,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def _vision_token_ids(tokenizer) -> dict[str, int]:
+    """The config's ids of the image, video and vision-bracket tokens (the same in every Qwen-VL config)."""
+    ids = tokenizer.convert_tokens_to_ids
+    names = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>",
+             "vision_end": "<|vision_end|>"}  # fmt: skip
+    return {f"{key}_token_id": ids(token) for key, token in names.items()}
+
+
 def build_tokenizer():
     """The tiny Qwen tokenizer: byte-level BPE with the Qwen special tokens (ids 0-7) and chat template."""
     return _build_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", chat_template=CHAT_TEMPLATE)
@@ -128,10 +136,7 @@ def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: in
         text_config=text_config,
         vision_config=vision_config,
         tie_word_embeddings=True,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **_vision_token_ids(tokenizer),
     )
 
 
@@ -177,10 +182,7 @@ def build_tiny_qwen3_vl(seed: int = 0):
         text_config=text,
         vision_config=vision,
         tie_word_embeddings=True,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **_vision_token_ids(tokenizer),
     )
     model = seeded(lambda: Qwen3VLForConditionalGeneration(config), seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
