@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,43 +28,21 @@ SHAPES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
-def _config(tokenizer: Any, s: dict[str, int]):
-    from transformers import Qwen2_5_VLConfig
-
-    ids = tokenizer.convert_tokens_to_ids
-    half = s["hidden"] // s["heads"] // 2  # mrope sections cover half the head: temporal, height, width
-    sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    text = {"vocab_size": len(tokenizer), "hidden_size": s["hidden"], "intermediate_size": s["mlp"],
-            "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-            "max_position_embeddings": 4096, "tie_word_embeddings": True,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections},
-            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    vision = {"depth": s["v_depth"], "hidden_size": s["v_hidden"], "intermediate_size": s["v_mlp"],
-              "num_heads": s["v_heads"], "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
-              "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": s["hidden"],
-              "fullatt_block_indexes": [s["v_depth"] - 1]}  # fmt: skip
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                            vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"))  # fmt: skip
-
-
 def build(size: str, seed: int = 0):
     """``(model, processor)`` of ``size``: random weights from ``seed``, fp32, eval mode."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from medrl.models.families.qwen_vl import build_processor, build_tokenizer
-    from medrl.models.tiny import seeded
+    from medrl.models.families.qwen_vl import build_processor, build_tokenizer, tiny_config
+    from medrl.models.tiny import random_model
 
     if size not in SHAPES:
         raise ValueError(f"unknown size {size!r}: the sizes are {', '.join(SHAPES)}")
     processor = build_processor(build_tokenizer(), min_pixels=IMAGE_PIXELS, max_pixels=IMAGE_PIXELS)
-    config = _config(processor.tokenizer, SHAPES[size])
-    model = seeded(lambda: Qwen2_5_VLForConditionalGeneration(config), seed)
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    return model.eval(), processor
+    d = SHAPES[size]
+    config = tiny_config(processor.tokenizer, hidden=d["hidden"], layers=d["layers"], vision_hidden=d["v_hidden"],
+                         vision_depth=d["v_depth"], heads=d["heads"], kv_heads=d["kv_heads"], mlp=d["mlp"],
+                         vision_heads=d["v_heads"], vision_mlp=d["v_mlp"])  # fmt: skip
+    return random_model(Qwen2_5_VLForConditionalGeneration, config, seed, processor.tokenizer), processor
 
 
 def model_dir(size: str) -> Path:

@@ -194,10 +194,13 @@ class MCQItemsDataset(Dataset):
         prompt = vqa.format_prompt(item.question, item.options, self.instruction or vqa.INSTRUCTION)
         return vqa.readable_text(prompt, self.system_prompt)
 
+    def _shown(self, item: MCQItem) -> int:
+        """How many images the model sees for ``item``: each one, or the one tiled picture."""
+        return min(len(item.images), 1) if self.images == "tiled" else len(item.images)
+
     def max_images(self) -> int:
         """The most images any item passes to the model (1 when tiled)."""
-        most = max((len(item.images) for item in self.items), default=0)
-        return min(most, 1) if self.images == "tiled" else most
+        return max((self._shown(item) for item in self.items), default=0)
 
     def _seen_sizes(self, item: MCQItem) -> list[tuple[int, int]]:
         """The sizes of the images the model sees for ``item``: each one, or the one tiled picture."""
@@ -219,8 +222,9 @@ class MCQItemsDataset(Dataset):
         returns how many were dropped."""
         kept = []
         for item in self.items:
-            n_images = min(len(item.images), 1) if self.images == "tiled" else len(item.images)
-            problem = budget.problem_of_row(self.prompt_text(item), n_images, lambda it=item: self._seen_sizes(it))
+            problem = budget.problem_of_row(
+                self.prompt_text(item), self._shown(item), lambda it=item: self._seen_sizes(it)
+            )
             if problem is None:
                 kept.append(item)
                 continue

@@ -236,6 +236,8 @@ class _VLMTowerEncoder(Encoder):
     model: str
     _path: Path | None = None
     _processor: Any = None
+    _weights_memo: dict[str, str] | None = None
+    _family_memo: Any = None
 
     def _resolved(self) -> Path:
         if self._path is None:
@@ -250,6 +252,26 @@ class _VLMTowerEncoder(Encoder):
 
             self._processor = AutoImageProcessor.from_pretrained(self._resolved())
         return self._processor
+
+    def _family(self):
+        """The model's family (read from its config.json once)."""
+        if self._family_memo is None:
+            from medrl.models.families import family_of_folder
+
+            self._family_memo = family_of_folder(self._resolved())
+        return self._family_memo
+
+    def _weights(self) -> dict[str, str]:
+        """Fingerprints of the checkpoint's weight files (computed once: shards of a 7B model are large)."""
+        if self._weights_memo is None:
+            path = self._resolved()
+            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+            self._weights_memo = {f.name: file_fingerprint(f) for f in files}
+        return self._weights_memo
+
+    def _pretrained(self) -> bool:
+        """False for the offline tiny models (by id, or as their saved ``tiny-*`` folders): random weights."""
+        return not (str(self.model).startswith("tiny") or self._resolved().name.startswith("tiny-"))
 
 
 class VLMTowerEncoder(_VLMTowerEncoder):
@@ -279,13 +301,6 @@ class VLMTowerEncoder(_VLMTowerEncoder):
             raise ConfigError(f"pooling must be 'mean' or 'max', got {pooling!r}")
         self.model, self.pooling, self.dtype = model, pooling, dtype
         self.tower: torch.nn.Module | None = None
-        self._path: Path | None = None
-        self._processor = None
-
-    def _family(self):
-        from medrl.models.families import family_of_folder
-
-        return family_of_folder(self._resolved())
 
     def _image_size(self) -> int:
         ip = self._image_processor()
@@ -295,16 +310,14 @@ class VLMTowerEncoder(_VLMTowerEncoder):
 
     def describe(self) -> dict[str, Any]:
         ip = self._image_processor()
-        path = self._resolved()
         family = self._family()
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         skipped = ", class token dropped" if family.cls_tokens else ""
         return {
             "kind": self.kind,
             "family": family.name,
             "name": self.model,
-            "pretrained": not (str(self.model).startswith("tiny") or path.name.startswith("tiny-")),
-            "weights": {f.name: file_fingerprint(f) for f in files},
+            "pretrained": self._pretrained(),
+            "weights": self._weights(),
             "image_size": self._image_size(),
             "features": f"{family.tower} last_hidden_state (pre {family.projector}{skipped})",
             "pooling": self.pooling,

@@ -2,9 +2,8 @@
 
 Every model argument in medrl goes through :func:`resolve_model`, so each accepts the same three forms:
 an offline tiny model (``tiny``, ``tiny:SEED``, ``tiny-instruct``, ``tiny:<family>[:SEED]``: `medrl models`
-lists them), a directory holding ``config.json``, or a hub id such as ``OctoMed/OctoMed-7B``.
-A hub id that is neither cached nor reachable
-fails at once with the ways to point medrl at a local copy.
+lists them), a directory holding ``config.json``, or a hub id such as ``OctoMed/OctoMed-7B``. A hub id that
+is neither cached nor reachable fails at once with the ways to point medrl at a local copy.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 from medrl.core.dtypes import resolve_dtype
 from medrl.core.env import is_offline
 from medrl.core.errors import UserError
-from medrl.models.families import UnsupportedModelError, family_of, tiny_model_dir
+from medrl.models.families import UnsupportedModelError, family_of, family_of_folder, tiny_model_dir
 
 
 class ModelNotFoundError(UserError, RuntimeError):
@@ -95,8 +94,6 @@ def load_vlm(
     from transformers import AutoModelForImageTextToText
 
     path = resolve_model(name)
-    from medrl.models.families import family_of_folder
-
     family_of_folder(path)
     kwargs = {"dtype": dtype or resolve_dtype("auto", device)}
     if attn_implementation:

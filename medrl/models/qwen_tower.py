@@ -17,7 +17,7 @@ import torch
 
 from medrl.core.dtypes import dtype_name, resolve_dtype
 from medrl.core.errors import ConfigError
-from medrl.models.encoders import EncoderUnavailableError, ImageSize, _size_policy, _VLMTowerEncoder, file_fingerprint
+from medrl.models.encoders import EncoderUnavailableError, ImageSize, _size_policy, _VLMTowerEncoder
 
 
 def smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -123,9 +123,6 @@ class QwenVisionEncoder(_VLMTowerEncoder):
         self.model, self.pooling, self.features = model, pooling, features
         self.image_size, self.dtype = _size_policy(image_size), dtype
         self.tower: torch.nn.Module | None = None
-        self._path: Path | None = None
-        self._processor = None
-        self._weights_memo: dict[str, str] | None = None
 
     def _torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, self.device)
@@ -146,24 +143,12 @@ class QwenVisionEncoder(_VLMTowerEncoder):
         h, w = self.resized(height, width)
         return (h // (ip.patch_size * ip.merge_size)) * (w // (ip.patch_size * ip.merge_size))
 
-    def _weights(self) -> dict[str, str]:
-        """Fingerprints of the checkpoint's weight files (computed once: shards of a 7B model are large)."""
-        if self._weights_memo is None:
-            path = self._resolved()
-            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-            self._weights_memo = {f.name: file_fingerprint(f) for f in files}
-        return self._weights_memo
-
     def describe(self) -> dict[str, Any]:
-        path = self._resolved()
         ip = self._image_processor()
         return {
             "kind": self.kind,
             "name": self.model,
-            # tiny (by name or as its saved folder) is random weights by construction.
-            "pretrained": not (
-                str(self.model).startswith("tiny") or path.name.startswith(("tiny-qwen", "tiny-instruct"))
-            ),
+            "pretrained": self._pretrained(),
             "weights": self._weights(),
             "image_size": self.image_size,
             "min_max_pixels": list(_size_bounds(ip)) if self.image_size == "native" else [self.image_size**2] * 2,

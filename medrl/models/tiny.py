@@ -31,7 +31,6 @@ def build_tokenizer(
     eos: str,
     pad: str,
     chat_template: str,
-    named: dict[str, str] | None = None,
     newline_tokens: bool = False,
     vocab_size: int = 1024,
     **kwargs: Any,
@@ -43,10 +42,10 @@ def build_tokenizer(
             only if ``pad`` names it).
         eos: the end-of-sequence token; pad: the padding token.
         chat_template: the family's chat template (Jinja).
-        named: model-specific token attributes the family's processor reads (``{"boi_token": ...}``).
         newline_tokens: add ``"\\n"`` to ``"\\n\\n\\n\\n"`` as whole tokens, as SentencePiece vocabularies
             (Gemma's) have them and vLLM's Gemma 3 processor looks them up.
-        kwargs: more tokenizer arguments (``bos_token``).
+        kwargs: more tokenizer arguments: ``bos_token``, and the model-specific token attributes the family's
+            processor reads (``boi_token=...``).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -64,21 +63,27 @@ def build_tokenizer(
     others = [t for t in special_tokens if t != pad]
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad,
                                      additional_special_tokens=others, padding_side="left", model_max_length=4096,
-                                     **(named or {}), **kwargs)  # fmt: skip
+                                     **kwargs)  # fmt: skip
     if newline_tokens:
         hf_tok.add_tokens([AddedToken("\n" * k, normalized=False, special=False) for k in (4, 3, 2, 1)])
     hf_tok.chat_template = chat_template
     return hf_tok
 
 
-def seeded(build: Callable[[], Any], seed: int) -> Any:
-    """``build()`` with torch's RNG seeded by ``seed``; the caller's RNG state is left as it was."""
+def random_model(model_class: type, config: Any, seed: int, tokenizer: Any, end_token: str | None = None):
+    """``model_class(config)`` with weights drawn from ``seed`` (the caller's RNG state is left as it was), in
+    eval mode, generating with the tokenizer's padding and ``end_token`` (default: its EOS) as the end."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return build()
+        model = model_class(config)
     finally:
         torch.random.set_rng_state(state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = (
+        tokenizer.eos_token_id if end_token is None else tokenizer.convert_tokens_to_ids(end_token)
+    )
+    return model.eval()
 
 
 def cached_model(

@@ -42,8 +42,8 @@ def banned_token_ids(tokenizer: Any) -> list[int]:
 def _known_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
     """The ids of those ``tokens`` the tokenizer has as whole tokens (not its unknown token)."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in tokens if t in vocab and vocab[t] != unk]
+    ids = (tokenizer.convert_tokens_to_ids(t) for t in tokens)  # one lookup each: no copy of a 150k vocabulary
+    return [i for i in ids if isinstance(i, int) and i != unk]
 
 
 def finish_completion(

@@ -73,19 +73,20 @@ def _save_policy(model: torch.nn.Module, processor: Any, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def _renamed_copy(path: Path, folder: Path) -> bool:
-    """Write ``path``'s checkpoint into ``folder`` with its family's vLLM names, if any name needs it (a folder
-    ``save_pretrained`` wrote for Gemma 3); False, writing nothing, when vLLM can load ``path`` as it is."""
+def _renamed_copy(path: Path) -> Path | None:
+    """A temporary copy of ``path``'s checkpoint with its family's vLLM names, if any name needs it (a folder
+    ``save_pretrained`` wrote for Gemma 3); None, writing nothing, when vLLM can load ``path`` as it is."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     family = family_of_folder(path)
     files = sorted(path.glob("*.safetensors"))
     if not family.vllm_renames or not files:
-        return False
+        return None
     with safe_open(str(files[0]), framework="pt") as fh:
         if all(family.vllm_name(key) == key for key in fh.keys()):
-            return False
+            return None
+    folder = Path(tempfile.mkdtemp(prefix="medrl-vllm-"))
     for item in path.iterdir():
         if item.is_file() and item.suffix != ".safetensors":
             shutil.copy2(item, folder / item.name)
@@ -100,7 +101,7 @@ def _renamed_copy(path: Path, folder: Path) -> bool:
         data = json.loads(index.read_text())
         data["weight_map"] = {family.vllm_name(k): v for k, v in data["weight_map"].items()}
         index.write_text(json.dumps(data))
-    return True
+    return folder
 
 
 def gpu_switches(
@@ -183,9 +184,8 @@ class VLLMEngine(Engine):
             path = resolve_model(model)
             processor = processor or load_processor(path, image_options)
             param_dtype = None
-            self._tmp = Path(tempfile.mkdtemp(prefix="medrl-vllm-"))
-            if _renamed_copy(path, self._tmp):
-                path = self._tmp
+            self._tmp = _renamed_copy(path)
+            path = self._tmp or path
         self.family = family_of_folder(path)
         self.processor = processor
         self.tokenizer = processor.tokenizer

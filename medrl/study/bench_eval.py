@@ -229,10 +229,9 @@ def bench_eval(
         "samples_per_benchmark": samples_per_benchmark, "items": len(dataset), "max_new_tokens": max_new_tokens,
         "n": n, "temperature": temperature, "top_p": top_p, "batch_size": batch_size, "seed": seed,
         "instruction": instruction, "system_prompt": system_prompt, "keep_texts": keep_texts, "images": images,
-        "max_images": dataset.max_images(), "image_options": image_options,
+        "max_images": (most := dataset.max_images()), "image_options": image_options,
     }  # fmt: skip
     _check_resume(out_dir, settings, resume)
-    most = dataset.max_images()
     shown = f"several images {'as separate images' if images == 'native' else 'tiled into one'} (up to {most})"
     print(f"medrl bench-eval: {len(dataset)} items, {model} on {engine}, greedy + {n} samples, "
           f"{shown if most > 1 else 'one image each'} -> {out_dir}")  # fmt: skip

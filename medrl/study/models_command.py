@@ -16,7 +16,7 @@ def models() -> int:
     table = Table(title="VLM families (tested: the test suite runs it on the family's tiny model)")
     for column in ("family", "architectures", *FEATURES, "probe encoder"):
         table.add_column(column)
-    colours = {"tested": "green", "tested (slow)": "green", "tiled": "yellow", "untested": "red", "no": "red"}
+    colours = {"tested": "green", "tested (slow)": "green", "untested": "red", "no": "red"}
     for family in families().values():
         cells = [f"[{colours.get(family.support[f], 'white')}]{family.support[f]}[/]" for f in FEATURES]
         encoder = f"{family.encoder}: / vlm:" if family.encoder else "vlm:"

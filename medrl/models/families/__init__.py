@@ -11,11 +11,13 @@ asks this package, never a family by name, so a new family is one new module lis
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from medrl.core.errors import UserError
@@ -83,26 +85,24 @@ class Family:
 ADAPTERS = ("qwen_vl", "idefics3", "gemma3", "internvl")
 
 
-def families() -> dict[str, Family]:
-    """Every family, by name (each adapter module exposes ``FAMILIES``: one or more records)."""
+@functools.cache
+def families() -> Mapping[str, Family]:
+    """Every family, by name (each adapter module exposes ``FAMILIES``: one or more records); read once."""
     found: dict[str, Family] = {}
     for module in ADAPTERS:
         for family in importlib.import_module(f"{__name__}.{module}").FAMILIES:
             found[family.name] = family
-    return found
-
-
-def _model_type(config: Any) -> str:
-    return str(getattr(config, "model_type", "") or config.get("model_type", "")) if config is not None else ""
+    return MappingProxyType(found)
 
 
 def family_of(model_or_config: Any) -> Family:
-    """The family of a transformers model, its config, or a ``model_type`` string; UnsupportedModelError else."""
+    """The family of a transformers model (PEFT-wrapped or not), its config, or a ``model_type`` string;
+    UnsupportedModelError else."""
     if isinstance(model_or_config, str):
         model_type = model_or_config
     else:
         base = model_or_config.get_base_model() if hasattr(model_or_config, "get_base_model") else model_or_config
-        model_type = _model_type(getattr(base, "config", base))
+        model_type = str(getattr(getattr(base, "config", base), "model_type", ""))
     for family in families().values():
         if model_type in family.model_types:
             return family

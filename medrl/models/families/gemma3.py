@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medrl.models.families import FEATURES, Family
-from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, seeded
+from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, random_model
 
 GEMMA3_VERSION = 1
 IMAGE_TOKENS = ("<start_of_image>", "<image_soft_token>", "<end_of_image>")
@@ -58,7 +58,7 @@ def build_tiny_gemma3(seed: int = 0) -> tuple[Any, Any]:
 
     named = {"boi_token": IMAGE_TOKENS[0], "image_token": IMAGE_TOKENS[1], "eoi_token": IMAGE_TOKENS[2]}
     tokenizer = build_tokenizer(["<pad>", "<eos>", "<bos>", "<start_of_turn>", END_OF_TURN, *IMAGE_TOKENS],
-                                eos="<eos>", pad="<pad>", bos_token="<bos>", chat_template=CHAT_TEMPLATE, named=named,
+                                eos="<eos>", pad="<pad>", bos_token="<bos>", chat_template=CHAT_TEMPLATE, **named,
                                 newline_tokens=True)  # fmt: skip
     ids = tokenizer.convert_tokens_to_ids
     image_processor = Gemma3ImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -84,10 +84,7 @@ def build_tiny_gemma3(seed: int = 0) -> tuple[Any, Any]:
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                           boi_token_index=ids(IMAGE_TOKENS[0]), eoi_token_index=ids(IMAGE_TOKENS[2]),
                           image_token_index=ids(IMAGE_TOKENS[1]), tie_word_embeddings=True)  # fmt: skip
-    model = seeded(lambda: Gemma3ForConditionalGeneration(config), seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids(END_OF_TURN)
-    return model.eval(), processor
+    return random_model(Gemma3ForConditionalGeneration, config, seed, tokenizer, END_OF_TURN), processor
 
 
 def tiny_gemma3_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:

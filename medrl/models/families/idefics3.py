@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medrl.models.families import FEATURES, Family
-from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, seeded
+from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, random_model
 
 SMOLVLM_VERSION = 2
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -94,10 +94,7 @@ def build_tiny_smolvlm(seed: int = 0, shape: str = "tiny") -> tuple[Any, Any]:
     config = Idefics3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), scale_factor=scale,
                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)  # fmt: skip
-    model = seeded(lambda: Idefics3ForConditionalGeneration(config), seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
-    return model.eval(), processor
+    return random_model(Idefics3ForConditionalGeneration, config, seed, tokenizer, END_OF_UTTERANCE), processor
 
 
 def tiny_smolvlm_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
@@ -109,5 +106,5 @@ def tiny_smolvlm_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Pa
 def smolvlm_256m_shape_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
     """``tiny:smolvlm-256m``: random weights in SmolVLM-256M-Instruct's shapes (~1 GB), built on first use; for
     timing the laptop plan offline (its answers are noise)."""
-    name = f"random-smolvlm-256m-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"
+    name = f"tiny-smolvlm-256m-v{TINY_VERSION}.{SMOLVLM_VERSION}-seed{seed}"  # tiny-*: recorded as random weights
     return cached_model(name, lambda: (*build_tiny_smolvlm(seed, "256m"), {}), root)

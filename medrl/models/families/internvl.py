@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medrl.models.families import FEATURES, Family
-from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, seeded
+from medrl.models.tiny import TINY_VERSION, build_tokenizer, cached_model, random_model
 
 INTERNVL_VERSION = 1
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>")
@@ -59,7 +59,7 @@ def build_tiny_internvl(seed: int = 0) -> tuple[Any, Any]:
         eos="<|im_end|>",
         pad="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
-        named=named,
+        **named,
     )
     ids = tokenizer.convert_tokens_to_ids
     size = {"height": 64, "width": 64}
@@ -88,10 +88,7 @@ def build_tiny_internvl(seed: int = 0) -> tuple[Any, Any]:
               "image_size": [64, 64], "patch_size": [16, 16]}  # fmt: skip
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids(IMAGE_TOKENS[2]),
                             image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=True)  # fmt: skip
-    model = seeded(lambda: InternVLForConditionalGeneration(config), seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    return model.eval(), processor
+    return random_model(InternVLForConditionalGeneration, config, seed, tokenizer), processor
 
 
 def tiny_internvl_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:

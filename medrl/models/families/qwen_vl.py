@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from medrl.models.families import FEATURES, Family
-from medrl.models.tiny import TINY_VERSION, cached_model, seeded
+from medrl.models.tiny import TINY_VERSION, cached_model, random_model
 from medrl.models.tiny import build_tokenizer as _build_tokenizer
 
 PLACEHOLDERS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -99,21 +99,27 @@ def build_processor(tokenizer=None, min_pixels: int = 56 * 56, max_pixels: int =
     )
 
 
-def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 64, vision_depth: int = 2):
-    """A ``Qwen2_5_VLConfig`` small enough to train on a laptop CPU."""
+def tiny_config(
+    tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: int = 64, vision_depth: int = 2, heads: int = 4,
+    kv_heads: int = 2, mlp: int | None = None, vision_heads: int = 4, vision_mlp: int | None = None,
+):  # fmt: skip
+    """A ``Qwen2_5_VLConfig``: the defaults are ``tiny`` (small enough to train on a laptop CPU); the widths,
+    depths and heads scale it (``bench/sizes.py`` builds its 20m and 100m models here). MLP widths default to
+    twice the hidden size."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
+    half = hidden // heads // 2  # mrope sections (temporal, height, width) add up to half the head size
+    sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # head 32: [4, 6, 6]
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden,
-        "intermediate_size": hidden * 2,
+        "intermediate_size": mlp or hidden * 2,
         "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "max_position_embeddings": 4096,
-        # mrope sections must add up to head_dim / 2 (head_dim = 128 / 4 = 32 -> 16).
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections},
         "bos_token_id": ids("<|endoftext|>"),
         "eos_token_id": ids("<|im_end|>"),
         "pad_token_id": tokenizer.pad_token_id,
@@ -122,8 +128,8 @@ def tiny_config(tokenizer, hidden: int = 128, layers: int = 2, vision_hidden: in
     vision_config = {
         "depth": vision_depth,
         "hidden_size": vision_hidden,
-        "intermediate_size": vision_hidden * 2,
-        "num_heads": 4,
+        "intermediate_size": vision_mlp or vision_hidden * 2,
+        "num_heads": vision_heads,
         "in_channels": 3,
         "patch_size": 14,
         "spatial_merge_size": 2,
@@ -146,10 +152,7 @@ def build_tiny(seed: int = 0):
 
     processor = build_processor(build_tokenizer())
     tokenizer = processor.tokenizer
-    model = seeded(lambda: Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer)), seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), processor
+    return random_model(Qwen2_5_VLForConditionalGeneration, tiny_config(tokenizer), seed, tokenizer), processor
 
 
 def tiny_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
@@ -184,10 +187,7 @@ def build_tiny_qwen3_vl(seed: int = 0):
         tie_word_embeddings=True,
         **_vision_token_ids(tokenizer),
     )
-    model = seeded(lambda: Qwen3VLForConditionalGeneration(config), seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), processor
+    return random_model(Qwen3VLForConditionalGeneration, config, seed, tokenizer), processor
 
 
 def tiny_qwen3_vl_dir(seed: int = 0, root: str | os.PathLike | None = None) -> Path:
