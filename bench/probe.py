@@ -1,19 +1,22 @@
-"""Linear probe for 20 epochs: cached features against re-encoding the images every epoch.
+"""The probe table end to end: features extracted once for a sweep of heads, against re-extracting per probe run.
 
-The authors' probe script runs the frozen encoder inside every epoch. medrl extracts the features once
-(into the content-keyed cache) and trains the head on them. Both arms here use the same encoder, the same
-data file and splits, the same head (BatchNorm1d without affine, then Linear), the same optimiser (SGD,
-momentum 0.9, lr 0.1, cosine), the same batch size, and validate after every epoch; each is timed end to end
-from a cold start (the cached arm includes its extraction, into an empty cache folder). A third number is
-the cached arm again with the cache warm, i.e. what every further probe on those features costs.
+The vision axis fits many heads per encoder x flag (a learning-rate sweep, several probe kinds). medrl's
+``probe-table`` extracts each cell's features once and fits every head on them. The authors' ``linprobe.py``
+is one probe run per head, and every run extracts its features again.
 
-    python bench/probe.py                          # tiny's tower at native size, 256 + 64 breastmnist images
-    python bench/probe.py --encoder qwen:tiny --train-samples 0     # at 224 px (64 tokens), whole splits
-    python bench/probe.py --encoder timm:resnet18,pretrained=false,image_size=native --flag pneumoniamnist
+- ``cached`` (medrl): one ``probe_table`` call over the encoders x flags, ``H`` sgd heads per cell (one per
+  learning rate), timed end to end from an empty feature cache: extraction, every head's fit and test
+  scoring, and the table, markdown and chart written after each cell.
+- ``reextract`` (the authors' way): for each cell, one probe run timed end to end: the encoder built, the
+  features extracted into an empty cache, one head fitted and scored, the same code as a probe-table head.
+  The sweep is ``H`` such runs per cell, each doing the same work as the one timed (only the learning rate
+  differs), so the side's total is ``H`` x the timed run, per cell; the per-cell timings are kept.
 
-The defaults are the cheap end on purpose: the cheaper the encoder per image, the larger the share of the
-fixed costs (trainer start-up, head training) that caching cannot remove, so the ratio measured there is a
-lower bound for costlier encoders and larger images.
+Both sides use the same encoders at 224 px, the same seeded subsets of the real files and the same head
+(``BatchNorm1d(affine=False)`` then ``Linear``, SGD momentum 0.9, cosine, 20 epochs, batch 1024).
+
+    python bench/probe.py                    # the make-bench grid, printed (about 5 minutes on 2 cores)
+    python bench/probe.py --heads 4 --encoders '["timm:resnet18,pretrained=false"]'
 
 Needs ``$MEDRL_DATA_DIR`` (the real .npz files).
 """
@@ -21,101 +24,126 @@ Needs ``$MEDRL_DATA_DIR`` (the real .npz files).
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
-import lightning as L
-import torch
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medrl.data.medmnist import MedMNISTDataModule
-from medrl.features import FeatureDataModule
-from medrl.lit.probe import LinearProbe
-from medrl.models.encoders import Encoder, encoder_from_spec
-
-
-class ReencodingProbe(LinearProbe):
-    """The same probe fed with images: the frozen encoder runs inside every training and validation step."""
-
-    def __init__(self, encoder: Encoder, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.encoder = encoder
-
-    def _features(self, batch: dict) -> dict:
-        return {"features": self.encoder.encode(batch["image"]), "label": batch["label"], "index": batch["index"]}
-
-    def training_step(self, batch: dict, batch_idx: int):
-        return super().training_step(self._features(batch), batch_idx)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        super().validation_step(self._features(batch), batch_idx)
+MODEL_20M = "{20m}"  # stands for bench/sizes.py's 20m Qwen2.5-VL folder, resolved in the process that runs
 
 
-def _trainer(epochs: int) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+def learning_rates(heads: int) -> list[float]:
+    """``heads`` log-spaced learning rates from 1 down to 1e-4 (3 significant digits): the sweep."""
+    if heads == 1:
+        return [0.1]
+    return [float(f"{10 ** (-4 * i / (heads - 1)):.3g}") for i in range(heads)]
 
 
-def cached(args: argparse.Namespace, cache_dir: str) -> tuple[float, float]:
-    """Seconds and final val ACC: extract (or reuse) features, then train the head."""
-    start = time.perf_counter()
-    encoder = encoder_from_spec(args.encoder)
-    dm = FeatureDataModule(args.flag, encoder, batch_size=args.batch_size, extract_batch_size=args.extract_batch_size,
-                           cache_dir=cache_dir, train_samples=args.train_samples, val_samples=args.val_samples,
-                           progress=False)  # fmt: skip
-    L.seed_everything(0, verbose=False)
-    model = LinearProbe()
-    _trainer(args.epochs).fit(model, datamodule=dm)
-    return time.perf_counter() - start, model.last_metrics["val"]["acc"]
+def resolve(spec: str) -> str:
+    """``spec`` with :data:`MODEL_20M` replaced by the 20m model's folder (built on first use)."""
+    if MODEL_20M not in spec:
+        return spec
+    from bench.sizes import model_dir
+
+    return spec.replace(MODEL_20M, str(model_dir("20m")))
 
 
-def reencoding(args: argparse.Namespace) -> tuple[float, float]:
-    """Seconds and final val ACC when every epoch runs the encoder over the images again."""
-    start = time.perf_counter()
-    encoder = encoder_from_spec(args.encoder).load("cpu")
-    images = MedMNISTDataModule(args.flag, batch_size=args.batch_size, train_samples=args.train_samples,
-                                val_samples=args.val_samples)  # fmt: skip
-    L.seed_everything(0, verbose=False)
-    with torch.no_grad():  # the head needs in_features before fit: one image tells
-        dim = encoder.encode(images.dataset("train")[0]["image"][None]).shape[1]
-    # cpu_threads=None: the encoder runs inside the training step here and needs every thread.
-    model = ReencodingProbe(encoder, in_features=dim, num_classes=images.num_classes, task=images.task,
-                            cpu_threads=None)  # fmt: skip
-    _trainer(args.epochs).fit(model, datamodule=images)
-    return time.perf_counter() - start, model.last_metrics["val"]["acc"]
+def warm_up(settings: dict[str, Any]) -> None:
+    """Imports and one-off builds (the 20m folder, timm's modules) before any clock starts."""
+    import medrl.study.probe_table  # noqa: F401
+    from medrl.models.encoders import encoder_from_spec
+
+    for spec in settings["encoders"]:
+        encoder_from_spec(resolve(spec))
+
+
+def _samples(settings: dict[str, Any]) -> dict[str, int | None]:
+    return {k: settings[k] or None for k in ("train_samples", "val_samples", "test_samples")}
+
+
+def cached_side(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """Seconds of one probe-table call with every head, from an empty cache; and its per-row timings."""
+    from medrl.study.probe_table import probe_table, read_rows
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="probe-table-") as tmp:
+        out = Path(tmp) / "table"
+        start = time.perf_counter()
+        probe_table(
+            encoders=[resolve(s) for s in settings["encoders"]], flags=settings["flags"], sizes=[28], out=str(out),
+            optimizer="sgd", lr=learning_rates(settings["heads"]), max_epochs=settings["epochs"],
+            batch_size=settings["batch_size"], cache_dir=str(Path(tmp) / "cache"), device="cpu",
+            **_samples(settings),
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        rows = read_rows(out / "results.csv")
+    extract = sum(float(r["extract_seconds"]) for r in rows)
+    heads = sum(float(r["seconds"]) - float(r["extract_seconds"]) for r in rows)
+    best = {}
+    for r in rows:  # the sweep's best head per cell, by test ACC: what the sweep is for
+        cell = f"{r['encoder']} / {r['flag']}"
+        best[cell] = max(best.get(cell, 0.0), float(r["acc"]))
+    return {"seconds": [seconds], "rows": len(rows), "extract_s": extract, "heads_s": heads, "best_acc": best}
+
+
+def reextract_side(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """Seconds of the sweep run as one probe run per head, each re-extracting: H x one timed run per cell."""
+    import lightning as L
+
+    from medrl.features import FeatureDataModule
+    from medrl.models.encoders import encoder_from_spec
+    from medrl.study.probe_table import run_head
+
+    heads, per_cell = settings["heads"], {}
+    for flag in settings["flags"]:
+        for spec in settings["encoders"]:
+            with tempfile.TemporaryDirectory(dir=workdir, prefix="probe-run-") as tmp:
+                start = time.perf_counter()
+                L.seed_everything(0, verbose=False)
+                dm = FeatureDataModule(flag, encoder_from_spec(resolve(spec)), batch_size=settings["batch_size"],
+                                       cache_dir=str(Path(tmp) / "cache"), device="cpu", progress=False,
+                                       **_samples(settings))  # fmt: skip
+                dm.prepare_data()
+                run_head(dm, "sgd", learning_rates(heads)[0], settings["epochs"], 0, Path(tmp) / "cell")
+                per_cell[f"{spec} / {flag}"] = time.perf_counter() - start
+    return {"seconds": [heads * sum(per_cell.values())], "run_seconds": per_cell, "heads": heads,
+            "timed_runs_per_cell": 1}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="qwen:tiny,image_size=native", help="spec, see medrl probe-table --help")
-    parser.add_argument("--flag", default="breastmnist")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=256, help="probe batch (both arms)")
-    parser.add_argument("--extract-batch-size", type=int, default=64)
-    parser.add_argument("--train-samples", type=int, default=256, help="0: the whole split")
-    parser.add_argument("--val-samples", type=int, default=64, help="0: the whole split")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--encoders", default=None, help="JSON list of encoder specs (default: make bench's three)")
+    parser.add_argument("--flags", default='["breastmnist", "pneumoniamnist"]', help="JSON list of flags")
+    parser.add_argument("--heads", type=int, default=None, help="heads per cell (learning rates of the sweep)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    args.train_samples, args.val_samples = args.train_samples or None, args.val_samples or None
+    import torch
+
+    from bench.run import FULL
+
+    settings = {**FULL["probe"], "flags": json.loads(args.flags)}
+    if args.encoders:
+        settings["encoders"] = json.loads(args.encoders)
+    if args.heads:
+        settings["heads"] = args.heads
     torch.set_num_threads(args.threads)
-    # Imports and one-off builds (tiny's folder) are paid here, outside both timings.
-    encoder_from_spec(args.encoder).load("cpu")
-    with tempfile.TemporaryDirectory() as cache_dir:
-        cold, cold_acc = cached(args, cache_dir)
-        warm, warm_acc = cached(args, cache_dir)
-    slow, slow_acc = reencoding(args)
-    rows = f"{args.train_samples or 'all'} train + {args.val_samples or 'all'} val images"
-    print(f"\nencoder {args.encoder}, {args.flag} ({rows}), {args.epochs} epochs, {args.threads} threads")
-    print(f"  re-encoding every epoch : {slow:8.1f} s  (val ACC {slow_acc:.4f})")
-    print(f"  cached, cold cache      : {cold:8.1f} s  (val ACC {cold_acc:.4f})  -> {slow / cold:5.1f}x faster")
-    print(f"  cached, warm cache      : {warm:8.1f} s  (val ACC {warm_acc:.4f})  -> {slow / warm:5.1f}x faster")
+    warm_up(settings)
+    with tempfile.TemporaryDirectory() as workdir:
+        fast, slow = cached_side(settings, workdir), reextract_side(settings, workdir)
+    cells = len(settings["encoders"]) * len(settings["flags"])
+    print(f"\n{cells} cells x {settings['heads']} heads, {args.threads} thread(s)")
+    print(f"  probe-table, extracted once : {fast['seconds'][0]:8.1f} s (extraction {fast['extract_s']:.1f} s)")
+    print(f"  one run per head, each re-extracting: {slow['seconds'][0]:8.1f} s "
+          f"-> {slow['seconds'][0] / fast['seconds'][0]:5.1f}x")  # fmt: skip
+    for cell, seconds in slow["run_seconds"].items():
+        print(f"    one run of {cell}: {seconds:.1f} s")
+    if not all(math.isfinite(v) for v in fast["best_acc"].values()):
+        sys.exit("a head's ACC is not finite")
 
 
 if __name__ == "__main__":

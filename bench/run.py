@@ -7,9 +7,8 @@ Four comparisons, each side in a fresh process of its own (its peak resident mem
 2. Pass@K sampling: medrl's engines against one ``generate`` call per sample per question
    (:mod:`bench.sampling`), repeated passes over the same questions;
 3. engine throughput: new tokens per second of ``hf`` and ``vllm`` at several questions per call;
-4. probe: training on cached features against re-encoding the images every epoch (:mod:`bench.probe`), with
-   tiny's vision tower at MedMNIST's native 28 px (``probe``, the cheapest encoder: a lower bound) and at
-   224 px (``probe_224``, the size Qwen-VL-style towers are fed in the study; not run by ``--quick``).
+4. probe table: three encoders x the real flags at 224 px with a sweep of heads per cell, features extracted
+   once, against one probe run per head that re-extracts them as the authors' script does (:mod:`bench.probe`).
 
 Rounds alternate the sides, so drifting load on a shared machine spreads over all of them. Results go to
 ``bench/results.json`` and ``bench/results.md`` (atomically), with hardware, versions, the load average at
@@ -50,13 +49,13 @@ from medrl.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 FULL: dict[str, dict[str, Any]] = {
     "grpo": {"prompts": 4, "generations": 8, "completion_length": 64, "steps": 8, "warmup": 2, "threads": 1,
              "rounds": 3},
-    "sampling": {"questions": 64, "k": 16, "max_new_tokens": 64, "batch_sizes": [1, 16, 64], "repeats": 1,
-                 "threads": 1, "rounds": 3},
-    "probe": {"encoder": "qwen:tiny,image_size=native", "size": "native 28 px", "flag": "breastmnist", "epochs": 20,
-              "batch_size": 256, "extract_batch_size": 64, "train_samples": 256, "val_samples": 64, "threads": 1,
-              "rounds": 3},
+    "sampling": {"questions": 16, "k": 16, "max_new_tokens": 64, "batch_sizes": [1, 16, 64], "throughput_k": 4,
+                 "repeats": 1, "threads": 1, "rounds": 2},
+    "probe": {"encoders": ["timm:resnet18,pretrained=false", "vlm:{20m}",
+                           "timm:vit_small_patch16_224,pretrained=false"],
+              "flags": ["breastmnist", "pneumoniamnist"], "heads": 16, "epochs": 20, "batch_size": 1024,
+              "train_samples": 256, "val_samples": 64, "test_samples": 128, "threads": 1, "rounds": 1},
 }  # fmt: skip
-FULL["probe_224"] = {**FULL["probe"], "encoder": "qwen:tiny", "size": "224 px"}
 # One torch thread per side by default: on a shared machine a second OpenMP thread spends its time waiting for a
 # descheduled peer (HF generate ran 24x slower with 2 threads than with 1 at a load of 9 on 2 cores).
 QUICK: dict[str, dict[str, Any]] = {
@@ -64,11 +63,11 @@ QUICK: dict[str, dict[str, Any]] = {
              "rounds": 1},
     "sampling": {**FULL["sampling"], "questions": 2, "k": 4, "max_new_tokens": 8, "batch_sizes": [1, 2],
                  "repeats": 2, "rounds": 1},
-    "probe": {**FULL["probe"], "epochs": 2, "batch_size": 32, "train_samples": 32, "val_samples": 16,
-              "rounds": 1},
+    "probe": {**FULL["probe"], "encoders": ["qwen:tiny,image_size=native"], "flags": ["breastmnist"], "heads": 3,
+              "epochs": 2, "train_samples": 32, "val_samples": 16, "test_samples": 16},
 }  # fmt: skip
 SIDES = {"grpo": ("medrl-hf", "medrl-vllm", "trl"), "sampling": ("per-sample", "hf", "vllm"),
-         "probe": ("reencoding", "cached"), "probe_224": ("reencoding", "cached")}  # fmt: skip
+         "probe": ("reextract", "cached")}  # fmt: skip
 VLLM_SIDES = {"grpo/medrl-vllm", "sampling/vllm"}
 
 
@@ -94,19 +93,24 @@ def fairness(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
             f"each, temperature 0.7, top-p 0.9, top-k off, at most {s['max_new_tokens']} new tokens, vision "
             f"placeholder tokens banned on every side, the same model loaded in float32; the per-sample side calls "
             f"model.generate once per sample (the authors' loop), medrl's hf engine puts every question and sample "
-            f"in batched generate calls, its vllm engine sends each question as one request with n=K. Token counts "
+            f"in batched generate calls, its vllm engine sends each question as one request with n=K. The throughput "
+            f"passes sample K={s.get('throughput_k') or s['k']} completions of each of at least {s['questions']} "
+            f"distinct questions at {', '.join(map(str, s['batch_sizes']))} questions per call (at least one whole "
+            f"call). Token counts "
             f"are recorded to show equal work; engine start-up and one short warm-up call are outside the timings; "
             f"{s['threads']} torch threads"
         )
-    for kind in ("probe", "probe_224"):
-        if not (p := settings.get(kind)):
-            continue
-        text[kind] = (
-            f"The same encoder ({p['encoder']}, {p['size']}), {p['flag']} file and subsets "
-            f"({p['train_samples']} train + {p['val_samples']} val images), head (BatchNorm1d without affine, then "
-            f"Linear), SGD momentum 0.9 lr 0.1 with cosine decay, batch {p['batch_size']}, {p['epochs']} epochs "
-            f"validated after each; both timed end to end from a cold start in a fresh process (the cached side "
-            f"includes extracting the features into an empty cache); {p['threads']} torch threads"
+    if p := settings.get("probe"):
+        text["probe"] = (
+            f"The same {len(p['encoders'])} encoders ({', '.join(p['encoders'])}; {{20m}} is bench/sizes.py's 20m "
+            f"Qwen2.5-VL tower) at 224 px, the same {', '.join(p['flags'])} files and seeded subsets "
+            f"({p['train_samples']} train + {p['val_samples']} val + {p['test_samples']} test images), "
+            f"{p['heads']} heads per cell (SGD momentum 0.9, cosine, learning rates log-spaced from 1 to 1e-4, "
+            f"{p['epochs']} epochs, batch {p['batch_size']}, BatchNorm1d without affine then Linear), each head "
+            f"fitted and scored on the test split by the same code; medrl: one probe-table call from an empty "
+            f"cache, timed end to end; the authors' way: one probe run per head, each extracting the features "
+            f"again: one run per cell timed end to end (from an empty cache), the sweep counted as {p['heads']} "
+            f"such runs; {p['threads']} torch thread(s), imports and model files built before the clocks"
         )
     return text
 

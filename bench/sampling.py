@@ -112,8 +112,13 @@ def engine_side(
     batch_sizes: list[int],
     repeats: int = 1,
     size: str = "tiny",
+    throughput_k: int | None = None,
 ) -> dict:
     """One medrl engine alone: Pass@K with every question in one call, then throughput per questions per call.
+
+    A throughput pass at ``b`` questions per call samples ``throughput_k`` (default ``k``) completions of
+    each of ``max(b, questions)`` distinct questions (rounded down to whole calls), so every call really
+    holds ``b`` questions.
 
     Returns the engine's start seconds, and per repeat the wall seconds, CPU seconds and new tokens of the
     Pass@K pass (``pass_at_k``) and of each throughput pass (``throughput[questions per call]``).
@@ -122,14 +127,19 @@ def engine_side(
     from medrl.models.hub import load_vlm
     from medrl.rollout import SamplingParams
 
-    items = _items(questions)
+    items, pool = _items(questions), _items(max(questions, *batch_sizes))  # the Pass@K questions are the loop's
     path = model_dir(size)
     model, processor = load_vlm(str(path))
     params = SamplingParams(n=k, temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, seed=0)
-    engine, start_s = build_engine(name, model, processor, path, k * max(questions, *batch_sizes), items, params)
+    flow = params.with_(n=throughput_k or k)
+    most = max(k * questions, flow.n * max(batch_sizes))
+    engine, start_s = build_engine(name, model, processor, path, most, items, params)
     try:
         out: dict = {"start_s": start_s, "pass_at_k": _repeat(engine, items, params, questions, repeats)}
-        out["throughput"] = {b: _repeat(engine, items, params, b, repeats) for b in batch_sizes}
+        out["throughput"] = {}
+        for b in batch_sizes:
+            chunk = pool[: b * max(1, questions // b)]
+            out["throughput"][b] = _repeat(engine, chunk, flow, b, repeats)
     finally:
         engine.close()
     return out

@@ -8,7 +8,6 @@ the side's spec and writes what it returns as JSON. Every side returns its timed
 from __future__ import annotations
 
 import argparse
-import tempfile
 from typing import Any
 
 
@@ -17,7 +16,7 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    runners = {"grpo": grpo_side, "sampling": sampling_side, "probe": probe_side, "probe_224": probe_side}
+    runners = {"grpo": grpo_side, "sampling": sampling_side, "probe": probe_side}
     kind = spec["kind"].split("@")[0]  # `grpo@20m`: the comparison at a model size
     if kind not in runners:
         raise ValueError(f"unknown comparison {spec['kind']!r}: expected one of {sorted(runners)}")
@@ -46,25 +45,13 @@ def sampling_side(side: str, settings: dict[str, Any], workdir: str) -> dict[str
     common["size"] = settings.get("size", "tiny")
     if side == "per-sample":
         return baseline_side(**common)
-    out = engine_side(side, batch_sizes=settings["batch_sizes"], **common)
+    out = engine_side(side, batch_sizes=settings["batch_sizes"], throughput_k=settings.get("throughput_k"), **common)
     return {"seconds": out["pass_at_k"]["seconds"], **out}
 
 
 def probe_side(side: str, settings: dict[str, Any], workdir: str) -> dict[str, Any]:
-    """End-to-end seconds of a probe run that re-encodes every epoch, or of one on cached features.
+    """End-to-end seconds of the probe table with its sweep of heads: extracted once, or once per head."""
+    from bench.probe import cached_side, reextract_side, warm_up
 
-    The ``cached`` side times a cold start (extraction into an empty cache, then the head) and then the same
-    run again on the now warm cache.
-    """
-    from bench.probe import cached, reencoding
-    from medrl.models.encoders import encoder_from_spec
-
-    args = argparse.Namespace(**settings)
-    encoder_from_spec(args.encoder).load("cpu")  # imports and one-off builds stay outside the timings
-    if side == "reencoding":
-        seconds, acc = reencoding(args)
-        return {"seconds": [seconds], "val_acc": acc}
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="cache-") as cache_dir:
-        cold, cold_acc = cached(args, cache_dir)
-        warm, warm_acc = cached(args, cache_dir)
-    return {"seconds": [cold], "warm_seconds": [warm], "val_acc": cold_acc, "warm_val_acc": warm_acc}
+    warm_up(settings)  # imports and one-off builds stay outside the timings
+    return cached_side(settings, workdir) if side == "cached" else reextract_side(settings, workdir)

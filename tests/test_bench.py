@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HF_ROWS = {"grpo_hf@tiny", "pass_at_k_hf@tiny", "probe_cold", "probe_warm"}  # the quick mode's one size: tiny
+HF_ROWS = {"grpo_hf@tiny", "pass_at_k_hf@tiny", "probe_table"}  # the quick mode's one size: tiny
 VLLM_ROWS = {"grpo_vllm@tiny", "pass_at_k_vllm@tiny", "throughput_1@tiny", "throughput_2@tiny"}
 
 
@@ -71,7 +71,12 @@ def test_quick_mode_runs_every_comparison(real_data_dir: Path, tmp_path: Path) -
     assert _measured(rows["throughput_1@tiny"]["peer"]) and rows["throughput_1@tiny"]["peer"]["label"] == "hf engine"
     sides = results["sides"]
     assert set(sides) == {"grpo@tiny/medrl-hf", "grpo@tiny/trl", "sampling@tiny/per-sample", "sampling@tiny/hf",
-                          "probe/reencoding", "probe/cached"}  # fmt: skip
+                          "probe/reextract", "probe/cached"}  # fmt: skip
+    # the sweep's heads are real rows of a probe table: one per learning rate
+    cached = sides["probe/cached"]["runs"][0]["result"]
+    assert cached["rows"] == 3 and cached["extract_s"] > 0 and cached["heads_s"] > 0
+    reextract = sides["probe/reextract"]["runs"][0]["result"]
+    assert reextract["seconds"] == [pytest.approx(3 * sum(reextract["run_seconds"].values()))]
     # equal work on both sampling sides: the same number of new tokens per pass
     assert sides["sampling@tiny/per-sample"]["runs"][0]["result"]["tokens"][0] > 0
 
@@ -98,15 +103,17 @@ def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
 
     sides = {
         # medrl 1, 2, 3 s/step against TRL 2, 4, 6: ratio of medians 2 / 4 = 0.5; worst cases 1/6 and 3/2
-        "grpo/medrl-hf": _side([1.0, 2.0, 3.0], stages=[{"generate": 0.5, "update": 0.25}]),
+        "grpo/medrl-hf": _side(
+            [1.0, 2.0, 3.0], stages=[{"generate": 0.5, "update": 0.25, "completion_tokens_mean": 60.0}]
+        ),
         "grpo/trl": _side([2.0, 4.0, 6.0], stages=[{"_prepare_inputs": 1.0, "compute_loss": 1.0}]),
         # the vLLM side crashed: its rows say so, and the HF row is untouched
         "grpo/medrl-vllm": {"runs": [], "seconds": [], "peak_rss_mib": 0.0, "failed": "grpo-medrl-vllm-r0 failed"},
-        # cached 3 s against re-encoding 24 s: 8x, short of the 10x target by 10 / 8 = 1.25x
-        "probe/cached": _side([3.0], warm_seconds=[1.0]),
-        "probe/reencoding": _side([24.0]),
+        # extracted once 3 s against 2 heads x 12 s of runs: 8x, short of the 10x target by 10 / 8 = 1.25x
+        "probe/cached": _side([3.0], rows=2, extract_s=2.0, heads_s=0.5),
+        "probe/reextract": _side([24.0], run_seconds={"r / breast": 12.0}, heads=2),
     }
-    settings = {"grpo": {}, "probe": {"epochs": 20, "size": "native 28 px"}}
+    settings = {"grpo": {}, "probe": {"encoders": ["r"], "flags": ["breast"], "heads": 2}}
     rows = {row["key"]: row for row in build_rows(sides, settings)}
     hf = rows["grpo_hf"]
     assert hf["ratio"] == 0.5 and hf["ratio_spread"] == [1 / 6, 1.5] and hf["met"] is True
@@ -114,11 +121,9 @@ def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
     assert "outside these 1.250" in hf["where_time_goes"] and "outside these 2.000" in hf["where_time_goes"]
     vllm = rows["grpo_vllm"]
     assert vllm["ratio"] is None and vllm["met"] is None and vllm["note"].startswith("grpo-medrl-vllm-r0 failed")
-    cold = rows["probe_cold"]
-    assert cold["ratio"] == 8.0 and cold["met"] is False and "1.2x short" in cold["note"]
-    # extraction is cold minus warm: 3 - 1 = 2 s
-    assert "extraction about 2.0 s" in cold["where_time_goes"]
-    assert rows["probe_warm"]["ratio"] == 24.0 and rows["probe_warm"]["target"] is None
+    probe = rows["probe_table"]
+    assert probe["ratio"] == 8.0 and probe["met"] is False and "1.2x short" in probe["note"]
+    assert "extraction 2.0 s" in probe["where_time_goes"] and "r / breast 12.0 s" in probe["where_time_goes"]
     results = {"rows": list(rows.values()), "sides": sides, "settings": settings, "fairness": {}, "started": "t",
                "command": "c", "mode": "full", "duration_s": 60, "code": "", "versions": {"torch": "x"},
                "hardware": {"cpus": 2}, "load_average": {"cpus": 2, "start": [1, 1, 1], "end": [1, 1, 1],

@@ -105,6 +105,42 @@ def test_no_engine_generates_an_image_placeholder(tiny: str, items) -> None:
     assert tokens and not set(tokens) & set(banned)
 
 
+@pytest.mark.parametrize("tiny", EVERY_TINY)
+def test_sampling_prefills_each_prompt_once_and_matches_per_copy_prefill(tiny: str, items) -> None:
+    """The hf engine prefills a prompt once for its n samples; under one seed that gives exactly the tokens (and
+    log-probs) of transformers' own num_return_sequences, which prefills every copy."""
+    from transformers import LogitsProcessorList
+
+    from medrl.rollout.decoding import prompt_texts
+    from medrl.rollout.hf import _RecordAndBan
+
+    model, processor = _build(tiny)
+    engine = make_engine("hf", model, processor)
+    params = SamplingParams(n=4, temperature=0.7, top_p=0.9, max_new_tokens=12, seed=3, logprobs=True)
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: prefill_rows.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    results = engine.generate(items, params)
+    hook.remove()
+    assert [shape[0] for shape in prefill_rows] == [len(items)]  # one prefill row per prompt, not per sample
+    inputs = engine._inputs(prompt_texts(processor, items), items)
+    recorder = _RecordAndBan(engine.banned, record=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=engine._config(params, sample=True),
+                             logits_processor=LogitsProcessorList([recorder]))  # fmt: skip
+    reference = out[:, inputs["input_ids"].shape[1] :]
+    logprobs = recorder.finish(reference[:, -1])
+    samples = [c for r in results for c in r.samples]
+    assert len(samples) == reference.shape[0] == 4 * len(items)
+    for row, completion in enumerate(samples):
+        assert completion.token_ids == reference[row, : len(completion.token_ids)].tolist(), (tiny, row)
+        expected = logprobs[row, : len(completion.token_ids)]
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5), (tiny, row)
+
+
 @pytest.mark.parametrize("tiny", FAMILY_TINY)
 def test_sft_labels_are_the_answer_and_the_familys_end_of_turn(tiny: str, items) -> None:
     model, processor = _build(tiny)

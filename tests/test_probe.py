@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from medrl.cli import main
+from medrl.core.errors import ConfigError
 from medrl.data.medmnist_files import synthesize
 from medrl.features import FeatureCache, FeatureDataModule, feature_key
 from medrl.lit.probe import LinearProbe, fit_logistic_regression
 from medrl.models.encoders import TimmEncoder
 from medrl.study.configs import MedRLCLI
+from medrl.study.probe_table import probe_table
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/probe*.yaml"))
 
@@ -274,6 +276,20 @@ def test_probe_table_writes_the_table_and_skips_finished_cells(tiny_dir, tmp_pat
     assert [r["probe"] for r in both] == ["sgd", "sgd", "knn", "knn"] and both[:2] == rows
     assert out.out.count("skip breastmnist") == 2 and "features breastmnist" not in out.err
     assert "features breastmnist" in capsys_first_err
+    # A learning-rate sweep: one sgd head per rate on the cached features; kNN takes no rate, so it is skipped.
+    assert main([*args, "--optimizer", "[sgd, knn]", "--lr", "[1.0, 0.001]"]) == 0
+    out = capsys.readouterr()
+    swept = list(csv.DictReader(open(tmp_path / "t" / "results.csv")))
+    assert swept[:4] == both and [(r["probe"], r["lr"]) for r in swept[4:]] == [("sgd", "1.0"), ("sgd", "0.001")] * 2
+    assert out.out.count("skip breastmnist") == 2 and "features breastmnist" not in out.err
+    assert all(float(r["extract_seconds"]) < 1 for r in swept[4:])  # features from the DataModule or the cache
+    # The rates train different heads: the test probabilities differ.
+    first = [r["cell"] for r in swept[4:6]]
+    probs = [(tmp_path / "t" / "cells" / c / "predictions_test.csv").read_text() for c in first]
+    assert probs[0] != probs[1]
+    with pytest.raises(ConfigError, match="--lr must be positive"):
+        probe_table([f"qwen:{tiny_dir},image_size=native"], flags=["breastmnist"], root=str(tmp_path),
+                    synthetic=True, out=str(tmp_path / "t"), lr=[0.1, 0.0])  # fmt: skip
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from medrl.data.medmnist import MedMNISTDataModule
 from medrl.models.families.qwen_vl import VISION_PLACEHOLDERS
 from medrl.rollout import SamplingParams, make_engine
-from medrl.rollout.decoding import end_token_ids
+from medrl.rollout.decoding import end_token_ids, prompt_texts
 from medrl.rollout.hf import HFEngine
 from medrl.rollout.types import Completion
 from medrl.rollout.weights import policy_weights
@@ -87,7 +87,9 @@ def test_one_generate_call_holds_every_prompt_and_sample(engine: HFEngine, items
     real_generate = engine.model.generate
 
     def counting_generate(**kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs["generation_config"].num_return_sequences))
+        cached = kwargs.get("past_key_values")
+        prefix = 0 if cached is None else cached.get_seq_length()
+        calls.append((kwargs["input_ids"].shape[0], kwargs["generation_config"].num_return_sequences, prefix))
         return real_generate(**kwargs)
 
     engine.model.generate = counting_generate
@@ -95,8 +97,10 @@ def test_one_generate_call_holds_every_prompt_and_sample(engine: HFEngine, items
         engine.generate(items, SamplingParams(n=4, max_new_tokens=4, greedy=True))
     finally:
         del engine.model.generate  # back to the class's method
-    # One sampling call with 3 prompts x 4 samples, one greedy call with 3 prompts: no loop over samples.
-    assert calls == [(3, 4), (3, 1)]
+    # One sampling call with 3 prompts x 4 samples, their prompts but the last token already in the cache (the
+    # prefill ran once per prompt), and one greedy call with 3 prompts: no loop over samples.
+    width = engine._inputs(prompt_texts(engine.processor, items), items)["input_ids"].shape[1]
+    assert calls == [(12, 1, width - 1), (3, 1, 0)]
 
 
 def test_seed_repeats_and_differs(engine: HFEngine, items: list[dict]) -> None:

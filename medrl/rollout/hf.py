@@ -1,9 +1,12 @@
 """``hf``: transformers ``generate`` on the policy in memory, batched over prompts and samples.
 
-Each ``generate`` call carries a chunk of prompts with all ``n`` samples of each prompt
-(``num_return_sequences=n``), left-padded, so the vision tower and the prompt prefill run once per
-prompt and the decode loop runs once per chunk, not once per sample. Greedy completions take a second
-call with ``do_sample=False``.
+Each ``generate`` call carries a chunk of prompts with all ``n`` samples of each prompt, left-padded.
+The vision tower and the prompt prefill run once per prompt, not once per sample: the engine prefills
+each prompt but its last token itself, copies that cache ``n`` times and lets ``generate`` go on from it,
+so the decode loop runs once per chunk. (``num_return_sequences=n`` would prefill every copy: at 19M
+parameters, 16 prompts x 16 samples, that prefill took 54 % of the call.) The copies' tokens equal
+``num_return_sequences``' under the same seed, for every family. Greedy completions take a second call
+with ``do_sample=False``.
 """
 
 from __future__ import annotations
@@ -131,14 +134,36 @@ class HFEngine(Engine):
             kwargs["stop_strings"] = list(params.stop)
         return GenerationConfig(**kwargs)
 
+    def _shared_prefill(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
+        """``generate``'s inputs for ``n`` copies of each prompt, its prefix already in a shared-then-copied cache.
+
+        The prefill covers every prompt token but the last (images included), once per prompt; ``generate``
+        then feeds the last token of each copy and samples from there, so the first sampled token goes
+        through the same logits processors as every other.
+        """
+        ids = inputs["input_ids"]
+        # Every per-token tensor (mask, token types) is cut with the ids; images and grids go in whole.
+        head = {k: v[:, :-1] if v.dim() >= 2 and v.shape[:2] == ids.shape else v for k, v in inputs.items()}
+        cache = self.model(**head, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(n)
+        # Qwen-VL keeps the prompt's multimodal rotary offsets (one per prompt) for decoding: one per copy now.
+        for module in self.model.modules():
+            if isinstance(getattr(module, "rope_deltas", None), torch.Tensor):
+                module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
+        tail = {k: inputs[k].repeat_interleave(n, dim=0) for k in ("input_ids", "attention_mask") if k in inputs}
+        return {**tail, "past_key_values": cache}
+
     def _run(self, texts: list[str], items: Sequence[Item], params: SamplingParams, sample: bool) -> list[Completion]:
         """``[len(texts) * k]`` completions, prompt-major (k = n when sampling, 1 when greedy)."""
         inputs = self._inputs(texts, items)
         recorder = _RecordAndBan(self.banned, record=params.logprobs)
         extra: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
+        config = self._config(params, sample)
+        if sample and params.n > 1 and inputs["input_ids"].shape[1] > 1:
+            inputs, config.num_return_sequences = self._shared_prefill(inputs, params.n), 1
         out = self.model.generate(
             **inputs,
-            generation_config=self._config(params, sample),
+            generation_config=config,
             logits_processor=LogitsProcessorList([recorder]),
             **extra,
         )

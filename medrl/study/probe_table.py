@@ -1,9 +1,11 @@
 """``medrl probe-table``: linear probes over a grid of encoders x MedMNIST flags x sizes, as one results table.
 
-Each cell extracts (or reuses) the encoder's cached features, fits :class:`~medrl.lit.probe.LinearProbe`,
-scores the test split exactly as the medmnist Evaluator, and appends a row. After every cell the table is
-rewritten atomically as CSV and markdown, with a bar chart PNG; a rerun skips the cells already in the CSV
-(a cell's identity is a hash of everything that determines its result), so an interrupted grid resumes.
+Each encoder x flag x size extracts (or reuses) the encoder's cached features once, then fits every head
+asked for on them (each probe optimiser, and for sgd/adamw each learning rate of a sweep), each a
+:class:`~medrl.lit.probe.LinearProbe` scored on the test split exactly as the medmnist Evaluator, one row per
+head. After every head the table is rewritten atomically as CSV and markdown, and after every encoder's heads
+the bar chart PNG too; a rerun skips the heads already in the CSV (a row's identity is a hash of everything
+that determines its result), so an interrupted grid resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from medrl.core.tables import markdown_table
 from medrl.data.medmnist_files import atomic_write_bytes
 
 COLUMNS = [
-    "encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "mae", "kappa", "majority",
+    "encoder", "pretrained", "flag", "size", "image_size", "probe", "lr", "acc", "auc", "mae", "kappa", "majority",
     "collapsed", "n_train", "n_test", "extract_seconds", "seconds", "synthetic", "spec", "cell",
 ]  # fmt: skip
 
@@ -50,14 +52,14 @@ def _fmt(value: str, digits: int = 3) -> str:
     return "-" if math.isnan(number) else f"{number:.{digits}f}"
 
 
-def render(rows: list[dict[str, Any]], out: Path) -> None:
-    """Write ``results.csv``, ``results.md`` and ``results.png`` under ``out`` (each atomically)."""
+def render(rows: list[dict[str, Any]], out: Path, chart: bool = True) -> None:
+    """Write ``results.csv``, ``results.md`` and (``chart``) ``results.png`` under ``out``, each atomically."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
-    shown = ["encoder", "pretrained", "flag", "size", "image_size", "probe", "acc", "auc", "mae", "kappa",
+    shown = ["encoder", "pretrained", "flag", "size", "image_size", "probe", "lr", "acc", "auc", "mae", "kappa",
              "majority", "collapsed", "n_train", "n_test", "seconds"]  # fmt: skip
     numeric = ("acc", "auc", "mae", "kappa", "majority")
     cells = [
@@ -74,7 +76,8 @@ def render(rows: list[dict[str, Any]], out: Path) -> None:
     if any(str(r["synthetic"]) == "True" for r in rows):
         notes.append("Rows with synthetic=True come from synthetic files, not the official release.")
     atomic_write_bytes(out / "results.md", ("\n".join(lines + notes) + "\n").encode())
-    _chart(rows, out / "results.png")
+    if chart:
+        _chart(rows, out / "results.png")
 
 
 def _chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -84,7 +87,7 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["flag"], int(r["size"])) for r in rows})
-    encoders = list(dict.fromkeys(f"{r['encoder']} [{r['probe']}]" for r in rows))
+    encoders = list(dict.fromkeys(_bar(r) for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(groups) * max(1, len(encoders)) / 2 + 3), 4))
     width = 0.8 / max(1, len(encoders))
     for ax, metric in zip(axes, ("acc", "auc"), strict=True):
@@ -92,7 +95,7 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> None:
             values = []
             for flag, size in groups:
                 match = [r for r in rows if (r["flag"], int(r["size"])) == (flag, size)
-                         and f"{r['encoder']} [{r['probe']}]" == name]  # fmt: skip
+                         and _bar(r) == name]  # fmt: skip
                 values.append(float(match[0][metric]) if match else math.nan)
             ax.bar([g + k * width - 0.4 + width / 2 for g in range(len(groups))], values, width, label=name)
         if metric == "acc":
@@ -113,7 +116,13 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _bar(row: dict[str, Any]) -> str:
+    lr = f" lr {_fmt(row['lr'], 4)}" if row.get("lr") not in (None, "") else ""
+    return f"{row['encoder']} [{row['probe']}{lr}]"
+
+
 Probe = Literal["sgd", "adamw", "lbfgs", "knn"]
+TRAINED = ("sgd", "adamw")  # the probes a learning rate applies to
 
 
 def probe_table(
@@ -124,6 +133,7 @@ def probe_table(
     root: str | None = None,
     synthetic: bool = False,
     optimizer: Probe | list[Probe] = "sgd",
+    lr: float | list[float] | None = None,
     max_epochs: int = 20,
     batch_size: int = 1024,
     train_samples: int | None = None,
@@ -151,6 +161,8 @@ def probe_table(
         optimizer: probe: sgd (the authors'), adamw (MedMNIST+, early stop on val loss), lbfgs (C on val) or knn
             (weighted cosine kNN, k in 10/20/100/200 on val, T = 0.07; the authors' knn.py); a list such as
             '[sgd, knn]' probes each cell with each, on features extracted once (one row per probe).
+        lr: learning rate of sgd/adamw (default 0.1 / 1e-4); a list such as '[0.3, 0.1, 0.03]' is a sweep: one
+            head and one row per rate, all on the cell's features extracted once (lbfgs and knn ignore it).
         max_epochs: epochs for sgd/adamw.
         batch_size: probe batch size.
         train_samples: seeded subset of training images per flag (None: all).
@@ -168,11 +180,12 @@ def probe_table(
     rows = read_rows(out_dir / "results.csv")
     done = {r["cell"] for r in rows}
     optimizers = [optimizer] if isinstance(optimizer, str) else list(dict.fromkeys(optimizer))
+    rates = [lr] if lr is None or isinstance(lr, int | float) else list(dict.fromkeys(lr))
+    if bad := [r for r in rates if r is not None and not r > 0]:
+        raise ConfigError(f"--lr must be positive, got {bad}")
+    heads = [(o, r) for o in optimizers for r in (rates if o in TRAINED else [None])]
     samples = {"train_samples": train_samples, "val_samples": val_samples, "test_samples": test_samples}
-    for flag, size, spec, optimizer in itertools.product(
-        flags or ["breastmnist", "pneumoniamnist"], sizes or [28], encoders, optimizers
-    ):
-        settings = {"optimizer": optimizer, "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed}
+    for flag, size, spec in itertools.product(flags or ["breastmnist", "pneumoniamnist"], sizes or [28], encoders):
         encoder = encoder_from_spec(spec)
         dm = FeatureDataModule(
             flag, encoder, size=size, root=root, synthetic=synthetic, batch_size=batch_size, cache_dir=cache_dir,
@@ -180,23 +193,36 @@ def probe_table(
         )  # fmt: skip
         dm.prepare_data()
         identity = {"encoder": encoder.describe(), "flag": flag, "size": size, "file": file_md5(dm.images.path)}
-        cell = _cell_id({**identity, **settings, **samples})
-        if cell in done:
-            print(f"skip {flag} {size}px {encoder.label}: already in {out_dir / 'results.csv'}")
-            continue
-        print(f"cell {flag} {size}px {encoder.label} ({optimizer})")
-        row = _run_cell(dm, optimizer, max_epochs, seed, out_dir / "cells" / cell)
-        rows.append({**row, "spec": spec, "cell": cell})
-        done.add(cell)
-        render(rows, out_dir)
+        added = False
+        for probe, rate in heads:  # every head of this cell on the same DataModule: features read once
+            settings = {"optimizer": probe, "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed}
+            if rate is not None:  # absent when unset, so tables from before the sweep keep their cell ids
+                settings["lr"] = rate
+            cell = _cell_id({**identity, **settings, **samples})
+            name = f"{flag} {size}px {encoder.label} ({probe}{'' if rate is None else f', lr {rate:g}'})"
+            if cell in done:
+                print(f"skip {name}: already in {out_dir / 'results.csv'}")
+                continue
+            print(f"cell {name}")
+            row = run_head(dm, probe, rate, max_epochs, seed, out_dir / "cells" / cell)
+            rows.append({**row, "spec": spec, "cell": cell})
+            done.add(cell)
+            added = True
+            render(rows, out_dir, chart=False)  # a kill loses at most the head in progress
+        if added:
+            render(rows, out_dir)
     if rows:
         render(rows, out_dir)
         print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'} and {out_dir / 'results.png'}")
     return 0
 
 
-def _run_cell(dm, optimizer: str, max_epochs: int, seed: int, cell_dir: Path) -> dict[str, Any]:
-    """Fit and test one probe; the row of the results table (without spec and cell id)."""
+def run_head(dm, optimizer: str, lr: float | None, max_epochs: int, seed: int, cell_dir: Path) -> dict[str, Any]:
+    """Fit and test one probe head; the row of the results table (without spec and cell id).
+
+    ``extract_seconds`` is what this head spent getting its features: the extraction (or cache read) for a
+    cell's first head, about nothing for the heads after it, which reuse the DataModule's features.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
@@ -206,8 +232,8 @@ def _run_cell(dm, optimizer: str, max_epochs: int, seed: int, cell_dir: Path) ->
     L.seed_everything(seed, verbose=False)
     dm.setup("fit")
     dm.setup("test")
-    extract = sum(c.seconds for c in dm.splits.values())
-    model = LinearProbe(optimizer=optimizer, output_dir=str(cell_dir))
+    extract = time.perf_counter() - start
+    model = LinearProbe(optimizer=optimizer, lr=lr, output_dir=str(cell_dir))
     trainer = L.Trainer(
         max_epochs=1 if optimizer in ("lbfgs", "knn") else max_epochs,
         accelerator="cpu",
@@ -229,6 +255,7 @@ def _run_cell(dm, optimizer: str, max_epochs: int, seed: int, cell_dir: Path) ->
         "size": dm.size,
         "image_size": described["image_size"],
         "probe": optimizer,
+        "lr": "" if lr is None else lr,
         "acc": m["acc"],
         "auc": m["auc"],
         "mae": m.get("mae", math.nan),
