@@ -207,3 +207,20 @@ def test_lora_policy_weights_are_the_merged_weights(tiny) -> None:
         assert torch.allclose(pushed[name], tensor, atol=1e-6), name
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(pushed[q], model.state_dict()[q])  # the adapter really changed the weight
+
+
+def test_reserved_cache_layer_appends_like_concatenation_and_grows_past_its_room() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    from medrl.rollout.kv_cache import ReservedLayer
+
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4, generator=gen), torch.randn(3, 2, 5, 4, generator=gen)
+    plain = DynamicLayer()
+    plain.update(keys, values)
+    reserved = ReservedLayer(keys, values, reserve=2)
+    for step in range(4):  # two steps within the room, then two past it
+        new_k, new_v = torch.randn(3, 2, 1, 4, generator=gen), torch.randn(3, 2, 1, 4, generator=gen)
+        want, got = plain.update(new_k, new_v), reserved.update(new_k, new_v)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]), step
+        assert reserved.get_seq_length() == 6 + step

@@ -4,8 +4,9 @@ Each ``generate`` call carries a chunk of prompts with all ``n`` samples of each
 The vision tower and the prompt prefill run once per prompt, not once per sample: the engine prefills
 each prompt but its last token itself, copies that cache ``n`` times and lets ``generate`` go on from it,
 so the decode loop runs once per chunk. (``num_return_sequences=n`` would prefill every copy: at 19M
-parameters, 16 prompts x 16 samples, that prefill took 54 % of the call.) The copies' tokens equal
-``num_return_sequences``' under the same seed, for every family. Greedy completions take a second call
+parameters, 16 prompts x 16 samples, that prefill took 54 % of the call.) The copies' cache has room
+reserved for the completion, so each step appends in place rather than copying the cache. The copies'
+tokens equal ``num_return_sequences``' under the same seed, for every family. Greedy completions take a second call
 with ``do_sample=False``.
 """
 
@@ -20,6 +21,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from medrl.data.collate import item_images
 from medrl.rollout.decoding import banned_token_ids, end_token_ids, finish_completion, prompt_texts
 from medrl.rollout.engine import Engine
+from medrl.rollout.kv_cache import reserve_room
 from medrl.rollout.types import Completion, Item, PromptResult, SamplingParams
 
 # Generation settings a checkpoint's generation_config.json may carry (instruct checkpoints ship e.g.
@@ -134,18 +136,20 @@ class HFEngine(Engine):
             kwargs["stop_strings"] = list(params.stop)
         return GenerationConfig(**kwargs)
 
-    def _shared_prefill(self, inputs: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
+    def _shared_prefill(self, inputs: dict[str, torch.Tensor], n: int, new_tokens: int) -> dict[str, Any]:
         """``generate``'s inputs for ``n`` copies of each prompt, its prefix already in a shared-then-copied cache.
 
         The prefill covers every prompt token but the last (images included), once per prompt; ``generate``
         then feeds the last token of each copy and samples from there, so the first sampled token goes
-        through the same logits processors as every other.
+        through the same logits processors as every other. The copies' cache keeps room for ``new_tokens``
+        (:mod:`medrl.rollout.kv_cache`), so decoding appends in place instead of copying it every step.
         """
         ids = inputs["input_ids"]
         # Every per-token tensor (mask, token types) is cut with the ids; images and grids go in whole.
         head = {k: v[:, :-1] if v.dim() >= 2 and v.shape[:2] == ids.shape else v for k, v in inputs.items()}
         cache = self.model(**head, use_cache=True, logits_to_keep=1).past_key_values
         cache.batch_repeat_interleave(n)
+        reserve_room(cache, new_tokens + 1)  # + the prompt's last token, fed by generate
         # Qwen-VL keeps the prompt's multimodal rotary offsets (one per prompt) for decoding: one per copy now.
         for module in self.model.modules():
             if isinstance(getattr(module, "rope_deltas", None), torch.Tensor):
@@ -160,7 +164,7 @@ class HFEngine(Engine):
         extra: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
         config = self._config(params, sample)
         if sample and params.n > 1 and inputs["input_ids"].shape[1] > 1:
-            inputs, config.num_return_sequences = self._shared_prefill(inputs, params.n), 1
+            inputs, config.num_return_sequences = self._shared_prefill(inputs, params.n, params.max_new_tokens), 1
         out = self.model.generate(
             **inputs,
             generation_config=config,
