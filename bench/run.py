@@ -96,9 +96,8 @@ def fairness(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
             f"in batched generate calls, its vllm engine sends each question as one request with n=K. The throughput "
             f"passes sample K={s.get('throughput_k') or s['k']} completions of each of at least {s['questions']} "
             f"distinct questions at {', '.join(map(str, s['batch_sizes']))} questions per call (at least one whole "
-            f"call). Token counts "
-            f"are recorded to show equal work; engine start-up and one short warm-up call are outside the timings; "
-            f"{s['threads']} torch threads"
+            f"call). Token counts are recorded to show equal work; engine start-up and one short warm-up call are "
+            f"outside the timings; {s['threads']} torch threads"
         )
     if p := settings.get("probe"):
         text["probe"] = (

@@ -49,7 +49,9 @@ def model_dir(size: str) -> Path:
     """The saved folder of ``size`` (built on first use)."""
     from medrl.models.tiny import TINY_VERSION, cached_model
 
-    return cached_model(f"bench-qwen2.5-vl-{size}-v{TINY_VERSION}.1", lambda: (*build(size), {}))
+    # `tiny-*` is how medrl tells offline random-weight builds from checkpoints (probe rows record them as not
+    # pretrained), whatever their size.
+    return cached_model(f"tiny-bench-qwen2.5-vl-{size}-v{TINY_VERSION}.1", lambda: (*build(size), {}))
 
 
 def parameters(size: str) -> dict[str, int]:

@@ -131,3 +131,13 @@ def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
     markdown = render(results)
     assert "| GRPO step, vLLM engine | s/step | medrl, vllm engine: failed |" in markdown
     assert "**0.50** (0.17-1.50)" in markdown and "<= 0.7: met" in markdown and ">= 10: missed" in markdown
+
+
+def test_the_benchmark_sizes_are_recorded_as_random_weights() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.sizes import model_dir
+    from medrl.models.encoders import encoder_from_spec
+
+    described = encoder_from_spec(f"vlm:{model_dir('tiny')}").describe()
+    assert described["pretrained"] is False  # a probe row of a bench size must not claim pretrained weights
