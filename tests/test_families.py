@@ -1,7 +1,8 @@
 """The same matrix for every VLM family, each on its offline tiny model: the real family classes, probe
-features of its tower, what `vision: frozen | projector | all` trains, no generated image placeholder, SFT's
-answer-only labels under its chat template, two GRPO steps on both engines with Pass@K validation and an HF
-export whose logits equal the checkpoint's, and vLLM's greedy equal to HF's after full and LoRA pushes.
+features of its tower, what `vision: frozen | projector | all` trains, no generated image placeholder, HF
+sampling's shared prefill giving exactly num_return_sequences' samples, SFT's answer-only labels under its chat
+template, two GRPO steps on both engines with Pass@K validation and an HF export whose logits equal the
+checkpoint's, and vLLM's greedy equal to HF's after full and LoRA pushes.
 (The Qwen2.5-VL `tiny` runs all of this across the rest of the suite; its rows here are the cheap ones.)"""
 
 from __future__ import annotations
