@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shlex
 from pathlib import Path
@@ -168,3 +169,28 @@ def test_the_laptop_plan_runs_end_to_end_on_the_smolvlm_architecture(medmnist, t
     assert "vlm" in vision or "idefics3" in vision  # the SmolVLM tower was probed beside the timm encoder
     report = (out / "report.md").read_text()
     assert "tiny:smolvlm" in report and "Not run." not in report
+
+
+def test_a_learning_rate_sweep_in_the_plan_waits_for_one_row_per_rate(tmp_path: Path) -> None:
+    from medrl.study.plan import load_plan
+    from medrl.study.reproduce import _probe_cells_done
+
+    path = tmp_path / "plan.yaml"
+    path.write_text("flags: [breastmnist]\nvision:\n  encoders: ['timm:resnet18,pretrained=false']\n"
+                    "  optimizer: [sgd, knn]\n  lr: [0.1, 0.01]\n")  # fmt: skip
+    plan = load_plan(path)
+    assert plan.vision.lr == [0.1, 0.01]
+    table = tmp_path / "results.csv"
+    spec = "timm:resnet18,pretrained=false"
+
+    def write(heads: list[tuple[str, str]]) -> None:
+        with open(table, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["spec", "flag", "probe", "lr"])
+            out.writerows([spec, "breastmnist", probe, lr] for probe, lr in heads)
+
+    done = _probe_cells_done(plan)
+    write([("sgd", "0.1"), ("knn", "")])
+    assert not done([table])  # kNN takes no rate: 2 sgd heads + 1 kNN row are expected, 2 are there
+    write([("sgd", "0.1"), ("knn", ""), ("sgd", "0.01")])
+    assert done([table])

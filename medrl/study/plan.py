@@ -27,6 +27,8 @@ class VisionPlan:
         encoders: encoder specs (``timm:resnet18,pretrained=false``, ``vlm:tiny``, ``vlm:<HF id or folder>``).
         optimizer: probe optimiser, or a list of them (each a row): sgd (the authors'), adamw, lbfgs or knn
             (the authors' weighted cosine kNN).
+        lr: learning rate of the sgd/adamw probes (None: 0.1 / 1e-4); a list is a sweep, one head and row per
+            rate on the features extracted once.
         max_epochs: probe epochs.
         train_samples: seeded subset of training images per flag (None: all).
         test_samples: subset of test images (None: all).
@@ -34,6 +36,7 @@ class VisionPlan:
 
     encoders: list[str] = field(default_factory=lambda: ["timm:resnet18,pretrained=false", "vlm:tiny"])
     optimizer: ProbeName | list[ProbeName] = "sgd"
+    lr: float | list[float] | None = None
     max_epochs: int = 20
     train_samples: int | None = None
     test_samples: int | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
-from medrl.study.plan import StudyPlan, claim_run_dir, load_plan, with_model
+from medrl.study.plan import StudyPlan, VisionPlan, claim_run_dir, load_plan, with_model
 from medrl.study.runcard import run_card
 from medrl.study.runner import Stage, StageRunner, expected_times, json_has_keys, run_lock, stop_on_sigterm
 from medrl.study.stages import Study
@@ -18,14 +18,20 @@ from medrl.study.stages import Study
 PLANS = Path(__file__).resolve().parents[2] / "configs" / "study"
 
 
+def _probe_heads(vision: VisionPlan) -> int:
+    """Rows one encoder x flag gets: one per probe, and per learning rate for the probes that take one."""
+    from medrl.study.probe_table import TRAINED
+
+    probes = [vision.optimizer] if isinstance(vision.optimizer, str) else list(dict.fromkeys(vision.optimizer))
+    rates = 1 if vision.lr is None or isinstance(vision.lr, int | float) else len(dict.fromkeys(vision.lr))
+    return sum(rates if probe in TRAINED else 1 for probe in probes)
+
+
 def _probe_cells_done(plan: StudyPlan):
     def check(paths: Sequence[Path]) -> bool:
         with open(paths[0], newline="") as fh:
-            cells = {(row["spec"], row["flag"], row["probe"]) for row in csv.DictReader(fh)}
-        probes = plan.vision.optimizer
-        return len(cells) >= len(plan.vision.encoders) * len(plan.flags) * (
-            1 if isinstance(probes, str) else len(set(probes))
-        )
+            heads = {(row["spec"], row["flag"], row["probe"], row.get("lr") or "") for row in csv.DictReader(fh)}
+        return len(heads) >= len(plan.vision.encoders) * len(plan.flags) * _probe_heads(plan.vision)
 
     return check
 
@@ -42,7 +48,7 @@ def build_stages(study: Study) -> list[Stage]:
             probe_table(
                 encoders=plan.vision.encoders, flags=[flag], sizes=[plan.size], out=str(out / "vision"),
                 root=study.data_root(flag), synthetic=study.sources[flag], optimizer=plan.vision.optimizer,
-                max_epochs=plan.vision.max_epochs, train_samples=plan.vision.train_samples,
+                lr=plan.vision.lr, max_epochs=plan.vision.max_epochs, train_samples=plan.vision.train_samples,
                 test_samples=plan.vision.test_samples, seed=plan.seed,
             )  # fmt: skip
 
