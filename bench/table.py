@@ -210,7 +210,7 @@ def _probe_row(sides: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
         per_run = ", ".join(f"{cell} {sec:.1f} s" for cell, sec in s["run_seconds"].items())
         row["where_time_goes"] = (
             f"medrl: extraction {f['extract_s']:.1f} s once per cell, {f['rows']} heads {f['heads_s']:.1f} s "
-            f"(fit and test scoring), tables and charts the rest; the authors' way: {p['heads']} runs per cell, each "
-            f"as long as the one timed ({per_run})"
+            f"(fit and test scoring), tables and the chart the rest; the authors' way: {p['heads']} runs per cell, "
+            f"each as long as the one timed ({per_run})"
         )
     return row

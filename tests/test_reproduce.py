@@ -194,3 +194,6 @@ def test_a_learning_rate_sweep_in_the_plan_waits_for_one_row_per_rate(tmp_path: 
     assert not done([table])  # kNN takes no rate: 2 sgd heads + 1 kNN row are expected, 2 are there
     write([("sgd", "0.1"), ("knn", ""), ("sgd", "0.01")])
     assert done([table])
+    path.write_text(path.read_text().replace("0.01", "0.0"))
+    with pytest.raises(ConfigError, match=r"plan.yaml: vision.lr must be positive, got \[0.0\]"):
+        load_plan(path)

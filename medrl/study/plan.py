@@ -15,6 +15,7 @@ from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json, load_yaml
 from medrl.data.medmnist_files import FLAGS_2D, check_size
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
+from medrl.study.probe_table import probe_heads
 
 ProbeName = Literal["sgd", "adamw", "lbfgs", "knn"]
 
@@ -170,6 +171,10 @@ def load_plan(path: str | Path) -> StudyPlan:
     if bad:
         raise ConfigError(f"{path}: unknown flags {bad}; choose from {list(FLAGS_2D)}")
     check_size(plan.size)
+    try:  # a bad probe rate fails here, naming the file, rather than when the vision stage starts
+        probe_heads(plan.vision.optimizer, plan.vision.lr)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: vision.{err}") from None
     if plan.support.n < max(plan.support.ks) or plan.support.k not in plan.support.ks:
         raise ConfigError(
             f"{path}: support needs n >= max(ks) and k among ks (n={plan.support.n}, ks={plan.support.ks})"

@@ -3,9 +3,9 @@
 Each encoder x flag x size extracts (or reuses) the encoder's cached features once, then fits every head
 asked for on them (each probe optimiser, and for sgd/adamw each learning rate of a sweep), each a
 :class:`~medrl.lit.probe.LinearProbe` scored on the test split exactly as the medmnist Evaluator, one row per
-head. After every head the table is rewritten atomically as CSV and markdown, and after every encoder's heads
-the bar chart PNG too; a rerun skips the heads already in the CSV (a row's identity is a hash of everything
-that determines its result), so an interrupted grid resumes.
+head. After every head the table is rewritten atomically as CSV and markdown, and at the end the bar chart
+PNG; a rerun skips the heads already in the CSV (a row's identity is a hash of everything that determines its
+result), so an interrupted grid resumes.
 """
 
 from __future__ import annotations
@@ -125,6 +125,16 @@ Probe = Literal["sgd", "adamw", "lbfgs", "knn"]
 TRAINED = ("sgd", "adamw")  # the probes a learning rate applies to
 
 
+def probe_heads(optimizer: str | list[str], lr: float | list[float] | None) -> list[tuple[str, float | None]]:
+    """The heads every encoder x flag x size gets, as ``(probe, lr)``: each probe once, and sgd/adamw once per
+    learning rate (``None``: the probe's default). ConfigError on a rate that is not positive."""
+    optimizers = [optimizer] if isinstance(optimizer, str) else list(dict.fromkeys(optimizer))
+    rates = [lr] if lr is None or isinstance(lr, int | float) else list(dict.fromkeys(lr))
+    if bad := [r for r in rates if r is not None and not r > 0]:
+        raise ConfigError(f"lr must be positive, got {bad}")
+    return [(o, r) for o in optimizers for r in (rates if o in TRAINED else [None])]
+
+
 def probe_table(
     encoders: list[str],
     flags: list[str] | None = None,
@@ -179,11 +189,7 @@ def probe_table(
     out_dir = Path(out)
     rows = read_rows(out_dir / "results.csv")
     done = {r["cell"] for r in rows}
-    optimizers = [optimizer] if isinstance(optimizer, str) else list(dict.fromkeys(optimizer))
-    rates = [lr] if lr is None or isinstance(lr, int | float) else list(dict.fromkeys(lr))
-    if bad := [r for r in rates if r is not None and not r > 0]:
-        raise ConfigError(f"--lr must be positive, got {bad}")
-    heads = [(o, r) for o in optimizers for r in (rates if o in TRAINED else [None])]
+    heads = probe_heads(optimizer, lr)
     samples = {"train_samples": train_samples, "val_samples": val_samples, "test_samples": test_samples}
     for flag, size, spec in itertools.product(flags or ["breastmnist", "pneumoniamnist"], sizes or [28], encoders):
         encoder = encoder_from_spec(spec)
@@ -193,7 +199,6 @@ def probe_table(
         )  # fmt: skip
         dm.prepare_data()
         identity = {"encoder": encoder.describe(), "flag": flag, "size": size, "file": file_md5(dm.images.path)}
-        added = False
         for probe, rate in heads:  # every head of this cell on the same DataModule: features read once
             settings = {"optimizer": probe, "max_epochs": max_epochs, "batch_size": batch_size, "seed": seed}
             if rate is not None:  # absent when unset, so tables from before the sweep keep their cell ids
@@ -207,11 +212,8 @@ def probe_table(
             row = run_head(dm, probe, rate, max_epochs, seed, out_dir / "cells" / cell)
             rows.append({**row, "spec": spec, "cell": cell})
             done.add(cell)
-            added = True
             render(rows, out_dir, chart=False)  # a kill loses at most the head in progress
-        if added:
-            render(rows, out_dir)
-    if rows:
+    if rows:  # the chart once, from the whole table (a rerun that skips every head redraws it)
         render(rows, out_dir)
         print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'} and {out_dir / 'results.png'}")
     return 0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json
-from medrl.study.plan import StudyPlan, VisionPlan, claim_run_dir, load_plan, with_model
+from medrl.study.plan import StudyPlan, claim_run_dir, load_plan, with_model
+from medrl.study.probe_table import probe_heads
 from medrl.study.runcard import run_card
 from medrl.study.runner import Stage, StageRunner, expected_times, json_has_keys, run_lock, stop_on_sigterm
 from medrl.study.stages import Study
@@ -18,20 +19,13 @@ from medrl.study.stages import Study
 PLANS = Path(__file__).resolve().parents[2] / "configs" / "study"
 
 
-def _probe_heads(vision: VisionPlan) -> int:
-    """Rows one encoder x flag gets: one per probe, and per learning rate for the probes that take one."""
-    from medrl.study.probe_table import TRAINED
-
-    probes = [vision.optimizer] if isinstance(vision.optimizer, str) else list(dict.fromkeys(vision.optimizer))
-    rates = 1 if vision.lr is None or isinstance(vision.lr, int | float) else len(dict.fromkeys(vision.lr))
-    return sum(rates if probe in TRAINED else 1 for probe in probes)
-
-
 def _probe_cells_done(plan: StudyPlan):
+    expected = len(plan.vision.encoders) * len(plan.flags) * len(probe_heads(plan.vision.optimizer, plan.vision.lr))
+
     def check(paths: Sequence[Path]) -> bool:
         with open(paths[0], newline="") as fh:
             heads = {(row["spec"], row["flag"], row["probe"], row.get("lr") or "") for row in csv.DictReader(fh)}
-        return len(heads) >= len(plan.vision.encoders) * len(plan.flags) * _probe_heads(plan.vision)
+        return len(heads) >= expected
 
     return check
 
