@@ -17,6 +17,11 @@ class ConfigError(UserError, ValueError):
     """An option value that cannot work (out of range, contradicting another option)."""
 
 
+class NonFiniteError(UserError):
+    """Training produced a NaN or inf loss, weight or probability; the message names the step and the likely
+    cause (most often a learning rate far too high)."""
+
+
 # Operating-system errors that mean a path the user named is missing, of the wrong kind or not allowed.
 PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from medrl.core.errors import UserError
+
+# What to do when a run's save finds its disk full.
+RUN_DIR_FIX = (
+    "free space there or point trainer.default_root_dir (or the checkpoint dirpath) at a disk with room, then "
+    "resume from the last checkpoint, which is intact"
+)
 
 
 def _umask() -> int:
@@ -34,14 +44,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would, so shared run
-        # directories stay readable by the group as the user's umask intends.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        fsync_replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the complete, fsynced temp file ``tmp`` at ``path`` (same folder) with the umask's mode, and make
+    the rename itself durable by syncing the folder."""
+    # mkstemp makes the file private (0600); give it the mode a plain open() would, so shared run
+    # directories stay readable by the group as the user's umask intends.
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -57,6 +83,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     """Atomic JSON-lines write, one object per line."""
     return atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def no_space_error(folder: str | os.PathLike, what: str, needed: int, fix: str = RUN_DIR_FIX) -> UserError:
+    """The one-line message for a save that ran out of disk: the folder, what was saved, needed and free MB,
+    and ``fix``."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = -1
+    left = f"{free / 2**20:.1f} MB free" if free >= 0 else "free space unknown"
+    return UserError(f"no space left in {folder} to save {what} (needs about {needed / 2**20:.1f} MB, {left}); {fix}")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True for the errors a full disk (or quota) raises."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def umask_modes(root: str | os.PathLike) -> Path:

@@ -218,8 +218,17 @@ def read_jsonl_items(
     report = ValidationReport(str(path))
     parsed: list[tuple[int, int, MCQItem]] = []
     seen: dict[tuple[str, int], int] = {}
-    with path.open(encoding="utf-8-sig") as fh:  # -sig: an editor's byte-order mark must not cost row 0
-        for row_no, line in enumerate(fh):
+    with path.open("rb") as fh:
+        for row_no, raw in enumerate(fh):
+            try:
+                # -sig on the first line: an editor's byte-order mark must not cost row 0. JSON is UTF-8, so a
+                # line in another encoding is that row's problem, not the whole suite's.
+                line = raw.decode("utf-8-sig" if row_no == 0 else "utf-8")
+            except UnicodeDecodeError as exc:
+                report.rows += 1
+                problem = ("not_utf8", f"byte {exc.start}: {exc.reason}; save the file as UTF-8")
+                report.drop(row_no, row_no + 1, [problem])
+                continue
             if not line.strip():
                 continue
             try:

@@ -4,12 +4,19 @@ PMC-VQA's CSVs name a figure (``PMC1064097_F1.jpg``) while its ``images.zip`` st
 (``images/PMC1064097_F1.jpg``), and people unzip it in different ways. A store therefore looks a name up
 as given, under ``images/``, and (zip only) by its base name, so the official files work however they
 were unpacked.
+
+A data file never makes a store read outside its location: a name that is absolute or climbs out of it
+(``../x.png``, ``/etc/passwd``) is not looked up at all, and :meth:`ImageStore.check` drops its row as
+``outside_folder``. (Symbolic links the user put inside the folder are followed: they are the user's choice,
+not the data file's.) An image too large to decode safely (Pillow's decompression-bomb limit) is dropped as
+``image_too_large`` instead of ending the run.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -82,13 +89,20 @@ class ImageStore:
                 self._members, self._by_base = {n: n for n in names}, by_base
         return self._members, self._by_base  # type: ignore[return-value]
 
+    @staticmethod
+    def is_outside(name: str) -> bool:
+        """True when ``name`` is absolute or leads out of the store's folder (``..`` after normalising)."""
+        name = str(name).strip().replace("\\", "/")
+        if os.path.isabs(name) or PurePosixPath(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
+            return True
+        return os.path.normpath(name).split(os.sep)[0] == ".."
+
     def resolve(self, name: str) -> str | None:
-        """Where ``name`` lives in the store (a path or a zip member), or None when it is not there."""
+        """Where ``name`` lives in the store (a path or a zip member), or None when it is not there (or names a
+        file outside the store, which is never looked up)."""
         name = str(name).strip()
-        if not name:
+        if not name or self.is_outside(name):
             return None
-        if os.path.isabs(name):
-            return name if os.path.isfile(name) else None
         if not self.is_zip:
             for sub in _SUBFOLDERS:
                 path = self.location / sub / name
@@ -105,10 +119,12 @@ class ImageStore:
 
     def read_bytes(self, name: str) -> bytes:
         """The raw bytes of image ``name``; FileNotFoundError names the store when it is absent."""
+        if self.is_outside(name):
+            raise ConfigError(f"image {name!r} is outside {self.location}: image paths must be relative to it")
         where = self.resolve(name)
         if where is None:
             raise FileNotFoundError(f"image {name!r} is not in {self.location}")
-        if self.is_zip and not os.path.isabs(where):
+        if self.is_zip:
             with self._lock:
                 return self._archive().read(where)
         return Path(where).read_bytes()
@@ -127,6 +143,8 @@ class ImageStore:
         """None when image ``name`` passes ``level``; else ``(reason, detail)`` for a validation report."""
         if level == "none":
             return None
+        if self.is_outside(name):
+            return "outside_folder", f"{name!r} is outside {self.location}; image paths must be relative to it"
         if self.resolve(name) is None:
             return "missing_image", f"{name!r} not found in {self.location}"
         if level == "exists":
@@ -134,6 +152,8 @@ class ImageStore:
         try:
             with Image.open(io.BytesIO(self.read_bytes(name))) as image:
                 image.load()
+        except Image.DecompressionBombError as exc:
+            return "image_too_large", f"{name!r} is too large to decode safely ({exc})"
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
             return "bad_image", f"{name!r} cannot be decoded ({type(exc).__name__}: {exc})"
         return None

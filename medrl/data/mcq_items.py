@@ -135,10 +135,14 @@ def check_images(
 ) -> list[list[tuple[str, str]]]:
     """Image problems of each row (``[]`` when its images pass ``level``), decoded on a few threads.
 
-    PIL releases the GIL while decoding, so threads help; a progress bar shows on long runs.
+    PIL releases the GIL while decoding, so threads help; a progress bar shows on long runs. A name outside the
+    image folder is dropped as ``outside_folder`` at every level, ``none`` included (no file is touched).
     """
     if level == "none" or not names_per_row:
-        return [[] for _ in names_per_row]
+        return [
+            [("outside_folder", f"{n!r} is outside the image folder") for n in names if ImageStore.is_outside(n)]
+            for names in names_per_row
+        ]
     if store is None:
         raise ConfigError(f"checking images at level {level!r} needs an image folder or zip")
     workers = workers or min(8, os.cpu_count() or 1)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from medrl.core.dtypes import DType, resolve_dtype
-from medrl.core.errors import ConfigError
+from medrl.core.errors import ConfigError, NonFiniteError
 from medrl.core.io import atomic_write_jsonl
 from medrl.core.seeds import derive_seed
 from medrl.core.trackers import log_table
@@ -236,8 +236,20 @@ class GRPOModule(L.LightningModule):
         """Sample with the engine; under FSDP the hf engine decodes with the policy itself, so its weights are
         gathered once around the whole call rather than at every token."""
         engine = self._ensure_engine()
-        with gathered(self.model) if engine.name == "hf" else nullcontext():
-            return engine.generate(batch, params)
+        try:
+            with gathered(self.model) if engine.name == "hf" else nullcontext():
+                return engine.generate(batch, params)
+        except RuntimeError as exc:
+            # torch.multinomial's words for NaN/inf probabilities: weights blown up by the last update.
+            if "inf" in str(exc) and "nan" in str(exc):
+                lr = self.optim.lr
+                raise NonFiniteError(
+                    f"step {self.global_step}: the policy's sampling probabilities are not finite (NaN or inf), "
+                    f"so the last update broke the weights; the checkpoints on disk are from before it. Likely "
+                    f"cause: the learning rate ({lr:g}) is too high for this model: lower --model.init_args.optim.lr "
+                    "and restart"
+                ) from exc
+            raise
 
     # ------------------------------------------------------------------ steps
     def step(self) -> GRPOStep:

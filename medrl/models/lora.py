@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from medrl.core.errors import ConfigError
-from medrl.core.io import umask_modes
+from medrl.core.io import is_no_space, no_space_error, umask_modes
 from medrl.models.families import families, vision_modules
 
 LANGUAGE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -135,8 +135,11 @@ def is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a sibling temp folder, then put it at ``target`` (replacing an older copy)."""
+def write_folder(target: str | os.PathLike, write: Callable[[Path], None], needed_bytes: int = 0) -> Path:
+    """Run ``write(tmp)`` into a sibling temp folder, then put it at ``target`` (replacing an older copy).
+
+    A full disk is one line naming the folder and about ``needed_bytes`` (the caller's estimate) to free.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -150,8 +153,12 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-    except BaseException:
+    except BaseException as exc:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(exc):
+            # At least what was written before the disk filled; the model's own size is the better guess.
+            raise no_space_error(target.parent, f"{target.name}/", max(written, needed_bytes)) from exc
         raise
     return target
 
@@ -164,7 +171,9 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, processo
         if processor is not None:
             processor.save_pretrained(tmp)
 
-    return write_folder(out_dir, write)
+    adapter_only = is_peft(model)  # an adapter folder holds the trained weights only
+    needed = sum(p.numel() * p.element_size() for p in model.parameters() if not adapter_only or p.requires_grad)
+    return write_folder(out_dir, write, needed)
 
 
 def save_merged(

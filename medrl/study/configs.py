@@ -7,16 +7,21 @@ way in the main process, in spawned DDP workers and in vLLM's engine process.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
+from medrl.callbacks.checkpoint_io import AtomicCheckpointIO
+from medrl.callbacks.finite import FiniteGuard
 from medrl.core.errors import ConfigError, UserError
 from medrl.core.io import load_yaml
+from medrl.study.resume import check_resume, resolve_last
 from medrl.study.trainer_defaults import (
     allow_mlflow_file_store,
     expand_run_dir,
@@ -123,11 +128,30 @@ class MedRLCLI(LightningCLI):
             trainer["logger"] = expand_run_dir(trainer["logger"], trainer.get("default_root_dir") or os.getcwd())
             allow_mlflow_file_store(trainer["logger"])
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path last`` is the run folder's newest ``last.ckpt``; a checkpoint of another module, or
+        one trained with other model options, is refused (:mod:`medrl.study.resume`)."""
+        if self.config.get("subcommand"):
+            settings = self.config[self.config.subcommand]
+            if settings.get("ckpt_path") == "last":
+                settings["ckpt_path"] = str(resolve_last(settings))
+                print(f"medrl {self.config.subcommand}: resuming from {settings['ckpt_path']}", file=sys.stderr)
+            if settings.get("ckpt_path") and Path(settings["ckpt_path"]).is_file():
+                check_resume(settings["ckpt_path"], settings.get("model"))
+        super()._parse_ckpt_path()
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        """The Trainer with medrl's logger and progress-bar defaults (:mod:`medrl.study.trainer_defaults`)."""
+        """The Trainer with medrl's defaults: loggers and progress bar (:mod:`medrl.study.trainer_defaults`),
+        checkpoints written atomically in their own folder, and a stop on a non-finite loss or weight."""
         root = config.get("default_root_dir") or os.getcwd()
         config = progress_settings({**config, "logger": run_loggers(config.get("logger"), root)})
-        return super()._instantiate_trainer(config, callbacks)
+        every = [*(config.get("callbacks") or []), *callbacks]
+        if not any(isinstance(c, FiniteGuard) for c in every):
+            callbacks = [*callbacks, FiniteGuard()]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a plugin the config chose is kept
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit":

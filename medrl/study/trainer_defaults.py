@@ -72,6 +72,24 @@ def next_version(root: str | os.PathLike) -> int:
     return max(taken, default=-1) + 1
 
 
+def claim_version(root: str | os.PathLike) -> int:
+    """Create the first free ``root/lightning_logs/version_N`` and return N.
+
+    ``mkdir`` either creates the folder or fails because it exists, so two runs started together on one
+    ``default_root_dir`` get two folders (listing first and creating later, as Lightning does, let both take
+    the same one and interleave their ``metrics.csv``).
+    """
+    folder = Path(root) / LOG_NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    version = next_version(root)
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
 def run_loggers(configured: Any, root: str | os.PathLike) -> list[Logger] | bool:
     """The loggers of a run: ``configured`` (``trainer.logger`` as parsed and built) completed as described above."""
     if configured is False or configured == []:
@@ -79,10 +97,15 @@ def run_loggers(configured: Any, root: str | os.PathLike) -> list[Logger] | bool
     loggers = (
         [] if configured in (None, True) else list(configured) if isinstance(configured, list | tuple) else [configured]
     )
-    # A TensorBoard logger of the run's own folder picks its version lazily, by the folders it finds: fix it
-    # now (reading it caches it), before the CSV logger's folder appears and would push it one number on.
+    # A TensorBoard logger of the run's own folder picks its version lazily, by the folders it finds: give it
+    # the claimed one (unless its config fixed a version), so it and the CSV logger share one folder.
     shared = [lg for lg in loggers if isinstance(lg, TensorBoardLogger) and _same_dir(lg, root)]
-    version = shared[0].version if shared else next_version(root)
+    if shared and shared[0]._version is not None:
+        version = shared[0].version
+    else:
+        version = claim_version(root)
+        for logger in shared:
+            logger._version = version
     csv = CSVLogger(root, name=LOG_NAME, version=version)
     if configured is None or configured is True:
         loggers: list[Logger] = [csv]

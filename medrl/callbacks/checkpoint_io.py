@@ -1,0 +1,55 @@
+"""Checkpoint files written in their own folder: a temp file beside the target, fsync, rename.
+
+Lightning 2.6 saves through an fsspec transaction, which stages the file in ``TMPDIR`` and then moves it.
+When ``TMPDIR`` is on another filesystem (a tmpfs ``/tmp``, common on clusters) the move truncates the target
+and copies into it: a kill during the copy leaves ``last.ckpt`` at 0 bytes with the previous good one gone, and
+a small ``TMPDIR`` fails the save of a run whose own disk has room. :class:`AtomicCheckpointIO` never touches
+``TMPDIR``; the older checkpoint stays whole until the new one is complete on the same disk. A full disk is
+reported as one line naming the folder, the space the checkpoint needs and the space left.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from medrl.core.io import fsync_replace, is_no_space, no_space_error
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors inside ``obj`` (dicts, lists, tuples): about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose saves are atomic on the target's own filesystem (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` through ``.NAME.*.part`` in the same folder, fsync, rename."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_replace(tmp, target)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if is_no_space(exc):
+                raise no_space_error(target.parent, f"checkpoint {target.name}", tensor_bytes(checkpoint)) from exc
+            raise
