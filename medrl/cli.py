@@ -31,6 +31,7 @@ from medrl.study.configs import (  # noqa: E402
     config_paths_of,
     moved_grpo_options,
 )
+from medrl.study.parse_errors import one_line_parse_error  # noqa: E402
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 
@@ -150,25 +151,32 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         check_yaml_files(config_paths_of(argv))
         check_checkpoint(ckpt_path_of(argv))  # LightningCLI reads the checkpoint's hyperparameters first
-        try:
-            # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an
-            # explicit argv (tests, other commands) is passed through.
-            MedRLCLI(args=None if from_command_line else argv)
-        except SystemExit as stop:
-            if stop.code == 2 and (moved := moved_grpo_options(argv)):  # a parse error on an old GRPO config
-                where = ", ".join(f"{old} -> {new}" for old, new in moved)
-                print(f"medrl {verb}: GRPO's options are grouped now (docs/grpo.md): {where}", file=sys.stderr)
-            raise
+        # From the command line LightningCLI reads sys.argv itself (passing it again makes it warn); an
+        # explicit argv (tests, other commands) is passed through. Parse errors are raised, not printed with the
+        # usage, and answered below in one line.
+        MedRLCLI(args=None if from_command_line else argv, exit_on_error=False)
         return 0
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM in the study commands: what ran is recorded
         print(f"{_command(argv)}: stopped ({str(stop) or 'interrupted'})", file=sys.stderr)
         return 130
     except Exception as exc:
         cause = user_error_in(exc)
-        if is_debug() or cause is None:
+        if is_debug() or (cause is None and not _is_parse_error(exc)):
             raise
-        print(f"{_command(argv)}: error: {_without_prefix(one_line(cause))}", file=sys.stderr)
+        if cause is not None:
+            message = one_line(cause)
+        elif moved := moved_grpo_options(argv):  # a parse error on a GRPO config from before the option groups
+            where = ", ".join(f"{old} -> {new}" for old, new in moved)
+            message = f"GRPO's options are grouped now (docs/grpo.md): {where}"
+        else:
+            message = one_line_parse_error(str(exc))
+        print(f"{_command(argv)}: error: {_without_prefix(message)}", file=sys.stderr)
         return 2
+
+
+def _is_parse_error(exc: BaseException) -> bool:
+    """A command line or config that did not parse (jsonargparse's ArgumentError)."""
+    return type(exc).__name__ == "ArgumentError" and type(exc).__module__.startswith(("jsonargparse", "argparse"))
 
 
 def _command(argv: list[str]) -> str:

@@ -92,11 +92,28 @@ def test_an_old_flat_grpo_config_is_told_where_each_option_went(tmp_path: Path, 
     init |= {"engine": "hf", "care": True, "beta": 0.0, "loss_aggregation": "grpo", "num_generations": 4}
     old = tmp_path / "old_rl.yaml"
     old.write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(old)])
-    assert stop.value.code == 2
-    hint = capsys.readouterr().err.strip().splitlines()[-1]
-    assert hint.startswith("medrl fit: GRPO's options are grouped now")
+    assert main(["fit", "--config", str(old)]) == 2
+    (hint,) = capsys.readouterr().err.strip().splitlines()
+    assert hint.startswith("medrl fit: error: GRPO's options are grouped now")
     for moved in ("engine -> engine.name", "care -> care.enabled", "beta -> loss.beta",
                   "loss_aggregation -> loss.aggregation", "num_generations -> sampling.num_generations"):  # fmt: skip
         assert moved in hint, hint
+
+
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [
+        (["--model.init_args.sampling.num_generationz", "4"],
+         "unknown option --model.init_args.sampling.num_generationz (did you mean "
+         "model.init_args.sampling.num_generations?)"),
+        (["--model.init_args.sampling.temperature", "hot"],
+         "--model.init_args.sampling.temperature: expected a float, got 'hot'"),
+        (["--model.init_args.finetune", "lorax"],
+         "--model.init_args.finetune: expected one of 'full', 'lora', got 'lorax'"),
+        (["--trainer.max_epochz", "3"], "unknown option --trainer.max_epochz (did you mean trainer.max_epochs?)"),
+    ],
+)  # fmt: skip
+def test_an_option_error_deep_in_a_group_is_one_line(option, line, capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", "--config", str(REPO / "configs/rl.yaml"), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medrl fit: error: {line}"]

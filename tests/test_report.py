@@ -117,7 +117,9 @@ def test_empty_run_says_not_run(tmp_path: Path) -> None:
 
 def test_corrupt_json_names_the_file(run_dir: Path) -> None:
     (run_dir / "eval" / "base" / "breastmnist" / "summary.json").write_text("{")
-    with pytest.raises(ValueError, match="base/breastmnist/summary.json"):
+    from medrl.core.errors import UserError
+
+    with pytest.raises(UserError, match="base/breastmnist/summary.json"):  # one line from `medrl report`
         build_report(run_dir)
 
 

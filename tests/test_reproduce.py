@@ -32,7 +32,7 @@ def test_unknown_plan_key_names_the_file(tmp_path: Path) -> None:
 
     bad = tmp_path / "plan.yaml"
     bad.write_text("support:\n  n: 4\n  kz: [1]\n")
-    with pytest.raises(ValueError, match=r"plan.yaml.support: unknown key\(s\) \['kz'\]"):
+    with pytest.raises(ValueError, match=r"plan.yaml:support: unknown key\(s\) \['kz'\]"):
         load_plan(bad)
 
 

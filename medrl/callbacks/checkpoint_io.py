@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from medrl.core.io import fsync_replace, is_no_space, no_space_error
+from medrl.core.io import RUN_DIR_FIX, fsync_replace, is_no_space, no_space_error
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -51,5 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             if is_no_space(exc):
-                raise no_space_error(target.parent, f"checkpoint {target.name}", tensor_bytes(checkpoint)) from exc
+                raise no_space_error(
+                    target.parent, f"checkpoint {target.name}", tensor_bytes(checkpoint), RUN_DIR_FIX
+                ) from exc
             raise

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from medrl.core.env import CACHE_ENV, cache_dir
 from medrl.core.errors import UserError
 
 # What to do when a run's save finds its disk full.
@@ -45,8 +46,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         fsync_replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space_error(path.parent, path.name, len(data)) from exc
         raise
     return path
 
@@ -85,20 +88,38 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
-def no_space_error(folder: str | os.PathLike, what: str, needed: int, fix: str = RUN_DIR_FIX) -> UserError:
+def no_space_error(folder: str | os.PathLike, what: str, needed: int, fix: str | None = None) -> UserError:
     """The one-line message for a save that ran out of disk: the folder, what was saved, needed and free MB,
-    and ``fix``."""
+    and ``fix`` (by default: free space, or for a folder in medrl's cache, move ``MEDRL_CACHE``)."""
+    if fix is None:
+        in_cache = Path(os.path.abspath(folder)).is_relative_to(os.path.abspath(cache_dir()))
+        fix = (
+            f"it is in {CACHE_ENV} ({cache_dir()}): free space there or point {CACHE_ENV} at a disk with room"
+            if in_cache
+            else "free space there or write to a folder on a disk with room"
+        )
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = -1
     left = f"{free / 2**20:.1f} MB free" if free >= 0 else "free space unknown"
-    return UserError(f"no space left in {folder} to save {what} (needs about {needed / 2**20:.1f} MB, {left}); {fix}")
+    size = f"needs about {needed / 2**20:.1f} MB, " if needed > 0 else ""
+    return UserError(f"no space left in {folder} to save {what} ({size}{left}); {fix}")
 
 
 def is_no_space(exc: BaseException) -> bool:
-    """True for the errors a full disk (or quota) raises."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """True for the errors a full disk (or quota) raises, also when a library wraps them (safetensors raises its
+    own error with the OS message in it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(current) for words in ("No space left on device", "Disk quota exceeded")):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def umask_modes(root: str | os.PathLike) -> Path:

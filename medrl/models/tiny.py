@@ -19,7 +19,7 @@ import torch
 
 from medrl.core.env import CACHE_ENV, cache_dir
 from medrl.core.errors import UserError
-from medrl.core.io import umask_modes
+from medrl.core.io import is_no_space, no_space_error, umask_modes
 from medrl.models.tiny_corpus import CORPUS
 
 # Bump when anything below changes what gets built, so stale cached copies are rebuilt.
@@ -126,7 +126,9 @@ def build_folder(target: Path, write: Callable[[Path], None], what: str, uses_en
             tmp.rename(target)
         except OSError:  # another process won the race: keep its copy
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(exc):  # how much the whole folder needs is not known before it is written
+            raise no_space_error(base, what if what == target.name else f"{what} ({target.name})", 0) from exc
         raise
     return target

@@ -307,14 +307,23 @@ def _boundary(results: RunResults, figs: dict[str, bytes], k: int) -> list[str]:
     return lines
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write ``RUN/report.md`` and ``RUN/figures/*.png`` from the run's own outputs; returns the report path."""
+def build_report(run_dir: str | Path, unfinished: list[str] | None = None) -> Path:
+    """Write ``RUN/report.md`` and ``RUN/figures/*.png`` from the run's own outputs; returns the report path.
+
+    ``unfinished``: the plan's stages that have not finished, named at the top of the report.
+    """
     results = load_run(run_dir)
     k = int(results.plan.get("support", {}).get("k", 0)) or max(
         (max(results.ks(m, f)) for m in results.evals for f in results.evals[m] if results.ks(m, f)), default=1
     )
     figs: dict[str, bytes] = {}
     lines = [ILLUSTRATIVE, ""] if results.plan.get("illustrative", False) else []
+    if unfinished:
+        lines += [
+            f"**Unfinished study.** {len(unfinished)} planned stages have not finished, and their sections read "
+            f"'not run': {', '.join(unfinished)}.",
+            "",
+        ]
     lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""] + _data_sources(results)
     lines += _vision(results, figs) + _support(results, figs, k) + _rl_signal(results) + _transfer(results, figs)
     lines += _boundary(results, figs, k)

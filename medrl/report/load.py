@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medrl.core.errors import UserError
 from medrl.metrics.intervals import Questions
 
 
@@ -76,11 +77,22 @@ class RunResults:
         return list(self.evals.get(model, {}).get(flag, {}).get("ks", []))
 
 
-def _json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file of the run; one line naming it when it is damaged."""
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage that writes it") from exc
+        raise UserError(f"{path}: not valid JSON ({exc}); delete it and rerun the stage that writes it") from exc
+
+
+def check_stages(stages: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """``stages.json`` as medrl writes it (stage name -> record with a ``status``), else one line naming it."""
+    if not isinstance(stages, dict) or not all(isinstance(r, dict) and "status" in r for r in stages.values()):
+        raise UserError(
+            f"{path} is not a medrl stages file (stage name -> {{status, ...}}): {path.parent} is not a study run "
+            "folder written by `medrl reproduce`; pass that folder"
+        )
+    return stages
 
 
 def load_run(root: str | Path) -> RunResults:
@@ -91,20 +103,22 @@ def load_run(root: str | Path) -> RunResults:
     results = RunResults(root=root)
     for name in ("plan", "runcard", "stages"):
         if (root / f"{name}.json").is_file():
-            setattr(results, name, _json(root / f"{name}.json"))
+            setattr(results, name, read_json(root / f"{name}.json"))
+    if (root / "stages.json").is_file():
+        check_stages(results.stages, root / "stages.json")
     probe_csv = root / "vision" / "results.csv"
     if probe_csv.is_file():
         with open(probe_csv, newline="") as fh:
             results.probe_rows = list(csv.DictReader(fh))
     for summary in sorted((root / "eval").glob("*/*/summary.json")):
         model, flag = summary.parent.parent.name, summary.parent.name
-        results.evals.setdefault(model, {})[flag] = _json(summary)
+        results.evals.setdefault(model, {})[flag] = read_json(summary)
         rows = summary.parent / "questions.jsonl"
         if rows.is_file():  # per-question counts: what the intervals resample
             lines = rows.read_text().splitlines()
             results.questions.setdefault(model, {})[flag] = [json.loads(line) for line in lines if line.strip()]
     for recipe in sorted((root / "recipe").glob("*/recipe.json")):
-        results.recipes[recipe.parent.name] = _json(recipe)
+        results.recipes[recipe.parent.name] = read_json(recipe)
     for train in sorted(p for p in (root / "train").glob("*") if p.is_dir()):
         logs = sorted(train.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
         if not logs:

@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from medrl.core.errors import ConfigError
+
 FinishReason = Literal["stop", "length"]
 
 # The study's sampling for Pass@K (the authors' evaluation): temperature 0.7, nucleus 0.9. Every command and
@@ -48,17 +50,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.n < 0:
-            raise ValueError(f"n must be >= 0, got {self.n}")
+            raise ConfigError(f"n must be >= 0, got {self.n}")
         if self.n == 0 and not self.greedy:
-            raise ValueError("n=0 and greedy=False asks for nothing: set n >= 1 or greedy=True")
+            raise ConfigError("n=0 and greedy=False asks for nothing: set n >= 1 or greedy=True")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (set greedy=True for argmax decoding), got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0 (set greedy=True for argmax decoding), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.stop, str):  # a bare string would be split into characters
             object.__setattr__(self, "stop", (self.stop,))
         else:

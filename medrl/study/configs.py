@@ -103,13 +103,17 @@ class MedRLCLI(LightningCLI):
     checks ``--ckpt_path`` before this class reads the checkpoint's hyperparameters.)
     """
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    def __init__(self, args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> None:
+        # exit_on_error=False: a parse error is raised (jsonargparse's ArgumentError) instead of printing the
+        # usage, so `medrl` can answer it in one line (medrl.study.parse_errors).
+        kwargs = {"exit_on_error": exit_on_error}
         super().__init__(
             model_class=None,
             datamodule_class=None,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={**kwargs, **{verb: dict(kwargs) for verb in ("fit", "validate", "test", "predict")}},
             args=args,
             run=run,
         )
@@ -137,7 +141,7 @@ class MedRLCLI(LightningCLI):
                 settings["ckpt_path"] = str(resolve_last(settings))
                 print(f"medrl {self.config.subcommand}: resuming from {settings['ckpt_path']}", file=sys.stderr)
             if settings.get("ckpt_path") and Path(settings["ckpt_path"]).is_file():
-                check_resume(settings["ckpt_path"], settings.get("model"))
+                check_resume(settings["ckpt_path"], settings.get("model"), resuming=self.config.subcommand == "fit")
         super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:

@@ -7,6 +7,8 @@ GPUs). Every field has a default, so a plan file states only what differs.
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -143,16 +145,45 @@ class StudyPlan:
         return asdict(self)
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value has the type a plan field declares (ints pass for floats, never bools)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name) if cls is not TrainPlan else None
         if is_dataclass(default) and isinstance(value, dict):
-            value = _build(type(default), value, f"{where}.{name}")
+            value = _build(type(default), value, f"{where}{'.' if ':' in where else ':'}{name}")
+        elif not _fits(value, hints[name]):
+            raise ConfigError(f"{where}: {name} must be {_type_name(hints[name])}, got {value!r}; fix the plan file")
         kwargs[name] = value
     return cls(**kwargs)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +84,19 @@ def _differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(given, dict):
         out = []
         for key in saved:
-            if key in given and key not in _BOOKKEEPING:
+            # None: not given (options the data fills in later, such as a probe's num_classes, parse as None).
+            if key in given and given[key] is not None and key not in _BOOKKEEPING:
                 out += _differences(saved[key], given[key], f"{prefix}{key}.")
         return out
     return [] if saved == given else [f"{prefix.rstrip('.')} {saved} -> {given}"]
 
 
-def check_resume(ckpt_path: str | os.PathLike, model: Any) -> None:
+def check_resume(ckpt_path: str | os.PathLike, model: Any, resuming: bool = True) -> None:
     """``ckpt_path`` was written by the module the command trains, with the options the command gives.
 
     ``model`` is the command's parsed ``model`` (``class_path`` and ``init_args``). Raises one line when the
-    checkpoint is another module's, or when an option differs (LightningCLI would use the checkpoint's value).
+    checkpoint is another module's, or, when ``resuming`` a fit, when an option differs (LightningCLI would use
+    the checkpoint's value). For ``validate``/``test``/``predict`` a difference is said on stderr instead.
     """
     import torch
 
@@ -108,7 +111,9 @@ def check_resume(ckpt_path: str | os.PathLike, model: Any) -> None:
             "(--model.init_args.model with the checkpoint's .hf folder) without --ckpt_path"
         )
     changed = _differences(_plain(hparams), _plain(_get(model, "init_args") or {}))
-    if changed:
+    if changed and not resuming:
+        print(f"medrl: {ckpt_path} keeps its own model options: {'; '.join(changed)}", file=sys.stderr)
+    elif changed:
         raise ConfigError(
             f"--ckpt_path {ckpt_path} was trained with other model options than this command gives ("
             + "; ".join(changed)
