@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from medrl.core.env import DEBUG_ENV, is_debug, show_progress
+from medrl.core.env import DEBUG_ENV, check_switches, is_debug, show_progress
 
 if not show_progress():
     # The hub's, transformers' and datasets' own bars ("Writing model shards") print lines into a log; they
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medrl: unknown verb {verb!r}\n\n{_overview()}", file=sys.stderr)
         return 2
     try:
+        check_switches()
         if verb in STUDY_VERBS:
             return _run_study_verb(verb, argv[1:])
         # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.

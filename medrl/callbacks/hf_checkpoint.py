@@ -22,7 +22,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_warn
 
 from medrl.callbacks.checkpoint import Checkpoint
-from medrl.models.lora import is_peft, save_merged, save_pretrained, write_folder
+from medrl.models.hub import merge_adapter
+from medrl.models.lora import is_peft, save_pretrained, write_folder
 
 HF_SUFFIX = ".hf"
 
@@ -85,7 +86,7 @@ class HFCheckpoint(Checkpoint):
         if is_peft(model):
             adapter = save_pretrained(model, out / "adapter", processor)
             if self.merged:
-                save_merged(adapter, out / "merged")
+                merge_adapter(adapter, out / "merged")
         else:
             save_pretrained(model, out / "model", processor)
         return out

@@ -19,10 +19,26 @@ OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEDRL_OFFLINE")
 DEBUG_ENV = "MEDRL_DEBUG"
 PROGRESS_ENV = "MEDRL_PROGRESS"
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+# medrl's own on/off variables: a value outside _TRUE and _FALSE is refused (check_switches), not read as off.
+SWITCHES = (DEBUG_ENV, PROGRESS_ENV, "MEDRL_OFFLINE")
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def check_switches() -> None:
+    """Refuse a value of medrl's on/off variables that is neither on nor off (``MEDRL_PROGRESS=maybe``)."""
+    from medrl.core.errors import ConfigError
+
+    for name in SWITCHES:
+        value = os.environ.get(name, "").strip().lower()
+        if value and value not in _TRUE + _FALSE:
+            raise ConfigError(
+                f"{name}={os.environ[name]} is neither on nor off: set it to 1 (on) or 0 (off) "
+                f"(also {'/'.join(_TRUE[1:])} or {'/'.join(_FALSE[1:])}), or unset it"
+            )
 
 
 def is_offline() -> bool:

@@ -36,6 +36,7 @@ from medrl.data.medmnist_files import (
 from medrl.data.resumable import ResumableLoader
 
 log = logging.getLogger(__name__)
+_SAID: set[tuple[str, int]] = set()  # (flag, num_options) warnings already given
 Mode = Literal["image", "vqa"]
 
 
@@ -208,10 +209,18 @@ class MedMNISTDataModule(L.LightningDataModule):
         flag = flag or self.default_flag
         if flag is None:
             raise ConfigError("MedMNISTDataModule needs a `flag` (e.g. pneumoniamnist)")
-        info(flag)
+        classes = len(info(flag)["label"])
         check_size(size)
         if mode not in ("image", "vqa"):
             raise ConfigError(f"mode must be 'image' or 'vqa', got {mode!r}")
+        if mode == "vqa" and num_options is not None and num_options < 2:
+            raise ConfigError(f"num_options must be >= 2 (or None for every class), got {num_options}")
+        if mode == "vqa" and num_options is not None and num_options > classes and (flag, num_options) not in _SAID:
+            _SAID.add((flag, num_options))  # once per process: every DataModule of a study would repeat it
+            log.warning(
+                "num_options %d is more than %s's %d classes: its questions offer %d options (chance 1/%d)",
+                num_options, flag, classes, classes, classes,
+            )  # fmt: skip
         self.save_hyperparameters()
         self.flag, self.size, self.mode, self.synthetic = flag, size, mode, synthetic
         self.root = root

@@ -150,6 +150,23 @@ def parse_file_name(name: str) -> tuple[str, int, bool] | None:
     return None
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path``, which is not a readable regular file, is not one, when "not found, fetch it" would mislead:
+    a folder, or a symbolic link that loops or points at nothing. None when nothing is there at all."""
+    if path.is_dir():
+        return f"{path} is a folder, not a MedMNIST file: move it aside or point the data folder elsewhere"
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return (
+            f"{path} is a symbolic link that leads nowhere (to {target}: a loop or a missing file): fix or remove "
+            "the link"
+        )
+    return None
+
+
 def unreadable(path: Path) -> str:
     """What to say about a file this process may not read."""
     return f"cannot read {path.name}: permission denied (give this user read access, e.g. `chmod a+r {path}`)"
@@ -188,7 +205,8 @@ def verify_file(path: str | os.PathLike, flag: str | None = None, size: int | No
         flag, size = flag or parsed[0], size or parsed[1]
     report = FileReport(path=path, flag=flag, size=size)
     if not path.is_file():
-        report.problems.append(f"missing; fetch it with `medrl data fetch --flag {flag} --size {size}`")
+        why = not_a_file(path)
+        report.problems.append(why or f"missing; fetch it with `medrl data fetch --flag {flag} --size {size}`")
         return report
     try:
         report.md5 = md5sum(path)
@@ -269,6 +287,8 @@ def load_file(path: Path, flag: str, size: int) -> MedMNISTArrays:
 
     Raises :class:`MedMNISTFileError` naming the file and the fix; nothing half-loads.
     """
+    if not path.is_file() and (why := not_a_file(path)):
+        raise MedMNISTFileError(why)
     if not path.is_file():
         raise MedMNISTFileError(
             f"{path}: MedMNIST file not found. Fetch it with `medrl data fetch --flag {flag} --size {size} "

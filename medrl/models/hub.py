@@ -4,20 +4,36 @@ Every model argument in medrl goes through :func:`resolve_model`, so each accept
 an offline tiny model (``tiny``, ``tiny:SEED``, ``tiny-instruct``, ``tiny:<family>[:SEED]``: `medrl models`
 lists them), a directory holding ``config.json``, or a hub id such as ``OctoMed/OctoMed-7B``. A hub id that
 is neither cached nor reachable fails at once with the ways to point medrl at a local copy.
+
+A folder may also be what training exports beside a checkpoint (``last.hf``): its ``merged/`` model, else its
+``model/``, else its ``adapter/`` is used, and the choice is said once on stderr. An adapter folder (PEFT's
+``adapter_config.json``) is merged onto the base it records, once, into ``$MEDRL_CACHE/merged/``, so every
+engine and loader gets a plain model folder. A model folder without tokenizer files is refused by name
+(transformers would otherwise fail later on a confusing image-token count).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medrl.core.dtypes import resolve_dtype
-from medrl.core.env import is_offline
+from medrl.core.env import cache_dir, is_offline
 from medrl.core.errors import UserError
+from medrl.core.hashing import file_digest, json_digest
 from medrl.models.families import UnsupportedModelError, family_of, family_of_folder, tiny_model_dir
+from medrl.models.lora import save_merged
+
+# The subfolders of an export (``NAME.hf``), in the order a model argument picks them.
+EXPORT_PARTS = ("merged", "model", "adapter")
+# A saved tokenizer has at least one of these (fast tokenizer, sentencepiece, BPE vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tekken.json")
+_said: set[str] = set()  # export folders whose choice was already said
 
 
 class ModelNotFoundError(UserError, RuntimeError):
@@ -45,9 +61,7 @@ def resolve_model(name: str | os.PathLike) -> Path:
         return tiny
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but has no config.json: it is not a saved model")
-        return path
+        return _model_folder(path)
     if not is_hub_id(text):
         raise ModelNotFoundError(f"model {text!r}: no such folder, and it is not a hub id of the form owner/name")
     from huggingface_hub import snapshot_download
@@ -67,6 +81,66 @@ def resolve_model(name: str | os.PathLike) -> Path:
         return Path(snapshot_download(text, etag_timeout=10))
     except Exception as exc:  # noqa: BLE001 - network errors come in many types; the hint is what matters
         raise ModelNotFoundError(f"{hint} (download failed: {type(exc).__name__}: {exc})") from exc
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        print(f"medrl: {message}", file=sys.stderr)
+
+
+def _model_folder(path: Path) -> Path:
+    """A local model argument as a folder holding a whole model (see the module docstring)."""
+    if (path / "config.json").is_file():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelNotFoundError(
+                f"{path} has the model's weights but no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+                "save the processor there too (`processor.save_pretrained(folder)`) or copy the base model's "
+                "tokenizer files into it"
+            )
+        return path
+    if (path / "adapter_config.json").is_file():
+        return merged_adapter(path)
+    for part in EXPORT_PARTS:
+        if (path / part).is_dir():
+            _say_once(str(path), f"{path} is an export: using its {part}/" + (
+                " (the adapter merged onto its recorded base)" if part == "adapter" else ""))  # fmt: skip
+            return _model_folder(path / part)
+    raise ModelNotFoundError(
+        f"{path} is a folder but has no config.json (nor the {'/, '.join(EXPORT_PARTS)}/ of an export): it is "
+        "not a saved model"
+    )
+
+
+def merge_adapter(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Merge the adapter in ``adapter_dir`` into its base (``base``, else the one its config records) at
+    ``out_dir``; the base may be any model argument."""
+    adapter_dir = Path(adapter_dir)
+    try:
+        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{adapter_dir}/adapter_config.json cannot be read: {exc}") from exc
+    base_name = base or recorded
+    if not base_name:
+        raise ModelNotFoundError(f"{adapter_dir}/adapter_config.json names no base model: pass the base explicitly")
+    return save_merged(adapter_dir, out_dir, resolve_model(base_name), dtype)
+
+
+def merged_adapter(adapter_dir: Path) -> Path:
+    """The adapter merged onto its recorded base, built once into ``$MEDRL_CACHE/merged/`` (keyed by the
+    adapter's files, so a retrained adapter gets a new folder)."""
+    files = sorted(p for p in adapter_dir.iterdir() if p.name.startswith("adapter_") and p.is_file())
+    digest = json_digest({p.name: file_digest(p) for p in files}, length=12)
+    out = cache_dir() / "merged" / f"{adapter_dir.parent.name}-{adapter_dir.name}-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    _say_once(str(adapter_dir), f"merging the adapter {adapter_dir} onto its base into {out} (once)")
+    return merge_adapter(adapter_dir, out)
 
 
 def load_processor(name: str | os.PathLike, image_options: dict[str, Any] | None = None):

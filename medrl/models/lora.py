@@ -179,30 +179,25 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, processo
 def save_merged(
     adapter_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    base: str | os.PathLike | None = None,
+    base_path: str | os.PathLike,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Merge a saved adapter into a fresh copy of its base model and ``save_pretrained`` the result.
 
     The base is loaded again (on CPU) instead of merging the live training model, whose weights a merge
-    and unmerge in bf16 would perturb.
+    and unmerge in bf16 would perturb. (:func:`medrl.models.hub.merge_adapter` finds the base an adapter
+    records.)
 
     Args:
         adapter_dir: a PEFT adapter folder (as written by :func:`save_pretrained`).
         out_dir: where the merged model goes.
-        base: the base model (any medrl model argument); default: the one recorded in the adapter config.
+        base_path: the base model's folder.
         dtype: weight dtype to load and save in; default: the base model's own.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from medrl.models.hub import resolve_model
-
     adapter_dir = Path(adapter_dir)
-    base_name = base or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    if not base_name:
-        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass base=...")
-    base_path = resolve_model(base_name)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype or "auto")
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     has_processor = (adapter_dir / "preprocessor_config.json").is_file()

@@ -42,12 +42,18 @@ def group_advantages(
     >>> adv = group_advantages(torch.tensor([[1.0, 0.0], [2.0, 2.0]]))  # (1, 0): +-0.5 / (0.7071 + 1e-4)
     >>> [[round(v, 4) for v in row] for row in adv.tolist()]
     [[0.707, -0.707], [0.0, 0.0]]
+    >>> group_advantages(torch.full((1, 8), 1.2)).tolist()  # the float mean of 1.2s is off by 1e-7: still 0
+    [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
     """
     if rewards.dim() != 2:
         raise ValueError(f"group_advantages wants [B, G] rewards, got shape {tuple(rewards.shape)}")
     if rewards.shape[1] < 2 and scale != "none":
         raise ValueError("group-normalised advantages need at least 2 samples per prompt (G >= 2)")
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    # The mean of equal floats can miss them by an ulp, which (std + eps) would blow up to ~1e-3: centre flat
+    # groups at exactly 0, as the docstring promises.
+    centred = torch.where(
+        signal_groups(rewards).unsqueeze(1), rewards - rewards.mean(dim=1, keepdim=True), torch.zeros_like(rewards)
+    )
     if scale == "group":
         return centred / (rewards.std(dim=1, keepdim=True) + eps)
     if scale == "batch":

@@ -27,7 +27,7 @@ from typing import IO
 
 from rich.console import Console
 
-from medrl.core.errors import UserError
+from medrl.core.errors import UserError, user_error_in
 from medrl.core.io import atomic_write_json
 
 # A stage recorded as running (started, not finished) or failed is redone, whatever its outputs say: they may
@@ -211,8 +211,10 @@ class StageRunner:
                 seconds = time.perf_counter() - start
                 records[stage.name] = {"status": "failed", "seconds": round(seconds, 2), "error": repr(exc)}
                 self._record(records)
-                self.console.print(f"    [red]failed after {seconds:.1f}s[/]: {exc!r}")
-                if not isinstance(exc, KeyboardInterrupt):
+                told = user_error_in(exc)  # a cause the user can act on: its message, no traceback
+                self.console.print(f"    [red]failed after {seconds:.1f}s[/]: ", end="")
+                self.console.print(str(told) if told else repr(exc), markup=False)
+                if not isinstance(exc, KeyboardInterrupt) and told is None:
                     self.console.print(traceback.format_exc(limit=-3), markup=False)
                 self.console.print(
                     f"    Earlier outputs in {self.out} are intact. Fix the cause and rerun `{self.resume_hint}`: "
@@ -291,8 +293,11 @@ def run_child(command: Sequence[str], cwd: Path, log: IO[bytes] | IO[str], grace
     (SIGTERM, then SIGKILL after ``grace`` seconds) when this process is interrupted, so no training goes
     on writing into a run folder that nothing watches.
     """
+    # Unbuffered: a child killed with SIGKILL (out of memory) loses whatever it had not flushed, and its last
+    # lines are the ones that say what it was doing.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        list(command), cwd=cwd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid())
+        list(command), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid())
     )
     try:
         return proc.wait()
@@ -304,3 +309,21 @@ def run_child(command: Sequence[str], cwd: Path, log: IO[bytes] | IO[str], grace
             proc.kill()
             proc.wait()
         raise
+
+
+def child_failure(what: str, returncode: int, log_file: Path, lines: int = 15) -> UserError:
+    """Why a stage's child process failed, with the last lines of its log: a signal is named (SIGKILL from
+    outside is most often the kernel's out-of-memory killer), an exit code is given as is."""
+    tail = log_file.read_text(errors="replace").splitlines()[-lines:] if log_file.is_file() else []
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else f"signal {-returncode}"
+        why = f"was killed by {name}" + (
+            " (most often the kernel's out-of-memory killer: check free memory or `dmesg`, and lower batch sizes "
+            "or the number of samples)"
+            if -returncode == signal.SIGKILL
+            else ""
+        )
+    else:
+        why = f"exited {returncode}"
+    excerpt = "\n".join(tail) if tail else "(the log is empty)"
+    return UserError(f"{what} {why}; the last lines of {log_file}:\n{excerpt}")

@@ -22,7 +22,7 @@ from medrl.core.io import atomic_write_json, atomic_write_text
 from medrl.data import medmnist_files as mf
 from medrl.rl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan, merge_nested
-from medrl.study.runner import Stage, json_has_keys, run_child
+from medrl.study.runner import Stage, child_failure, json_has_keys, run_child
 
 PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
 
@@ -83,6 +83,8 @@ class Study:
             if flag.startswith(PMC_PREFIX):
                 continue  # PMC-VQA rows and images are checked by its DataModule when read
             path = root / mf.file_name(flag, self.plan.size)
+            if not path.is_file() and (why := mf.not_a_file(path)):
+                raise mf.MedMNISTFileError(why)  # a folder or a dead link where the file goes: fetching won't help
             if not path.is_file():
                 try:
                     mf.fetch(flag, self.plan.size, root)
@@ -227,10 +229,7 @@ class Study:
         with open(folder / "fit.log", "w") as log:
             returncode = run_child(command, self.repo, log)
         if returncode != 0:
-            tail = (folder / "fit.log").read_text().splitlines()[-15:]
-            raise RuntimeError(
-                f"`medrl fit` for {model_label} exited {returncode}; log {folder}/fit.log:\n" + "\n".join(tail)
-            )
+            raise child_failure(f"`medrl fit` for {model_label}", returncode, folder / "fit.log")
         self.model_path(model_label)  # fails clearly when the export is missing
 
     def train_stage(
