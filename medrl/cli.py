@@ -23,14 +23,6 @@ if not show_progress():
         os.environ.setdefault(_name, "1")
 
 from medrl.core.errors import one_line, user_error_in  # noqa: E402
-from medrl.study.configs import (  # noqa: E402
-    MedRLCLI,
-    check_checkpoint,
-    check_yaml_files,
-    ckpt_path_of,
-    config_paths_of,
-    moved_grpo_options,
-)
 from medrl.study.parse_errors import one_line_parse_error  # noqa: E402
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
@@ -148,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         check_switches()
         if verb in STUDY_VERBS:
             return _run_study_verb(verb, argv[1:])
+        # Lightning and torch load here, not at import: `medrl --help` and the small verbs stay fast.
+        from medrl.study.configs import MedRLCLI, check_checkpoint, check_yaml_files, ckpt_path_of, config_paths_of
+
         # HF tokenizers warn (and can deadlock) when a process forks after using them: DataLoader workers, DDP.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         check_yaml_files(config_paths_of(argv))
@@ -166,13 +161,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if cause is not None:
             message = one_line(cause)
-        elif moved := moved_grpo_options(argv):  # a parse error on a GRPO config from before the option groups
+        elif moved := _moved_grpo_options(argv):  # a parse error on a GRPO config from before the option groups
             where = ", ".join(f"{old} -> {new}" for old, new in moved)
             message = f"GRPO's options are grouped now (docs/grpo.md): {where}"
         else:
             message = one_line_parse_error(str(exc))
         print(f"{_command(argv)}: error: {_without_prefix(message)}", file=sys.stderr)
         return 2
+
+
+def _moved_grpo_options(argv: list[str]) -> list[tuple[str, str]]:
+    from medrl.study.configs import moved_grpo_options
+
+    return moved_grpo_options(argv)
 
 
 def _is_parse_error(exc: BaseException) -> bool:

@@ -249,3 +249,15 @@ def test_the_run_folder_turning_read_only_mid_run_is_one_line(tiny_dir, medmnist
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and last.startswith("medrl fit: error: "), out.stderr[-3000:]
     assert "Permission denied" in last and str(root) in last and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["data", "--help"], ["data", "verify", "--help"]])
+def test_help_loads_neither_torch_nor_lightning(argv: list[str]) -> None:
+    # Importing them costs about 7 s of CPU on a 2-core machine: `medrl --help` must not pay for it.
+    code = (
+        "import sys\nfrom medrl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]

@@ -13,9 +13,6 @@ from rich.table import Table
 from medrl.core.errors import ConfigError
 from medrl.data import medmnist_files as mf
 from medrl.data.image_store import ImageCheck, ImageStore
-from medrl.data.pmc_subset import Stratify, build_subset, manifest_path
-from medrl.data.pmc_vqa import resolve_pmc_root
-from medrl.models.budget import model_prompt_budget
 
 
 def verify(root: str | None = None, flag: str | None = None, size: int | None = None) -> int:
@@ -144,7 +141,7 @@ def pmc_subset(
     bands: list[float] | None = None,
     min_pass_rate: float | None = None,
     max_pass_rate: float | None = None,
-    stratify: Stratify = "equal",
+    stratify: Literal["equal", "proportional"] = "equal",
     image_check: ImageCheck = "decode",
     model: str | None = None,
     max_prompt_length: int | None = None,
@@ -176,6 +173,11 @@ def pmc_subset(
         max_completion_length: the completion budget the model's context must leave room for.
     """
     # An absolute train path needs no PMC-VQA folder setting: the other files default to its folder.
+    # Imported here: they bring torch and Lightning, which `medrl data --help` and `data verify` do not need.
+    from medrl.data.pmc_subset import build_subset, manifest_path
+    from medrl.data.pmc_vqa import resolve_pmc_root
+    from medrl.models.budget import model_prompt_budget
+
     base = Path(train).parent if Path(train).is_absolute() and not root else resolve_pmc_root(root)
     train_path = Path(train) if Path(train).is_absolute() else base / train
     test_paths = [Path(t) if Path(t).is_absolute() else base / t for t in (tests or ["test.csv", "test_clean.csv"])]
