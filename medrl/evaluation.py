@@ -6,12 +6,19 @@ evaluations. The flow is
 evaluation are, in one folder: ``questions.jsonl`` (one row per question), ``summary.json``, ``summary.md``
 (a table per modality) and ``pass_at_k.png`` (Pass@k against k, Acc@1 as a dashed line), each written
 atomically.
+
+The image-ablation control: with ``swapped`` items (:func:`swap_images`: each question with another
+question's image, seeded, from a question with another gold answer when there is one) every question is also
+answered greedily with the wrong image. **Image reliance** is Acc@1 with the right image minus Acc@1 with the
+swapped one, with a paired 95 % interval over questions (:func:`add_image_reliance`): a model that ignores
+the image gives the same answers both ways and a reliance of exactly 0.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 from medrl.core.env import show_progress
 from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.tables import markdown_table
+from medrl.metrics.intervals import Interval, Questions, image_reliance
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
 from medrl.rollout.engine import Engine
 from medrl.rollout.types import Item, SamplingParams
@@ -40,6 +48,48 @@ def question_id(item: Item, position: int) -> str:
     return str(item.get("id", position))
 
 
+def _images_of(item: Item) -> list[Any]:
+    if item.get("images") is not None:
+        return list(item["images"])
+    return [item["image"]] if item.get("image") is not None else []
+
+
+def _gold_text(item: Item) -> str:
+    options = item.get("options") or {}
+    return str(options.get(item.get("answer"), item.get("answer")))
+
+
+def swap_images(items: Sequence[Item], seed: int = 0) -> list[Item]:
+    """Each item with the image(s) of another item, for the image-ablation control.
+
+    The donor is drawn with ``seed`` among the other items with as many images and, when any has one, another
+    gold answer (so a model that reads the image is led away from the right answer, not towards it by luck);
+    the item's text, options and gold stay. ``swapped_from`` names the donor's position.
+    """
+    rng = random.Random(seed)
+    counts = [len(_images_of(it)) for it in items]
+    golds = [_gold_text(it) for it in items]
+    out: list[Item] = []
+    for i, item in enumerate(items):
+        donor = None
+        for _ in range(64):  # random draws: cheap, and almost always enough for a donor of another answer
+            j = rng.randrange(len(items))
+            if j != i and counts[j] == counts[i] and golds[j] != golds[i]:
+                donor = j
+                break
+        if donor is None:  # every other item shares the answer (or the image count): any other one
+            others = [j for j in range(len(items)) if j != i and counts[j] == counts[i]]
+            donor = rng.choice(others) if others else i
+        images = _images_of(items[donor])
+        swapped = {**item, "swapped_from": donor}
+        if item.get("images") is not None:
+            swapped["images"] = images
+        else:
+            swapped["image"] = images[0] if images else None
+        out.append(swapped)
+    return out
+
+
 def sample_and_score(
     engine: Engine,
     items: Sequence[Item],
@@ -48,6 +98,7 @@ def sample_and_score(
     positions: Sequence[int] | None = None,
     keep_texts: bool = False,
     progress: bool = True,
+    swapped: Sequence[Item] | None = None,
 ) -> list[tuple[QuestionScore, dict[str, Any]]]:
     """Generate ``params.n`` samples and a greedy completion per item, parse and score each question.
 
@@ -59,10 +110,15 @@ def sample_and_score(
         positions: each item's position in the full evaluation set (for ids); default 0..len-1.
         keep_texts: store every sampled completion's text in the rows (large).
         progress: show a progress bar.
+        swapped: the same items with swapped images (:func:`swap_images`): each is also answered greedily, one
+            extra greedy pass, into the row's ``greedy_correct_swapped`` (the image-ablation control).
 
     Returns:
         ``[(score, row)]`` per item, where ``row`` is the question's JSON-ready record.
     """
+    if swapped is not None and len(swapped) != len(items):
+        raise ValueError(f"{len(swapped)} swapped items for {len(items)} items")
+    ablation = params.with_(n=0, greedy=True, logprobs=False)
     from tqdm.auto import tqdm
 
     params = params.with_(greedy=True)
@@ -74,7 +130,10 @@ def sample_and_score(
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             results = engine.generate(chunk, params)
-            for offset, (item, result) in enumerate(zip(chunk, results, strict=True)):
+            controls = (
+                engine.generate(swapped[start : start + batch_size], ablation) if swapped else [None] * len(chunk)
+            )
+            for offset, (item, result, control) in enumerate(zip(chunk, results, controls, strict=True)):
                 for key in ("answer", "options"):
                     if key not in item:
                         raise KeyError(f"item {positions[start + offset]} has no {key!r}: evaluation needs VQA items")
@@ -89,6 +148,11 @@ def sample_and_score(
                     "greedy_text": greedy_text,
                     "new_tokens": sum(len(c.token_ids) for c in [*result.samples, *filter(None, [result.greedy])]),
                 }
+                if control is not None:
+                    text = control.greedy.text if control.greedy is not None else None
+                    row["greedy_correct_swapped"] = score_question([], item["answer"], letters, text).greedy_correct
+                    row["greedy_text_swapped"] = text
+                    row["swapped_from"] = swapped[start + offset].get("swapped_from")  # type: ignore[index]
                 tokens += row["new_tokens"]
                 if keep_texts:
                     row["samples"] = result.texts
@@ -118,10 +182,49 @@ def summarise(
     return summary
 
 
+def add_image_reliance(summary: dict[str, dict[str, float]], rows: Sequence[dict[str, Any]], seed: int = 0) -> None:
+    """Add ``acc@1_swapped`` and ``image_reliance`` (with ``_lo``/``_hi``, its paired 95 % interval) to each
+    group of ``summary``, from rows that carry the ablation's ``greedy_correct_swapped``; nothing otherwise."""
+    for group, metrics in summary.items():
+        chosen = [r for r in rows if (group == ALL or r["group"] == group) and "greedy_correct_swapped" in r]
+        if not chosen:
+            continue
+        found = image_reliance(Questions.from_rows(chosen), seed=seed)
+        swapped = [float(r["greedy_correct_swapped"]) for r in chosen if r["greedy_correct_swapped"] is not None]
+        metrics["acc@1_swapped"] = sum(swapped) / len(swapped) if swapped else math.nan
+        metrics.update(image_reliance=found.value, image_reliance_lo=found.lo, image_reliance_hi=found.hi)
+
+
+def reliance_sentence(metrics: dict[str, float], delta: float = 0.05) -> str:
+    """What the ablation says of a model, in words: ``answers depend on the image: +0.31 [+0.25, +0.37]``.
+
+    Above zero (the interval's low end): it reads the image. Spanning zero within +-``delta``: it answers
+    without reading it. Spanning zero more widely: too few questions to tell.
+
+    >>> reliance_sentence({"image_reliance": 0.31, "image_reliance_lo": 0.25, "image_reliance_hi": 0.37})
+    'answers depend on the image: +0.310 [+0.25, +0.37]'
+    >>> reliance_sentence({"image_reliance": 0.0, "image_reliance_lo": -0.01, "image_reliance_hi": 0.02})
+    'answers without reading the image: +0.000 [-0.01, +0.02]'
+    """
+    if "image_reliance" not in metrics or math.isnan(metrics["image_reliance"]):
+        return "image reliance not measured"
+    found = Interval(metrics["image_reliance"], metrics["image_reliance_lo"], metrics["image_reliance_hi"])
+    text = found.text(signed=True)
+    if found.lo > 0:
+        return f"answers depend on the image: {text}"
+    if found.hi < 0:
+        return f"answers better with another question's image than its own: {text}"
+    if -delta <= found.lo and found.hi <= delta:
+        return f"answers without reading the image: {text}"
+    return f"can't tell whether the answers depend on the image (too few questions): {text}"
+
+
 def _table(summary: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     top = max(ks)
     columns = ["questions", "acc@1", *[f"pass@{k}" for k in ks], f"gap@{top}", f"chance@{top}", f"adj_pass@{top}",
                "majority", "format_fail", "unique"]  # fmt: skip
+    if any("image_reliance" in metrics for metrics in summary.values()):
+        columns += ["acc@1_swapped", "image_reliance"]
     rows = []
     for group, metrics in summary.items():
         values = [metrics.get(col, math.nan) for col in columns]

@@ -226,7 +226,9 @@ class _MixedVQA:
         return Mixed()
 
 
-def run_callback_fast_dev_run(tiny_dir: Path, medmnist, out: Path, engine: object | None = None):
+def run_callback_fast_dev_run(
+    tiny_dir: Path, medmnist, out: Path, engine: object | None = None, image_ablation: bool = False
+):
     """Fit an SFT module (LoRA) for one fast_dev_run step with the Pass@K callback; returns (trainer, callback)."""
     import lightning as L
 
@@ -234,8 +236,9 @@ def run_callback_fast_dev_run(tiny_dir: Path, medmnist, out: Path, engine: objec
     from medrl.lit.sft import SFTModule
 
     callback = PassAtKCallback(
-        engine="vllm" if engine is not None else "hf", n=2, max_new_tokens=6, batch_size=4, output_dir=str(out)
-    )
+        engine="vllm" if engine is not None else "hf", n=2, max_new_tokens=6, batch_size=4, output_dir=str(out),
+        image_ablation=image_ablation,
+    )  # fmt: skip
     if engine is not None:
         callback.use_engine(engine)
 

@@ -19,7 +19,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from medrl.core.errors import ConfigError
 from medrl.core.trackers import log_png
-from medrl.evaluation import ALL, default_ks, sample_and_score, summarise, write_outputs
+from medrl.evaluation import (
+    ALL,
+    add_image_reliance,
+    default_ks,
+    sample_and_score,
+    summarise,
+    swap_images,
+    write_outputs,
+)
 from medrl.rollout.engine import Engine
 from medrl.rollout.factory import make_engine
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, PolicyModule, SamplingParams
@@ -52,6 +60,8 @@ class PassAtKCallback(L.Callback):
         output_dir: where evaluations go (default: ``<trainer.log_dir or default_root_dir>/pass_at_k``).
         keep_texts: also store every sampled completion's text in the JSONL.
         engine_options: keyword arguments of the engine (e.g. ``max_model_len``, ``kv_cache_gib`` for vLLM).
+        image_ablation: also answer each question greedily with another question's image and log
+            ``val/image_reliance`` (Acc@1 with the right image minus with the swapped one, and its interval).
     """
 
     def __init__(
@@ -71,8 +81,10 @@ class PassAtKCallback(L.Callback):
         output_dir: str | None = None,
         keep_texts: bool = False,
         engine_options: dict[str, Any] | None = None,
+        image_ablation: bool = False,
     ) -> None:
         super().__init__()
+        self.image_ablation = image_ablation
         if engine not in ("hf", "vllm"):
             raise ConfigError(f"engine must be 'hf' or 'vllm', got {engine!r}")
         if every_n_epochs < 1:
@@ -172,6 +184,8 @@ class PassAtKCallback(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         positions = list(range(rank, len(items), world))
         params = self.params.with_(seed=None if self.params.seed is None else self.params.seed + trainer.current_epoch)
+        # Donors are drawn over all questions, so every rank swaps the same way whatever its shard.
+        swapped = swap_images(items, self.params.seed or 0) if self.image_ablation else None
         scored = sample_and_score(
             self._engine(pl_module),
             [items[p] for p in positions],
@@ -180,6 +194,7 @@ class PassAtKCallback(L.Callback):
             positions,
             self.keep_texts,
             progress=rank == 0,
+            swapped=[swapped[p] for p in positions] if swapped is not None else None,
         )
         summary = summarise(scored, self.ks, groups, device=pl_module.device)
         rows = [row for _, row in scored]
@@ -187,6 +202,7 @@ class PassAtKCallback(L.Callback):
             gathered: list[list[dict[str, Any]] | None] = [None] * world
             torch.distributed.all_gather_object(gathered, rows)
             rows = sorted((r for part in gathered for r in part or []), key=lambda r: r["id"])
+        add_image_reliance(summary, rows, self.params.seed or 0)  # from every rank's rows: the same everywhere
         self.last_summary = summary
         if trainer.is_global_zero:
             meta = {

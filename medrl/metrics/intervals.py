@@ -75,18 +75,25 @@ class Questions:
     n: np.ndarray
     correct: np.ndarray
     options: np.ndarray  # 0 where unknown
+    swapped: np.ndarray | None = None  # greedy right with another question's image (the ablation), NaN if not run
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> Questions:
         """The arrays of rows as :func:`medrl.evaluation.write_outputs` writes them."""
         greedy = [math.nan if r.get("greedy_correct") is None else float(r["greedy_correct"]) for r in rows]
+        swapped = [math.nan if r.get("greedy_correct_swapped") is None else float(r["greedy_correct_swapped"])
+                   for r in rows]  # fmt: skip
         return cls(
             ids=[str(r["id"]) for r in rows],
             greedy=np.array(greedy, dtype=float),
             n=np.array([int(r["n"]) for r in rows]),
             correct=np.array([int(r["correct"]) for r in rows]),
             options=np.array([_option_count(r) for r in rows]),
+            swapped=np.array(swapped, dtype=float),
         )
+
+    def _swapped(self) -> np.ndarray:
+        return self.swapped if self.swapped is not None else np.full(len(self.ids), math.nan)
 
     @classmethod
     def concat(cls, parts: Sequence[tuple[str, Questions]]) -> Questions:
@@ -94,6 +101,7 @@ class Questions:
         return cls(
             ids=[f"{prefix}/{i}" for prefix, q in parts for i in q.ids],
             **{f: np.concatenate([getattr(q, f) for _, q in parts]) for f in ("greedy", "n", "correct", "options")},
+            swapped=np.concatenate([q._swapped() for _, q in parts]),
         )
 
     def pass_at(self, k: int) -> np.ndarray:
@@ -146,7 +154,7 @@ def _aligned(sets: Sequence[Questions]) -> list[Questions] | None:
     for q in sets:
         pos = {i: j for j, i in enumerate(q.ids)}
         idx = np.array([pos[i] for i in common])
-        out.append(Questions(common, q.greedy[idx], q.n[idx], q.correct[idx], q.options[idx]))
+        out.append(Questions(common, q.greedy[idx], q.n[idx], q.correct[idx], q.options[idx], q._swapped()[idx]))
     return out
 
 
@@ -184,4 +192,26 @@ def paired_change(
             return Interval(math.nan, math.nan, math.nan)
         b_stat, a_stat = _mean_statistic(b_values, b_chance), _mean_statistic(a_values, a_chance)
         stats.append(lambda idx, a_stat=a_stat, b_stat=b_stat: a_stat(idx) - b_stat(idx))
+    return _seeded_bootstrap(stats, len(sets[0].ids), seed)
+
+
+def image_reliance(questions: Questions | Sequence[Questions], seed: int = 0) -> Interval:
+    """Acc@1 with each question's own image minus Acc@1 with another question's (the image-ablation control),
+    with its paired interval: the same resampled questions on both sides. NaN when the ablation was not run
+    on every question; a list of sets (training seeds) as in :func:`interval`.
+
+    >>> q = Questions(["a", "b"], np.array([1.0, 1.0]), np.array([1, 1]), np.array([1, 1]), np.array([2, 2]),
+    ...               np.array([0.0, 1.0]))
+    >>> image_reliance(q).value
+    0.5
+    """
+    sets = _aligned([questions] if isinstance(questions, Questions) else list(questions))
+    if not sets:
+        return Interval(math.nan, math.nan, math.nan)
+    stats = []
+    for q in sets:
+        diff = q.greedy - q._swapped()
+        if np.isnan(diff).any():
+            return Interval(math.nan, math.nan, math.nan)
+        stats.append(_mean_statistic(diff, None))
     return _seeded_bootstrap(stats, len(sets[0].ids), seed)

@@ -59,6 +59,8 @@ class SupportPlan:
         questions: validation questions per modality.
         engine: hf or vllm.
         batch_size: questions per engine call.
+        image_ablation: also answer every question greedily with another question's image and report each
+            model's image reliance (Acc@1 with the right image minus with the swapped one).
     """
 
     n: int = 16
@@ -70,6 +72,7 @@ class SupportPlan:
     questions: int = 64
     engine: Literal["hf", "vllm"] = "hf"
     batch_size: int = 32
+    image_ablation: bool = True
 
 
 @dataclass

@@ -138,7 +138,7 @@ class Study:
 
     def evaluate(self, model: str, model_label: str, flag: str) -> None:
         """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
-        from medrl.evaluation import sample_and_score, summarise, write_outputs
+        from medrl.evaluation import add_image_reliance, sample_and_score, summarise, swap_images, write_outputs
         from medrl.rollout.factory import open_engine
         from medrl.rollout.types import SamplingParams
 
@@ -155,11 +155,15 @@ class Study:
         # The questions are read (and checked) before the model is loaded: a bad file fails in seconds.
         engine = open_engine(s.engine, model, self.plan.seed, image_options=self.plan.image_options)
         try:
-            scored = sample_and_score(engine, items, params, batch_size=s.batch_size)
+            swapped = swap_images(items, self.plan.seed) if s.image_ablation else None
+            scored = sample_and_score(engine, items, params, batch_size=s.batch_size, swapped=swapped)
         finally:
             engine.close()
         meta = {"model": model, "label": model_label, "flag": flag, "synthetic": self.sources.get(flag, False)}
-        write_outputs(self.eval_dir(model_label, flag), [row for _, row in scored], summarise(scored, s.ks), s.ks, meta)
+        rows = [row for _, row in scored]
+        summary = summarise(scored, s.ks)
+        add_image_reliance(summary, rows, self.plan.seed)
+        write_outputs(self.eval_dir(model_label, flag), rows, summary, s.ks, meta)
 
     def eval_stage(self, model_label: str, flag: str, model: str | None = None) -> Stage:
         """A stage measuring one model on one flag (after the stage that trained it)."""
