@@ -10,15 +10,13 @@ reported as one line naming the folder, the space the checkpoint needs and the s
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from medrl.core.io import RUN_DIR_FIX, fsync_replace, is_no_space, no_space_error
+from medrl.core.io import RUN_DIR_FIX, atomic_write_with
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -40,18 +38,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            fsync_replace(tmp, target)
-        except BaseException as exc:
-            Path(tmp).unlink(missing_ok=True)
-            if is_no_space(exc):
-                raise no_space_error(
-                    target.parent, f"checkpoint {target.name}", tensor_bytes(checkpoint), RUN_DIR_FIX
-                ) from exc
-            raise
+        atomic_write_with(
+            target,
+            lambda fh: torch.save(checkpoint, fh),
+            tensor_bytes(checkpoint),
+            f"checkpoint {target.name}",
+            RUN_DIR_FIX,
+        )

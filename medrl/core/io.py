@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from medrl.core.env import CACHE_ENV, cache_dir
 from medrl.core.errors import UserError
@@ -37,19 +38,31 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
+    return atomic_write_with(path, lambda fh: fh.write(data), len(data))
+
+
+def atomic_write_with(
+    path: str | os.PathLike,
+    write: Callable[[BinaryIO], object],
+    needed: int,
+    what: str | None = None,
+    fix: str | None = None,
+) -> Path:
+    """``write(fh)`` into a temp file beside ``path``, fsync, rename: ``path`` appears whole or not at all, and
+    a full disk is one line naming the folder, ``what`` was saved and about ``needed`` bytes (then ``fix``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         fsync_replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if is_no_space(exc):
-            raise no_space_error(path.parent, path.name, len(data)) from exc
+            raise no_space_error(path.parent, what or path.name, needed, fix) from exc
         raise
     return path
 
