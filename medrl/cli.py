@@ -57,14 +57,19 @@ STUDY_VERBS: dict[str, tuple[str, str | dict[str, str]]] = {
     "reproduce": ("the whole study, narrated and resumable, ending in report.md", "medrl.study.reproduce:reproduce"),
     "eval": ("Acc@1 / Pass@K of a model on MedMNIST VQA: table, JSONL, curve", "medrl.study.evaluate:evaluate_command"),
     "report": ("report.md and figures from a study run directory", "medrl.study.report_command:report"),
+    "export": (
+        "a trained model into a clean folder with its model card; --push_to_hub REPO_ID publishes it",
+        "medrl.study.export_command:export",
+    ),
     "models": (
         "the VLM families medrl knows, what each runs, and their tiny models",
         "medrl.study.models_command:models",
     ),
 }
-# Verbs whose required arguments are positional (`medrl report RUN_DIR`, `medrl data get pmc-vqa`); the
+# Verbs whose required arguments are positional (`medrl report RUN_DIR`, `medrl data get pmc-vqa`, `medrl export
+# RUN`); the
 # others take only --flags.
-POSITIONAL_VERBS = {"report", "data get"}
+POSITIONAL_VERBS = {"report", "data get", "export"}
 
 
 def _load(target: str) -> Callable[..., int]:

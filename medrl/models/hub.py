@@ -117,9 +117,10 @@ def merge_adapter(
     out_dir: str | os.PathLike,
     base: str | None = None,
     dtype: torch.dtype | None = None,
+    card: str | None = None,
 ) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base (``base``, else the one its config records) at
-    ``out_dir``; the base may be any model argument."""
+    ``out_dir`` (with ``card`` as its README.md); the base may be any model argument."""
     adapter_dir = Path(adapter_dir)
     try:
         recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -128,7 +129,7 @@ def merge_adapter(
     base_name = base or recorded
     if not base_name:
         raise ModelNotFoundError(f"{adapter_dir}/adapter_config.json names no base model: pass the base explicitly")
-    return save_merged(adapter_dir, out_dir, resolve_model(base_name), dtype)
+    return save_merged(adapter_dir, out_dir, resolve_model(base_name), dtype, card)
 
 
 def merged_adapter(adapter_dir: Path) -> Path:

