@@ -152,3 +152,16 @@ def test_the_report_writes_each_trained_models_study_into_its_card(tmp_path) -> 
     assert "## Study evaluation" in card and "| breastmnist | 40 |" in card
     assert "+0.250 [" in card  # image reliance: 20 right with the own image, 10 with the swapped one, of 40
     assert f"[sft_breastmnist ({part})](train/sft_breastmnist/checkpoints/last.hf/{part}/README.md)" in report
+
+
+def test_a_published_adapter_names_no_local_path(tiny_dir, medmnist, tmp_path) -> None:
+    root = tmp_path / "run"
+    assert main(["fit", "--config", str(REPO / "configs/sft.yaml"), f"--model.init_args.model={tiny_dir}",
+                 *medmnist.cli(), f"--trainer.default_root_dir={root}", *FAST,
+                 "--model.init_args.finetune=lora"]) == 0  # fmt: skip
+    out = tmp_path / "adapter"
+    assert main(["export", str(root), "--out", str(out), "--part", "adapter"]) == 0
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md", ".jinja"):
+            _no_local_paths(path.read_text(), tmp_path, tiny_dir.parent)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir.name

@@ -172,6 +172,16 @@ def render_card(facts: CardFacts) -> str:
     return "\n".join(lines)
 
 
+def is_medrl_card(card: str) -> bool:
+    """Whether a README is a card medrl wrote (its tags hold ``medrl``), not a library's stub."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return "medrl" in (ModelCard(card).data.to_dict().get("tags") or [])
+    except Exception:  # noqa: BLE001 - an unparseable README is not medrl's card
+        return False
+
+
 def as_merged(card: str) -> str:
     """An adapter's card as the card of that adapter merged into its base (header, title and loading code)."""
     from huggingface_hub import ModelCard

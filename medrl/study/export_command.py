@@ -9,6 +9,7 @@ the folder stays.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Literal
 from medrl.core.env import is_offline
 from medrl.core.errors import ConfigError, UserError
 from medrl.core.io import atomic_write_text
-from medrl.models.model_card import CARD, CardFacts, as_merged, render_card
+from medrl.models.model_card import CARD, CardFacts, as_merged, is_medrl_card, public_name, render_card
 
 Part = Literal["auto", "merged", "model", "adapter"]
 PARTS = ("merged", "model", "adapter")  # what `auto` picks, in this order
@@ -54,6 +55,16 @@ def pick_part(export: Path, part: Part) -> tuple[Path, str]:
     if chosen not in present:
         raise ConfigError(f"{export} has no {chosen}/ (it has: {', '.join(present) or 'nothing exported'})")
     return export / chosen, chosen
+
+
+def _public_base(config: Path) -> None:
+    """A published adapter names its base by hub id or name, not by a folder on this machine (PEFT records
+    the path the base was loaded from); load it with ``PeftModel.from_pretrained(base, folder)``."""
+    data = json.loads(config.read_text())
+    recorded = str(data.get("base_model_name_or_path") or "")
+    if recorded and Path(recorded).is_absolute():
+        data["base_model_name_or_path"] = public_name(recorded)
+        atomic_write_text(config, json.dumps(data, indent=2) + "\n")
 
 
 def upload_plan(folder: Path, repo_id: str) -> tuple[list[str], str]:
@@ -109,12 +120,15 @@ def export(
     target = Path(out) if out else export_dir.with_name(export_dir.name.removesuffix(".hf") + "-export")
     if target.resolve() != folder.resolve():
         card = (folder / CARD).read_text() if (folder / CARD).is_file() else None
+        card = card if card and is_medrl_card(card) else None  # PEFT's stub names local paths: never publish it
         if kind == "merge":
             card = card and as_merged(card)
             merge_adapter(folder, target, card=card)
         else:
             write_folder(target, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True))
-        if not (target / CARD).is_file():  # an export from before cards: say at least what it is
+        if kind == "adapter":
+            _public_base(target / "adapter_config.json")
+        if card is None:  # an export from before cards: say at least what it is
             facts = CardFacts(method="training", kind=kind.replace("merge", "merged"))
             atomic_write_text(target / CARD, render_card(facts))
     print(f"medrl export: {folder} -> {target}", file=sys.stderr)
