@@ -168,6 +168,7 @@ def _findings_run(tmp_path: Path, rl_sft_greedy: list[int]) -> Path:
         ([0] * 10 + [1] * 50, "this run supports it"),  # 0.50 -> 0.83: RL after SFT raises Acc@1
         ([0] * 50 + [1] * 10, "this run contradicts it"),  # 0.50 -> 0.17
         ([0] * 29 + [1] * 31, "this run can't tell"),  # 0.50 -> 0.52, one question
+        ([0] * 30 + [1] * 30, "this run finds no effect larger than +-0.05"),  # the same answers: 0 [0, 0]
     ],
 )
 def test_findings_read_their_verdicts_from_the_numbers(tmp_path: Path, rl_sft_greedy, verdict) -> None:
@@ -179,6 +180,18 @@ def test_findings_read_their_verdicts_from_the_numbers(tmp_path: Path, rl_sft_gr
     sft = next(line for line in text.splitlines() if line.startswith("- **SFT raises Pass@k"))
     assert ("this run supports it" in sft) == (verdict == "this run supports it")
     assert "| SFT then RL (vs SFT) |" in text and "[95% CI]" in text
+    assert "interval half-width 0." in first
+
+
+def test_a_stand_in_flag_gives_no_verdict(tmp_path: Path) -> None:
+    run = _findings_run(tmp_path, [0] * 10 + [1] * 50)
+    for summary in run.glob("eval/*/breastmnist/summary.json"):
+        data = json.loads(summary.read_text())
+        data["meta"]["synthetic"] = True
+        summary.write_text(json.dumps(data))
+    text = build_report(run).read_text()
+    assert "- **RL raises Acc@1" not in text
+    assert "Left out of the pooled findings (synthetic stand-ins): breastmnist." in text
 
 
 def test_boundary_section_fits_the_datas_tau(tmp_path: Path) -> None:
@@ -240,3 +253,17 @@ def test_a_second_training_seed_enters_the_values_and_the_intervals(tmp_path: Pa
     first = next(line for line in text.splitlines() if line.startswith("- **RL raises Acc@1"))
     assert "2 training seeds" in first and "+0.200 [" in first  # each seed against its own SFT model
     assert "trained from 2 seeds (0, 1)" in text and "2 training seeds" not in single
+
+
+def test_k_room_reads_each_flag_where_chance_leaves_room(tmp_path: Path) -> None:
+    from medrl.study.plan import load_plan
+
+    run = _findings_run(tmp_path, [0] * 10 + [1] * 50)
+    _write(run / "plan.json", {"name": "unit", "flags": ["breastmnist"], "support": {"k": "room"}})
+    text = build_report(run).read_text()
+    # 4-option questions with 4 samples each: ks 1, 2, 4; chance@4 = 0.68 <= 0.75, so k = 4.
+    assert "breastmnist k = 4" in text and "| chance@4 |" in text and "support above chance (Pass@k at each flag's k" in text
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("flags: [breastmnist, bloodmnist, retinamnist]\nsupport: {k: room}\n")
+    loaded = load_plan(plan)
+    assert [loaded.flag_k(f) for f in loaded.flags] == [2, 4, 4]  # 2 options; 4 of 8 classes; 4 of 5 grades

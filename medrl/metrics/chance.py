@@ -35,3 +35,21 @@ def adjusted(value: float, chance: float) -> float:
     if math.isnan(value) or math.isnan(chance) or chance >= 1:
         return math.nan
     return (value - chance) / (1 - chance)
+
+
+# The highest chance level a support measurement may sit on: above it, guessing alone passes most questions
+# and "support above chance" divides by almost nothing (binary questions at k = 4: chance 0.9375).
+MAX_CHANCE = 0.75
+
+
+def room_k(options: int, ks: Sequence[int], max_chance: float = MAX_CHANCE) -> int:
+    """The largest ``k`` of ``ks`` at which a question with ``options`` options has chance ``<= max_chance``
+    (the smallest ``k`` when none does): the k that leaves support room above guessing.
+
+    >>> room_k(2, [1, 2, 4, 8, 16]), room_k(4, [1, 2, 4, 8, 16]), room_k(8, [1, 2, 4, 8, 16])
+    (2, 4, 8)
+    """
+    if options < 2:
+        raise ValueError(f"a question needs 2+ options for a chance level, got {options}")
+    fits = [k for k in sorted(ks) if 1 - (1 - 1 / options) ** k <= max_chance + 1e-12]
+    return fits[-1] if fits else min(ks)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medrl.metrics.chance import adjusted
+from medrl.metrics.chance import adjusted, room_k
 from medrl.metrics.pass_at_k import pass_at_k
 
 RESAMPLES = 2000
@@ -113,10 +113,24 @@ class Questions:
         m = self.options.astype(float)
         return np.where(m >= 2, 1 - (1 - 1 / np.maximum(m, 1)) ** k, math.nan)
 
+    def room_ks(self) -> np.ndarray:
+        """Each question's k with room above chance (:func:`medrl.metrics.chance.room_k` over the powers of two
+        up to its sample count): 2 for a 2-option question, 4 for 4 options."""
+        ks = [[1 << i for i in range(int(n).bit_length()) if 1 << i <= n] or [1] for n in self.n]
+        return np.array([room_k(int(m), k) if m >= 2 else min(k) for m, k in zip(self.options, ks, strict=True)])
+
     def values(self, metric: str) -> tuple[np.ndarray, np.ndarray | None]:
         """``(per-question values, per-question chance or None)`` for ``acc@1``, ``pass@k``, ``adj_acc@1`` or
-        ``adj_pass@k``."""
+        ``adj_pass@k``; ``pass@room`` takes each question at its own :meth:`room_ks` k."""
         raw = metric.removeprefix("adj_")
+        if raw == "pass@room":
+            ks = self.room_ks()
+            values = np.array(
+                [pass_at_k(int(n), int(c), int(k)) for n, c, k in zip(self.n, self.correct, ks, strict=True)]
+            )
+            m = self.options.astype(float)
+            chance = np.where(m >= 2, 1 - (1 - 1 / np.maximum(m, 1)) ** ks, math.nan)
+            return values, (chance if metric.startswith("adj_") else None)
         k = 1 if raw == "acc@1" else int(raw.split("@")[1])
         values = self.greedy if raw == "acc@1" else self.pass_at(k)
         return values, (self.chance_at(k) if metric.startswith("adj_") else None)

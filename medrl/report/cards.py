@@ -31,16 +31,17 @@ def _reliance(results: RunResults, label: str, flag: str) -> str:
     return "n/a" if found is None or math.isnan(found.value) else found.text(signed=True)
 
 
-def study_section(results: RunResults, label: str, k: int) -> str | None:
+def study_section(results: RunResults, label: str, k: int | str) -> str | None:
     """The ``## Study evaluation`` section of one model: a row per flag it was evaluated on."""
     rows = []
     for flag in sorted(results.evals.get(label, {})):
         sets = results.question_sets(label, flag)
         if not sets:
             continue
-        chance = results.metric(label, flag, f"chance@{k}")
+        at = results.k_for(flag, k)
+        chance = results.metric(label, flag, f"chance@{at}")
         rows.append([flag, str(int(results.metric(label, flag, "questions") or 0)), interval(sets, "acc@1").text(),
-                     interval(sets, f"pass@{k}").text(), "n/a" if chance is None else f"{chance:.3f}",
+                     str(at), interval(sets, f"pass@{at}").text(), "n/a" if chance is None else f"{chance:.3f}",
                      _reliance(results, label, flag)])  # fmt: skip
     if not rows:
         return None
@@ -50,11 +51,11 @@ def study_section(results: RunResults, label: str, k: int) -> str | None:
         f"From the study `{name}` (`medrl reproduce`): 95 % bootstrap intervals over questions. Image reliance is "
         "Acc@1 with each question's own image minus with another question's (0: the answers ignore the image).",
         "",
-        *markdown_table(["flag", "questions", "Acc@1", f"Pass@{k}", f"chance@{k}", "image reliance"], rows),
+        *markdown_table(["flag", "questions", "Acc@1", "k", "Pass@k", "chance@k", "image reliance"], rows),
     ])  # fmt: skip
 
 
-def write_study_cards(results: RunResults, k: int) -> list[tuple[str, Path]]:
+def write_study_cards(results: RunResults, k: int | str) -> list[tuple[str, Path]]:
     """Put each trained model's study section into its cards; ``(label, card)`` of every card written."""
     written = []
     for label in sorted(results.evals):

@@ -66,8 +66,10 @@ def _chance_curve(results: RunResults, flag: str) -> list[tuple[int, float]]:
     return []
 
 
-def acc_gap_bars(results: RunResults, k: int) -> bytes:
-    """Per flag, grouped bars of Acc@1 and of the gap G_k = Pass@k - Acc@1 for every stage's model."""
+def acc_gap_bars(results: RunResults, k: int | dict[str, int]) -> bytes:
+    """Per flag, grouped bars of Acc@1 and of the gap G_k = Pass@k - Acc@1 for every stage's model (``k`` one
+    for all flags, or each flag's own)."""
+    ks = k if isinstance(k, dict) else {flag: k for flag in results.flags}
     flags = results.flags
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(flags) + 3), 3.6), sharex=True)
     width = 0.8 / len(STAGE_MODELS)
@@ -76,13 +78,15 @@ def acc_gap_bars(results: RunResults, k: int) -> bytes:
             values = []
             for flag in flags:
                 label = model_label(stage, flag)
-                acc, sup = results.metric(label, flag, "acc@1"), results.metric(label, flag, f"pass@{k}")
+                acc, sup = results.metric(label, flag, "acc@1"), results.metric(label, flag, f"pass@{ks[flag]}")
                 value = acc if panel == 0 else (None if acc is None or sup is None else sup - acc)
                 values.append(math.nan if value is None else value)
             xs = [j + (i - (len(STAGE_MODELS) - 1) / 2) * width for j in range(len(flags))]
             ax.bar(xs, values, width=width, color=f"C{i}", label=STAGE_NAMES[stage])
         ax.set_xticks(range(len(flags)), flags, rotation=20, fontsize=8)
-        ax.set_title("Acc@1 (greedy)" if panel == 0 else f"gap G_{k} = Pass@{k} - Acc@1")
+        one = len(set(ks.values())) == 1
+        gap = f"gap G_{next(iter(ks.values()))} = Pass@k - Acc@1" if one else "gap G_k = Pass@k - Acc@1 (each flag's k)"
+        ax.set_title("Acc@1 (greedy)" if panel == 0 else gap)
         ax.axhline(0, color="black", linewidth=0.6)
     axes[0].legend(fontsize=7)
     return _png(fig)

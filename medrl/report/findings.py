@@ -10,7 +10,10 @@ Each finding is one paired before/after change on the same questions, with its 9
    finding 1 holding after it.
 
 A change whose interval lies above zero (below, for finding 2) supports the finding; one on the other side
-contradicts it; an interval that spans zero can't tell. The sentences are computed, never written by hand.
+contradicts it; an interval that sits wholly inside +-delta (the plan's ``delta``, 0.05 by default) finds no
+effect larger than delta; any other interval that spans zero can't tell. Each finding states its interval's
+half-width, the precision the run had. Flags that ran on a synthetic stand-in are left out of the pooled
+findings: a verdict on synthetic data is no verdict. The sentences are computed, never written by hand.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from medrl.metrics.intervals import Interval, Questions, paired_change
 from medrl.report.figures import model_label
 from medrl.report.load import RunResults
 
-Verdict = Literal["supports", "contradicts", "can't tell"]
+Verdict = Literal["supports", "contradicts", "no effect", "can't tell"]
+DELTA = 0.05  # the default equivalence margin: a change within +-DELTA is "no effect"
 # (after, before, name) of each paired change the report tables.
 CHANGES = (("sft", "base", "SFT"), ("rl_base", "base", "RL from base"), ("rl_sft", "sft", "SFT then RL"))
 
@@ -36,17 +40,27 @@ class Finding:
     claim: str
     verdict: Verdict
     evidence: str
+    half_width: float = float("nan")
+    delta: float = DELTA
 
     def sentence(self) -> str:
-        """``**claim**: this run supports it: evidence.``"""
-        said = {"supports": "this run supports it", "contradicts": "this run contradicts it",
-                "can't tell": "this run can't tell (the interval spans zero)"}[self.verdict]  # fmt: skip
-        return f"**{self.claim}**: {said}; {self.evidence}."
+        """``**claim**: this run supports it: evidence (half-width h).``"""
+        said = {
+            "supports": "this run supports it",
+            "contradicts": "this run contradicts it",
+            "no effect": f"this run finds no effect larger than +-{self.delta:g} (the whole interval lies within it)",
+            "can't tell": f"this run can't tell (the interval spans zero and reaches beyond +-{self.delta:g})",
+        }
+        width = "" if np.isnan(self.half_width) else f"; interval half-width {self.half_width:.3f}"
+        return f"**{self.claim}**: {said[self.verdict]}; {self.evidence}{width}."  # fmt: skip
 
 
-def support_metric(results: RunResults, k: int) -> str:
-    """``adj_pass@k`` (support above chance) when the run measured chance levels, else ``pass@k``."""
+def support_metric(results: RunResults, k: int | str) -> str:
+    """``adj_pass@k`` (support above chance) when the run measured chance levels, else ``pass@k``; with
+    ``k="room"`` each question is read at its flag's k with room above chance (``adj_pass@room``)."""
     measured = [s for by_flag in results.evals.values() for s in by_flag.values()]
+    if k == "room":
+        return "adj_pass@room" if measured and all("chance@1" in s["metrics"]["all"] for s in measured) else "pass@room"
     if measured and all(f"chance@{k}" in s["metrics"]["all"] for s in measured):
         return f"adj_pass@{k}"
     return f"pass@{k}"
@@ -54,8 +68,12 @@ def support_metric(results: RunResults, k: int) -> str:
 
 def metric_name(metric: str) -> str:
     """How a metric reads in a sentence."""
+    k = metric.split("@")[1] if "@" in metric else ""
+    if k == "room":
+        at = "Pass@k at each flag's k with room above chance: 2 for 2 options, 4 for 4"
+        return f"support above chance ({at})" if metric.startswith("adj_") else at
     return (
-        f"support above chance (Pass@{metric.split('@')[1]})"
+        f"support above chance (Pass@{k})"
         if metric.startswith("adj_")
         else metric.replace("acc@1", "Acc@1").replace("pass@", "Pass@")
     )
@@ -89,16 +107,33 @@ def change(
     return paired_change(b if len(b) > 1 else b[0], a, metric), len(shared)
 
 
-def verdict(found: Interval, expected: Literal["up", "down"]) -> Verdict:
-    """Which side of zero the interval lies on, read against the expected direction."""
-    if found.spans_zero or np.isnan(found.value):
+def verdict(found: Interval, expected: Literal["up", "down"], delta: float = DELTA) -> Verdict:
+    """Which side of zero the interval lies on, read against the expected direction; an interval inside
+    +-``delta`` is "no effect".
+
+    >>> verdict(Interval(0.01, -0.02, 0.04), "up"), verdict(Interval(0.01, -0.08, 0.1), "up")
+    ('no effect', "can't tell")
+    """
+    if np.isnan(found.value):
+        return "can't tell"
+    if -delta <= found.lo and found.hi <= delta and found.spans_zero:
+        return "no effect"
+    if found.spans_zero:
         return "can't tell"
     up = found.lo > 0
     return "supports" if up == (expected == "up") else "contradicts"
 
 
-def findings(results: RunResults, k: int, flags: list[str] | None = None) -> list[Finding]:
-    """The three findings (those the run has the models for), pooled over ``flags`` (default: all)."""
+def _half(found: Interval) -> float:
+    return (found.hi - found.lo) / 2
+
+
+def findings(results: RunResults, k: int | str, flags: list[str] | None = None, delta: float = DELTA) -> list[Finding]:
+    """The three findings (those the run has the models for), pooled over ``flags`` (default: every flag that
+    ran on real data), each with its verdict against the equivalence margin ``delta``."""
+    flags = flags or [f for f in results.flags if f not in results.stand_in_flags]
+    if not flags:
+        return []
     support = support_metric(results, k)
     where = f"over {len(flags or results.flags)} modalit{'y' if len(flags or results.flags) == 1 else 'ies'}"
     seeds = len(pooled(results, "sft", flags))
@@ -111,22 +146,23 @@ def findings(results: RunResults, k: int, flags: list[str] | None = None) -> lis
     rl_after_sft = change(results, "rl_sft", "sft", "acc@1", flags)
     if rl_after_sft is not None:
         found, n = rl_after_sft
-        out.append(Finding("RL raises Acc@1 when support is high", verdict(found, "up"),
-                           evidence(found, n, "acc@1", "RL from the SFT model")))  # fmt: skip
+        out.append(Finding("RL raises Acc@1 when support is high", verdict(found, "up", delta),
+                           evidence(found, n, "acc@1", "RL from the SFT model"), _half(found), delta))  # fmt: skip
     rl_from_base = change(results, "rl_base", "base", support, flags)
     if rl_from_base is not None:
         found, n = rl_from_base
         acc = change(results, "rl_base", "base", "acc@1", flags)
         extra = f", and Acc@1 by {acc[0].text(signed=True)}" if acc is not None else ""
-        out.append(Finding("RL on weak support gains little and can lower Pass@k", verdict(found, "down"),
-                           evidence(found, n, support, "RL from the base model") + extra))  # fmt: skip
+        said = evidence(found, n, support, "RL from the base model") + extra
+        out.append(Finding("RL on weak support gains little and can lower Pass@k", verdict(found, "down", delta),
+                           said, _half(found), delta))  # fmt: skip
     sft = change(results, "sft", "base", support, flags)
     if sft is not None:
         found, n = sft
-        said = verdict(found, "up")
+        said = verdict(found, "up", delta)
         if said == "supports" and out and out[0].verdict != "supports":
             said = "can't tell"  # support rose, but the RL after it did not reliably help
         tail = f"; RL after it: {out[0].verdict}" if out and rl_after_sft is not None else ""
         out.append(Finding("SFT raises Pass@k and makes later RL effective", said,
-                           evidence(found, n, support, "SFT") + tail))  # fmt: skip
+                           evidence(found, n, support, "SFT") + tail, _half(found), delta))  # fmt: skip
     return out

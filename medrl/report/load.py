@@ -46,6 +46,24 @@ class RunResults:
         ordered = [f for f in self.plan.get("flags", []) if f in seen]
         return ordered + sorted(seen - set(ordered))
 
+    def k_for(self, flag: str, k: int | str) -> int:
+        """The k a flag's support is read at: ``k`` itself, or for ``"room"`` the k that leaves room above chance
+        for the flag's option count (:func:`medrl.metrics.chance.room_k`; 2 for 2 options, 4 for 4)."""
+        if k != "room":
+            return int(k)
+        for model in ("base", *sorted(self.evals)):
+            sets = self.question_sets(model, flag)
+            if sets:
+                ks = sorted(int(v) for v in set(sets[0].room_ks().tolist()))
+                return ks[len(ks) // 2]  # questions of one flag share an option count; the middle one otherwise
+        return 1
+
+    @property
+    def stand_in_flags(self) -> list[str]:
+        """Flags that ran on a synthetic stand-in (their evaluations say ``synthetic``): no verdict rests on them."""
+        return [f for f in self.flags if any(by_flag.get(f, {}).get("meta", {}).get("synthetic")
+                                             for by_flag in self.evals.values())]  # fmt: skip
+
     def metric(self, model: str, flag: str, name: str) -> float | None:
         """One number of one evaluation (over all its questions), or None when it was not run."""
         summary = self.evals.get(model, {}).get(flag)

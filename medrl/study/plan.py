@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from medrl.core.errors import ConfigError
 from medrl.core.io import atomic_write_json, load_yaml
-from medrl.data.medmnist_files import FLAGS_2D, check_size
+from medrl.data.medmnist_files import FLAGS_2D, check_size, info
+from medrl.metrics.chance import room_k
 from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
 from medrl.study.probe_table import probe_heads
 
@@ -52,7 +53,8 @@ class SupportPlan:
     Args:
         n: samples per question (n >= every k).
         ks: the k values reported.
-        k: the k the recipe and the gap G_k use.
+        k: the k the recipe and the gap G_k use, or ``room``: per flag, the largest k of ``ks`` whose chance level
+            is <= 0.75 (binary flags: 2; 4 options: 4), so that support has room above guessing.
         temperature: sampling temperature.
         top_p: nucleus mass.
         max_new_tokens: completion budget.
@@ -65,7 +67,7 @@ class SupportPlan:
 
     n: int = 16
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    k: int = 8
+    k: int | Literal["room"] = 8
     temperature: float = PASS_AT_K_TEMPERATURE
     top_p: float = PASS_AT_K_TOP_P
     max_new_tokens: int = 64
@@ -116,6 +118,8 @@ class StudyPlan:
             fragment's, with ``--model``; training stages take theirs from their configs).
         support_measure: what tau is compared with: Pass@k above chance (``adjusted``, the default: on 2-option
             questions a random letter has Pass@8 = 0.996) or raw Pass@k (``raw``).
+        delta: the equivalence margin of the report's findings: a pooled change whose whole 95 % interval lies
+            within +-delta reads "no effect larger than +-delta".
     """
 
     name: str = "study"
@@ -136,12 +140,22 @@ class StudyPlan:
     boundary_sft_steps: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     image_options: dict[str, Any] | None = None
+    delta: float = 0.05
 
     @property
     def training_seeds(self) -> list[int]:
         """The seeds every SFT and RL model is trained with (``seeds``, else just ``seed``); the first is ``seed``'s
         role: the transfer, boundary and recipe stages use its models."""
         return list(dict.fromkeys(self.seeds)) or [self.seed]
+
+    def flag_k(self, flag: str) -> int:
+        """The k a flag's support is read at: ``support.k``, or with ``k: room`` the largest k of ``support.ks``
+        whose chance level on the flag's questions is <= 0.75 (2 for 2 options, 4 for 4: questions offer
+        min(4, classes) options; PMC-VQA offers 4)."""
+        if self.support.k != "room":
+            return int(self.support.k)
+        options = 4 if flag.startswith("pmc:") else min(4, len(info(flag)["label"]))
+        return room_k(options, self.support.ks)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain data (what ``plan.json`` holds)."""
@@ -209,7 +223,7 @@ def load_plan(path: str | Path) -> StudyPlan:
         probe_heads(plan.vision.optimizer, plan.vision.lr)
     except ConfigError as err:
         raise ConfigError(f"{path}: vision.{err}") from None
-    if plan.support.n < max(plan.support.ks) or plan.support.k not in plan.support.ks:
+    if plan.support.n < max(plan.support.ks) or plan.support.k not in [*plan.support.ks, "room"]:
         raise ConfigError(
             f"{path}: support needs n >= max(ks) and k among ks (n={plan.support.n}, ks={plan.support.ks})"
         )

@@ -87,9 +87,10 @@ def recipe(
         base.support,
         **{key: value for key, value in (("k", k), ("n", n), ("questions", questions)) if value is not None},
     )
-    if support.n < support.k:
+    if support.k != "room" and support.n < support.k:
         raise ConfigError(f"medrl recipe: n={support.n} samples cannot estimate Pass@{support.k}; pass --n >= --k")
-    support.ks = sorted({j for j in [*base.support.ks, support.k] if j <= support.n})
+    support.ks = sorted({j for j in [*base.support.ks, *([support.k] if support.k != "room" else [])]
+                         if j <= support.n})  # fmt: skip
     bridge = bridge or target
     study_plan = dataclasses.replace(
         base,
@@ -102,10 +103,11 @@ def recipe(
         rl=TrainPlan(rl_config, {}) if rl_config else base.rl,
     )
     run_dir = Path(out or f"runs/recipe-{target_slug(target)}")
+    at = study_plan.flag_k(target)  # `k: room` resolves to the target's k with room above chance
     with run_lock(run_dir, f"medrl recipe --target {target} --out {run_dir}"), stop_on_sigterm():
         claim_run_dir(run_dir, study_plan, "medrl recipe")
         study = Study(study_plan, run_dir, root=root, pmc_root=pmc_root)
-        print(f"medrl recipe: {study_plan.model} on {target} (tau {study_plan.tau} on Pass@{support.k}) -> {run_dir}")
+        print(f"medrl recipe: {study_plan.model} on {target} (tau {study_plan.tau} on Pass@{at}) -> {run_dir}")
         study.resolve_data()
         labels = {study_plan.model: "base"}
 
@@ -115,7 +117,7 @@ def recipe(
                 print(f"  measuring {label} on {target}: {support.questions} questions x {support.n} samples")
                 study.evaluate(model_path, label, target)
             found = study.measurement(label, target, step)
-            print(f"  {step}: Acc@1 {found.acc1:.3f}, Pass@{support.k} {found.support(support.k):.3f}")
+            print(f"  {step}: Acc@1 {found.acc1:.3f}, Pass@{at} {found.support(at):.3f}")
             return found
 
         def train(kind: str, label: str, flag: str, start: str, extra: dict | None = None) -> str:
@@ -132,7 +134,7 @@ def recipe(
             target, study_plan.model, measure,
             sft=lambda current, rnd: train("sft", f"sft_{rnd}", bridge, current),
             rl=lambda current: train("rl", f"rl_{labels[current]}", target, current),
-            tau=study_plan.tau, k=support.k, out=run_dir, max_sft_rounds=max_sft_rounds,
+            tau=study_plan.tau, k=at, out=run_dir, max_sft_rounds=max_sft_rounds,
             support=study_plan.support_measure,
             rl_passk=(lambda current: train("rl", f"rl_passk_{labels[current]}", target, current, PASSK))
             if passk_branch else None,

@@ -65,7 +65,7 @@ def build_stages(study: Study) -> list[Stage]:
         stages += [stage for flag in plan.flags for stage in study.boundary_stages(flag)]
     if "sft" in plan.rl_from and "base" in plan.rl_from:
         stages += [
-            Stage(f"recipe:{flag}", f"the recipe's decision for {flag} (tau {plan.tau}, k {plan.support.k})",
+            Stage(f"recipe:{flag}", f"the recipe's decision for {flag} (tau {plan.tau}, k {plan.flag_k(flag)})",
                   [out / "recipe" / flag / "recipe.json"], lambda flag=flag: study.recipe(flag),
                   json_has_keys("decisions", "measurements"),
                   after=[f"eval:base:{flag}", f"sft:sft_{flag}", f"rl:rl_base_{flag}", f"rl:rl_sft_{flag}"])

@@ -306,7 +306,7 @@ class Study:
             flag, "base", lambda model_label, step: self.measurement(model_label, flag, step),
             sft=lambda _model, _round: f"sft_{flag}",
             rl=lambda model: f"rl_{'sft' if model.startswith('sft') else 'base'}_{flag}",
-            tau=self.plan.tau, k=self.plan.support.k, out=self.out / "recipe" / flag, max_sft_rounds=1,
+            tau=self.plan.tau, k=self.plan.flag_k(flag), out=self.out / "recipe" / flag, max_sft_rounds=1,
             support=self.plan.support_measure,
         )  # fmt: skip
 
