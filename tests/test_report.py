@@ -93,10 +93,11 @@ def test_every_section_renders(run_dir: Path) -> None:
     # SFT on breast: acc 0.75, pass@4 0.90 -> G_4 = 0.150.
     # No per-question rows and no chance levels in this run: plain values, chance n/a.
     assert "| SFT | 32 | 0.750 | 0.700 | 0.825 | 0.900 | n/a | n/a | 0.150 | 0.750 | 0.100 |" in text
-    assert "| rl_base_breastmnist | 6 | 0.000 | 0.000 | 1.000 | 0.000 |" in text
-    assert "| rl_sft_breastmnist | 6 | 0.600 | 0.800 | 0.000 | 0.000 |" in text  # means of steps 0-4 and 1-5
+    # Six steps are too few for a trend (n/a), and this run kept no per-question rows (n/a changed answers).
+    assert "| rl_base_breastmnist | 6 | 0.000 | 0.000 | n/a | 1.000 | 0.000 | n/a |" in text
+    assert "| rl_sft_breastmnist | 6 | 0.600 | 0.800 | n/a | 0.000 | 0.000 | n/a |" in text  # steps 0-4 and 1-5
     assert "**sft**: Pass@4 = 0.700 < tau = 0.800" in text and "`abc123`" in text
-    for fig in ("probes", "support_breastmnist", "support_pneumoniamnist", "acc_gap", "transfer"):
+    for fig in ("probes", "support_breastmnist", "support_pneumoniamnist", "acc_gap", "transfer", "rl_rewards"):
         png = run_dir / "figures" / f"{fig}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
 
@@ -268,3 +269,18 @@ def test_k_room_reads_each_flag_where_chance_leaves_room(tmp_path: Path) -> None
     plan.write_text("flags: [breastmnist, bloodmnist, retinamnist]\nsupport: {k: room}\n")
     loaded = load_plan(plan)
     assert [loaded.flag_k(f) for f in loaded.flags] == [2, 4, 4]  # 2 options; 4 of 8 classes; 4 of 5 grades
+
+
+def test_the_reward_trend_and_the_share_of_changed_greedy_answers() -> None:
+    from medrl.report.build import _changed_answers, _trend
+    from medrl.report.load import RunResults
+
+    rising = [{"reward/mean": str(0.02 * step)} for step in range(40)]
+    flat = [{"reward/mean": str(1.0 + 0.01 * (step % 2))} for step in range(40)]
+    assert _trend(rising).startswith("rising (+0.200)") and _trend(flat).startswith("plateaued")
+    results = RunResults(root=Path("."))
+    rows = lambda letters: [{"id": f"q{i}", "greedy": g} for i, g in enumerate(letters)]  # noqa: E731
+    results.questions = {"sft_breastmnist-s1": {"breastmnist": rows("ABAB")},
+                         "rl_sft_breastmnist-s1": {"breastmnist": rows("ABBB")}}  # fmt: skip
+    assert _changed_answers(results, "rl_sft_breastmnist-s1") == "0.250"
+    assert _changed_answers(results, "rl_base_breastmnist") == "n/a"  # the base was not evaluated here

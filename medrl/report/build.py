@@ -151,23 +151,64 @@ def _mean(rows: list[dict[str, str]], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _rl_signal(results: RunResults) -> list[str]:
-    """What each GRPO run had to learn from: rewards early and late, and how many groups carried no signal."""
+def _trend(log: list[dict[str, str]]) -> str:
+    """Whether a GRPO run's mean reward was still rising: its last quarter against the quarter before, the
+    difference set against twice its standard error (per-step rewards as independent draws)."""
+    rewards = [float(r["reward/mean"]) for r in log if r.get("reward/mean") not in (None, "")]
+    q = len(rewards) // 4
+    if q < 2:
+        return "n/a"
+    last, prev = rewards[-q:], rewards[-2 * q : -q]
+    diff = sum(last) / q - sum(prev) / q
+    var = sum((x - sum(last) / q) ** 2 for x in last) / (q - 1) + sum((x - sum(prev) / q) ** 2 for x in prev) / (q - 1)
+    se = math.sqrt(var / q)
+    return f"{'rising' if diff > 2 * se else 'plateaued'} ({diff:+.3f})"
+
+
+def _started_from(label: str) -> tuple[str, str] | None:
+    """``(model RL started from, flag)`` of an RL model label (``rl_sft_breastmnist-s1`` -> ``sft_breastmnist-s1``)."""
+    body, _, seed = label.removeprefix("rl_").partition("-")
+    start, _, flag = body.partition("_")
+    if start not in ("base", "sft") or not flag:
+        return None
+    return ("base" if start == "base" else f"sft_{flag}" + (f"-{seed}" if seed else "")), flag
+
+
+def _changed_answers(results: RunResults, label: str) -> str:
+    """The share of questions whose greedy answer RL changed (same questions, before and after)."""
+    found = _started_from(label)
+    if found is None:
+        return "n/a"
+    before, flag = found
+    old = {r["id"]: r.get("greedy") for r in results.questions.get(before, {}).get(flag, [])}
+    new = {r["id"]: r.get("greedy") for r in results.questions.get(label, {}).get(flag, [])}
+    shared = [i for i in new if i in old]
+    return f"{sum(old[i] != new[i] for i in shared) / len(shared):.3f}" if shared else "n/a"
+
+
+def _rl_signal(results: RunResults, figs: dict[str, bytes]) -> list[str]:
+    """What each GRPO run had to learn from, whether its reward was still rising, and what it changed."""
     if not results.rl_logs:
         return []
     rows = [
-        [model, str(len(log)), *(_fmt(_mean(part, "reward/mean")) for part in (log[:5], log[-5:])),
-         *(_fmt(_mean(log, f"groups/{key}")) for key in ("all_wrong", "all_correct"))]
+        [model, str(len(log)), *(_fmt(_mean(part, "reward/mean")) for part in (log[:5], log[-5:])), _trend(log),
+         *(_fmt(_mean(log, f"groups/{key}")) for key in ("all_wrong", "all_correct")), _changed_answers(results, model)]
         for model, log in results.rl_logs.items()
     ]  # fmt: skip
-    header = ["RL model", "steps", "mean reward, first 5", "mean reward, last 5", "groups all wrong"]
+    header = ["RL model", "steps", "mean reward, first 5", "mean reward, last 5", "last quarter vs the one before",
+              "groups all wrong", "groups all right", "greedy answers RL changed"]  # fmt: skip
+    figs["rl_rewards.png"] = figures.reward_curves(results)
     return [
-        "### What RL had to learn from",
+        "### What RL had to learn from, and what it changed",
         "",
-        *markdown_table([*header, "groups all right"], rows),
+        *markdown_table(header, rows),
         "",
         "A group whose samples are all wrong (or all right) has zero advantage and gives GRPO no gradient: where "
-        "the base model has no support, RL from it has nothing to reinforce.",
+        "the base model has no support, RL from it has nothing to reinforce. 'Rising' means the last quarter's "
+        "mean reward beat the quarter before by more than twice its standard error; the last column is the share "
+        "of evaluation questions whose greedy answer differs from the model RL started from.",
+        "",
+        "![reward curves](figures/rl_rewards.png)",
         "",
     ]
 
@@ -338,7 +379,7 @@ def build_report(run_dir: str | Path, unfinished: list[str] | None = None) -> Pa
             "",
         ]
     lines += [f"# Study report: {results.plan.get('name', results.root.name)}", ""] + _data_sources(results)
-    lines += _vision(results, figs) + _support(results, figs, k) + _rl_signal(results) + _transfer(results, figs)
+    lines += _vision(results, figs) + _support(results, figs, k) + _rl_signal(results, figs) + _transfer(results, figs)
     lines += _boundary(results, figs, k)
     lines += _recipe(results) + _runcard(results)
     lines += cards_lines(results, write_study_cards(results, k))

@@ -144,3 +144,23 @@ def probe_chart(results: RunResults) -> bytes:
     ax.set_title("probes of frozen encoders (linear [sgd], kNN [knn])")
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def reward_curves(results: RunResults) -> bytes:
+    """Each GRPO run's mean reward per step (a 5-step running mean over the raw, faint, values)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (model, log) in enumerate(sorted(results.rl_logs.items())):
+        rewards = [float(r["reward/mean"]) for r in log if r.get("reward/mean") not in (None, "")]
+        if not rewards:
+            continue
+        smooth = [
+            sum(rewards[max(0, j - 4) : j + 1]) / len(rewards[max(0, j - 4) : j + 1]) for j in range(len(rewards))
+        ]
+        ax.plot(rewards, color=f"C{i % 10}", alpha=0.25, linewidth=0.8)
+        ax.plot(smooth, color=f"C{i % 10}", label=model, linewidth=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("GRPO reward per step (5-step running mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return _png(fig)
