@@ -10,8 +10,9 @@ atomically.
 The image-ablation control: with ``swapped`` items (:func:`swap_images`: each question with another
 question's image, seeded, from a question with another gold answer when there is one) every question is also
 answered greedily with the wrong image. **Image reliance** is Acc@1 with the right image minus Acc@1 with the
-swapped one, with a paired 95 % interval over questions (:func:`add_image_reliance`): a model that ignores
-the image gives the same answers both ways and a reliance of exactly 0.
+swapped one, with a paired 95 % interval over questions (:func:`add_image_reliance`; read in words by
+:func:`medrl.metrics.intervals.reliance_sentence`): a model that ignores the image gives the same answers both
+ways and a reliance of exactly 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from medrl.core.env import show_progress
 from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.tables import markdown_table
-from medrl.metrics.intervals import Interval, Questions, image_reliance
+from medrl.metrics.intervals import Questions, image_reliance
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
 from medrl.rollout.engine import Engine
 from medrl.rollout.types import Item, SamplingParams
@@ -193,30 +194,6 @@ def add_image_reliance(summary: dict[str, dict[str, float]], rows: Sequence[dict
         swapped = [float(r["greedy_correct_swapped"]) for r in chosen if r["greedy_correct_swapped"] is not None]
         metrics["acc@1_swapped"] = sum(swapped) / len(swapped) if swapped else math.nan
         metrics.update(image_reliance=found.value, image_reliance_lo=found.lo, image_reliance_hi=found.hi)
-
-
-def reliance_sentence(metrics: dict[str, float], delta: float = 0.05) -> str:
-    """What the ablation says of a model, in words: ``answers depend on the image: +0.31 [+0.25, +0.37]``.
-
-    Above zero (the interval's low end): it reads the image. Spanning zero within +-``delta``: it answers
-    without reading it. Spanning zero more widely: too few questions to tell.
-
-    >>> reliance_sentence({"image_reliance": 0.31, "image_reliance_lo": 0.25, "image_reliance_hi": 0.37})
-    'answers depend on the image: +0.310 [+0.25, +0.37]'
-    >>> reliance_sentence({"image_reliance": 0.0, "image_reliance_lo": -0.01, "image_reliance_hi": 0.02})
-    'answers without reading the image: +0.000 [-0.01, +0.02]'
-    """
-    if "image_reliance" not in metrics or math.isnan(metrics["image_reliance"]):
-        return "image reliance not measured"
-    found = Interval(metrics["image_reliance"], metrics["image_reliance_lo"], metrics["image_reliance_hi"])
-    text = found.text(signed=True)
-    if found.lo > 0:
-        return f"answers depend on the image: {text}"
-    if found.hi < 0:
-        return f"answers better with another question's image than its own: {text}"
-    if -delta <= found.lo and found.hi <= delta:
-        return f"answers without reading the image: {text}"
-    return f"can't tell whether the answers depend on the image (too few questions): {text}"
 
 
 def _table(summary: dict[str, dict[str, float]], ks: Sequence[int]) -> str:

@@ -100,9 +100,9 @@ def test_force_takes_names_and_groups_and_rejects_unknown_ones(tmp_path: Path) -
     stages = build_stages(Study(load_plan(REPO / "configs" / "study" / "cpu.yaml"), tmp_path / "run"))
     assert _forced(stages, "report") == ["report"]
     picked = _forced(stages, "sft, eval:base:breastmnist")
-    sft = [f"sft:sft_{flag}{seed}" for seed in ("", "-s1") for flag in ("breastmnist", "pneumoniamnist", "retinamnist")]
+    sft = [f"sft:sft_{flag}{seed}" for seed in ("", "-s1") for flag in ("bloodmnist", "breastmnist", "pneumoniamnist")]
     assert picked == ["eval:base:breastmnist", *sft]  # the group takes every seed's SFT stage
-    assert _forced(stages, ["recipe:retinamnist"]) == ["recipe:retinamnist"]
+    assert _forced(stages, ["recipe:bloodmnist"]) == ["recipe:bloodmnist"]
     assert _forced(stages, None) == []
     groups = "boundary, data, eval, recipe, report, rl, sft"
     with pytest.raises(ConfigError, match=f"--force sfft names no stage; groups: {groups}"):

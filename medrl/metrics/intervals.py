@@ -229,3 +229,27 @@ def image_reliance(questions: Questions | Sequence[Questions], seed: int = 0) ->
             return Interval(math.nan, math.nan, math.nan)
         stats.append(_mean_statistic(diff, None))
     return _seeded_bootstrap(stats, len(sets[0].ids), seed)
+
+
+def reliance_sentence(metrics: dict[str, float], delta: float = 0.05) -> str:
+    """What the ablation says of a model, in words: ``answers depend on the image: +0.31 [+0.25, +0.37]``.
+
+    Above zero (the interval's low end): it reads the image. Spanning zero within +-``delta``: it answers
+    without reading it. Spanning zero more widely: too few questions to tell.
+
+    >>> reliance_sentence({"image_reliance": 0.31, "image_reliance_lo": 0.25, "image_reliance_hi": 0.37})
+    'answers depend on the image: +0.310 [+0.25, +0.37]'
+    >>> reliance_sentence({"image_reliance": 0.0, "image_reliance_lo": -0.01, "image_reliance_hi": 0.02})
+    'answers without reading the image: +0.000 [-0.01, +0.02]'
+    """
+    if "image_reliance" not in metrics or math.isnan(metrics["image_reliance"]):
+        return "image reliance not measured"
+    found = Interval(metrics["image_reliance"], metrics["image_reliance_lo"], metrics["image_reliance_hi"])
+    text = found.text(signed=True)
+    if found.lo > 0:
+        return f"answers depend on the image: {text}"
+    if found.hi < 0:
+        return f"answers better with another question's image than its own: {text}"
+    if -delta <= found.lo and found.hi <= delta:
+        return f"answers without reading the image: {text}"
+    return f"can't tell whether the answers depend on the image (too few questions): {text}"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from medrl.core.io import atomic_write_bytes, atomic_write_text
 from medrl.core.tables import markdown_table
-from medrl.metrics.intervals import interval, paired_change
+from medrl.metrics.intervals import image_reliance, interval, paired_change, reliance_sentence
 from medrl.report import boundary, figures
-from medrl.report.cards import cards_lines, write_study_cards
+from medrl.report.cards import cards_lines, reliance_text, write_study_cards
 from medrl.report.findings import CHANGES, DELTA, change, findings, metric_name, support_metric
 from medrl.report.load import RunResults, load_run
 
@@ -71,7 +71,25 @@ def _support_row(results: RunResults, stage: str, flag: str, ks: list[int], k: i
         _fmt(gap),
         _fmt(mean("majority")),
         _fmt(mean("format_fail")),
+        reliance_text(results, label, flag),
     ]
+
+
+def _reliance_sentences(results: RunResults) -> list[str]:
+    """One sentence per model and flag: whether its answers depend on the image (the image-ablation control)."""
+    lines = []
+    for stage in figures.STAGE_MODELS:
+        for flag in results.flags:
+            label = figures.model_label(stage, flag)
+            sets = results.question_sets(label, flag)
+            found = image_reliance(sets) if sets else None
+            if found is None or math.isnan(found.value):
+                continue
+            said = reliance_sentence({"image_reliance": found.value, "image_reliance_lo": found.lo,
+                                      "image_reliance_hi": found.hi})  # fmt: skip
+            lines.append(f"- {figures.STAGE_NAMES[stage]} on {flag}: {said}")
+    return (["Image reliance (Acc@1 with the right image minus with another question's image, paired 95 % "
+             "interval):", "", *lines, ""] if lines else [])  # fmt: skip
 
 
 def _changes(results: RunResults, flag: str, k: int) -> list[str]:
@@ -113,6 +131,7 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int | str) -> list[
         lines += [f"- {f.sentence()}" for f in found] + [""]
     if results.stand_in_flags:
         lines += [f"Left out of the pooled findings (synthetic stand-ins): {', '.join(results.stand_in_flags)}.", ""]
+    lines += _reliance_sentences(results)
     lines += [
         "Intervals: 95 % percentile bootstrap over questions (2,000 resamples; paired for changes). Chance: what "
         "answering a random offered letter scores, 1 - (1 - 1/m)^k per question with m options; above chance = "
@@ -128,7 +147,7 @@ def _support(results: RunResults, figs: dict[str, bytes], k: int | str) -> list[
         ks = results.ks("base", flag) or next((results.ks(m, flag) for m in results.evals if results.ks(m, flag)), [])
         passes = [f"pass@{j} [95% CI]" if j == k else f"pass@{j}" for j in ks]
         header = ["model", "questions", "acc@1 [95% CI]", *passes, f"chance@{k}", f"above chance@{k} [95% CI]",
-                  f"G_{k}", "majority vote", "format fail"]  # fmt: skip
+                  f"G_{k}", "majority vote", "format fail", "image reliance [95% CI]"]  # fmt: skip
         rows = [_support_row(results, stage, flag, ks, k) for stage in figures.STAGE_MODELS]
         rows = [r for r in rows if r is not None]
         figs[f"support_{flag}.png"] = figures.support_curves(results, flag)

@@ -25,7 +25,8 @@ def card_folders(results: RunResults, label: str) -> list[Path]:
     return [hf / part for part in EXPORT_PARTS if (hf / part / CARD).is_file()]
 
 
-def _reliance(results: RunResults, label: str, flag: str) -> str:
+def reliance_text(results: RunResults, label: str, flag: str) -> str:
+    """A model's image reliance on a flag with its 95 % interval (over seeds too), or n/a when not measured."""
     sets = results.question_sets(label, flag)
     found = image_reliance(sets) if sets else None
     return "n/a" if found is None or math.isnan(found.value) else found.text(signed=True)
@@ -42,7 +43,7 @@ def study_section(results: RunResults, label: str, k: int | str) -> str | None:
         chance = results.metric(label, flag, f"chance@{at}")
         rows.append([flag, str(int(results.metric(label, flag, "questions") or 0)), interval(sets, "acc@1").text(),
                      str(at), interval(sets, f"pass@{at}").text(), "n/a" if chance is None else f"{chance:.3f}",
-                     _reliance(results, label, flag)])  # fmt: skip
+                     reliance_text(results, label, flag)])  # fmt: skip
     if not rows:
         return None
     name = results.plan.get("name", results.root.name)

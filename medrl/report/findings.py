@@ -42,14 +42,16 @@ class Finding:
     evidence: str
     half_width: float = float("nan")
     delta: float = DELTA
+    why: str = ""  # why the verdict is "can't tell" when the interval alone would say otherwise
 
     def sentence(self) -> str:
         """``**claim**: this run supports it: evidence (half-width h).``"""
+        spans = f"the interval spans zero and reaches beyond +-{self.delta:g}"
         said = {
             "supports": "this run supports it",
             "contradicts": "this run contradicts it",
             "no effect": f"this run finds no effect larger than +-{self.delta:g} (the whole interval lies within it)",
-            "can't tell": f"this run can't tell (the interval spans zero and reaches beyond +-{self.delta:g})",
+            "can't tell": f"this run can't tell ({self.why or spans})",
         }
         width = "" if np.isnan(self.half_width) else f"; interval half-width {self.half_width:.3f}"
         return f"**{self.claim}**: {said[self.verdict]}; {self.evidence}{width}."  # fmt: skip
@@ -159,10 +161,10 @@ def findings(results: RunResults, k: int | str, flags: list[str] | None = None, 
     sft = change(results, "sft", "base", support, flags)
     if sft is not None:
         found, n = sft
-        said = verdict(found, "up", delta)
+        said, why = verdict(found, "up", delta), ""
         if said == "supports" and out and out[0].verdict != "supports":
-            said = "can't tell"  # support rose, but the RL after it did not reliably help
+            said, why = "can't tell", "support rose, but the RL after it did not reliably help"
         tail = f"; RL after it: {out[0].verdict}" if out and rl_after_sft is not None else ""
         out.append(Finding("SFT raises Pass@k and makes later RL effective", said,
-                           evidence(found, n, support, "SFT") + tail, _half(found), delta))  # fmt: skip
+                           evidence(found, n, support, "SFT") + tail, _half(found), delta, why))  # fmt: skip
     return out

@@ -9,12 +9,12 @@ from medrl.data.medmnist import MedMNISTDataModule
 from medrl.evaluation import (
     add_image_reliance,
     default_ks,
-    reliance_sentence,
     sample_and_score,
     summarise,
     swap_images,
     write_outputs,
 )
+from medrl.metrics.intervals import reliance_sentence
 from medrl.models.budget import model_prompt_budget
 from medrl.models.fragments import model_and_dtype
 from medrl.rollout.factory import open_engine
