@@ -196,6 +196,26 @@ def add_image_reliance(summary: dict[str, dict[str, float]], rows: Sequence[dict
         metrics.update(image_reliance=found.value, image_reliance_lo=found.lo, image_reliance_hi=found.hi)
 
 
+def evaluate_items(
+    engine: Engine,
+    items: Sequence[Item],
+    params: SamplingParams,
+    ks: Sequence[int],
+    batch_size: int = 64,
+    image_ablation: bool = True,
+    keep_texts: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    """``(rows, summary)`` of one evaluation on one process: sample and score every item, and with
+    ``image_ablation`` answer each again with a swapped image (seeded by ``params.seed``) and add the reliance."""
+    seed = params.seed or 0
+    swapped = swap_images(items, seed) if image_ablation else None
+    scored = sample_and_score(engine, items, params, batch_size, keep_texts=keep_texts, swapped=swapped)
+    rows = [row for _, row in scored]
+    summary = summarise(scored, ks)
+    add_image_reliance(summary, rows, seed)
+    return rows, summary
+
+
 def _table(summary: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     top = max(ks)
     columns = ["questions", "acc@1", *[f"pass@{k}" for k in ks], f"gap@{top}", f"chance@{top}", f"adj_pass@{top}",

@@ -6,14 +6,7 @@ from typing import Literal
 
 from medrl.core.errors import ConfigError
 from medrl.data.medmnist import MedMNISTDataModule
-from medrl.evaluation import (
-    add_image_reliance,
-    default_ks,
-    sample_and_score,
-    summarise,
-    swap_images,
-    write_outputs,
-)
+from medrl.evaluation import default_ks, evaluate_items, write_outputs
 from medrl.metrics.intervals import reliance_sentence
 from medrl.models.budget import model_prompt_budget
 from medrl.models.fragments import model_and_dtype
@@ -97,15 +90,12 @@ def evaluate_command(
         n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed
     )
     try:
-        swapped = swap_images(items, seed) if image_ablation else None
-        scored = sample_and_score(rollout, items, params, batch_size, keep_texts=keep_texts, swapped=swapped)
+        rows, summary = evaluate_items(rollout, items, params, ks, batch_size, image_ablation, keep_texts)
     finally:
         rollout.close()
-    summary = summarise(scored, ks)
-    add_image_reliance(summary, [row for _, row in scored], seed)
     meta = {"model": model, "engine": engine, "split": split, "flags": flags, "n": n, "temperature": temperature}
     meta |= {"top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
-    folder = write_outputs(out, [row for _, row in scored], summary, ks, meta)
+    folder = write_outputs(out, rows, summary, ks, meta)
     print((folder / "summary.md").read_text(), end="")
     if image_ablation:
         for group, metrics in summary.items():

@@ -138,7 +138,7 @@ class Study:
 
     def evaluate(self, model: str, model_label: str, flag: str) -> None:
         """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
-        from medrl.evaluation import add_image_reliance, sample_and_score, summarise, swap_images, write_outputs
+        from medrl.evaluation import evaluate_items, write_outputs
         from medrl.rollout.factory import open_engine
         from medrl.rollout.types import SamplingParams
 
@@ -155,14 +155,10 @@ class Study:
         # The questions are read (and checked) before the model is loaded: a bad file fails in seconds.
         engine = open_engine(s.engine, model, self.plan.seed, image_options=self.plan.image_options)
         try:
-            swapped = swap_images(items, self.plan.seed) if s.image_ablation else None
-            scored = sample_and_score(engine, items, params, batch_size=s.batch_size, swapped=swapped)
+            rows, summary = evaluate_items(engine, items, params, s.ks, s.batch_size, s.image_ablation)
         finally:
             engine.close()
         meta = {"model": model, "label": model_label, "flag": flag, "synthetic": self.sources.get(flag, False)}
-        rows = [row for _, row in scored]
-        summary = summarise(scored, s.ks)
-        add_image_reliance(summary, rows, self.plan.seed)
         write_outputs(self.eval_dir(model_label, flag), rows, summary, s.ks, meta)
 
     def eval_stage(self, model_label: str, flag: str, model: str | None = None) -> Stage:
