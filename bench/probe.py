@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from bench.run import FULL
+    from bench.settings import FULL
 
     settings = {**FULL["probe"], "flags": json.loads(args.flags)}
     if args.encoders:

@@ -6,10 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import medrl.report.boundary as boundary
+import medrl.report.figures as figures
 from medrl.core.io import atomic_write_bytes, atomic_write_text
 from medrl.core.tables import markdown_table
 from medrl.metrics.intervals import image_reliance, interval, paired_change, reliance_sentence
-from medrl.report import boundary, figures
 from medrl.report.cards import cards_lines, reliance_text, write_study_cards
 from medrl.report.findings import CHANGES, DELTA, change, findings, metric_name, support_metric
 from medrl.report.load import RunResults, load_run
