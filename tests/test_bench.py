@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_ROWS = {"grpo_hf@tiny", "pass_at_k_hf@tiny", "probe_table"}  # the quick mode's one size: tiny
@@ -141,3 +144,14 @@ def test_the_benchmark_sizes_are_recorded_as_random_weights() -> None:
 
     described = encoder_from_spec(f"vlm:{model_dir('tiny')}").describe()
     assert described["pretrained"] is False  # a probe row of a bench size must not claim pretrained weights
+
+
+def test_the_vision_use_diagnostic_runs(capsys) -> None:
+    # bench/sees.py: the measurements docs/reproducing.md quotes on why the CPU model does not look.
+    sys.path.insert(0, str(REPO))
+    from bench.sees import lookup, question
+
+    messages, gold, letters, image = question(random.Random(0), "shuffled")
+    assert gold in letters and image.size == (28, 28) and "Options:" in messages[-1]["content"][-1]["text"]
+    lookup("fixed", steps=2, layers=2, lr=3e-3, batch=2)
+    assert "step 2: accuracy" in capsys.readouterr().out
