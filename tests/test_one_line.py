@@ -251,7 +251,17 @@ def test_the_run_folder_turning_read_only_mid_run_is_one_line(tiny_dir, medmnist
     assert "Permission denied" in last and str(root) in last and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["data", "--help"], ["data", "verify", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["data", "--help"],
+        ["data", "verify", "--help"],
+        ["eval", "--help"],
+        ["report", "--help"],
+        ["export", "--help"],
+    ],
+)
 def test_help_loads_neither_torch_nor_lightning(argv: list[str]) -> None:
     # Importing them costs about 7 s of CPU on a 2-core machine: `medrl --help` must not pay for it.
     code = (

@@ -38,3 +38,9 @@ def chat_messages(prompt: str, system: str | None = None, images: int = 1) -> li
     content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": prompt}]
     messages.append({"role": "user", "content": content})
     return messages
+
+
+# The study's sampling for Pass@K (the authors' evaluation): temperature 0.7, nucleus 0.9. Every command and
+# callback that samples for Pass@K defaults to these (here, below torch, so a command's --help needs no torch).
+PASS_AT_K_TEMPERATURE = 0.7
+PASS_AT_K_TOP_P = 0.9

@@ -13,13 +13,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from medrl.core.errors import ConfigError
+from medrl.core.prompts import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
+
+__all__ = ["PASS_AT_K_TEMPERATURE", "PASS_AT_K_TOP_P"]  # re-exported: the study's Pass@K sampling
 
 FinishReason = Literal["stop", "length"]
-
-# The study's sampling for Pass@K (the authors' evaluation): temperature 0.7, nucleus 0.9. Every command and
-# callback that samples for Pass@K defaults to these.
-PASS_AT_K_TEMPERATURE = 0.7
-PASS_AT_K_TOP_P = 0.9
 
 
 @dataclass(frozen=True)

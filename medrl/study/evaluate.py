@@ -5,13 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from medrl.core.errors import ConfigError
-from medrl.data.medmnist import MedMNISTDataModule
-from medrl.evaluation import default_ks, evaluate_items, write_outputs
-from medrl.metrics.intervals import reliance_sentence
-from medrl.models.budget import model_prompt_budget
-from medrl.models.fragments import model_and_dtype
-from medrl.rollout.factory import open_engine
-from medrl.rollout.types import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P, Item, SamplingParams
+from medrl.core.prompts import PASS_AT_K_TEMPERATURE, PASS_AT_K_TOP_P
 
 
 def evaluate_command(
@@ -64,6 +58,15 @@ def evaluate_command(
             greedy pass) and report image reliance, Acc@1 with the right image minus with the swapped one,
             with its 95 % interval: a model that does not read the image scores 0.
     """
+    # Imported here: torch and Lightning come with them, and `medrl eval --help` needs neither.
+    from medrl.data.medmnist import MedMNISTDataModule
+    from medrl.evaluation import default_ks, evaluate_items, write_outputs
+    from medrl.metrics.intervals import reliance_sentence
+    from medrl.models.budget import model_prompt_budget
+    from medrl.models.fragments import model_and_dtype
+    from medrl.rollout.factory import open_engine
+    from medrl.rollout.types import Item, SamplingParams
+
     model, _ = model_and_dtype(model)  # a configs/models/*.yaml fragment names the model
     flags = flags or ["pneumoniamnist"]
     ks = sorted(set(ks)) if ks else default_ks(n)

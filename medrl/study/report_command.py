@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 from medrl.core.errors import ConfigError, UserError
-from medrl.report import build_report
-from medrl.report.load import check_stages, read_json
 
 # What `medrl reproduce` writes first into a run folder: a folder with none of these holds no study.
 STUDY_MARKERS = ("plan.json", "stages.json", "runcard.json")
@@ -32,6 +30,8 @@ def planned_stages(run_dir: Path) -> list[str]:
 
 def unfinished_stages(run_dir: Path) -> list[str]:
     """The planned stages (the report itself aside) that ``stages.json`` does not record as done."""
+    from medrl.report.load import check_stages, read_json
+
     stages_file = run_dir / "stages.json"
     records = check_stages(read_json(stages_file), stages_file) if stages_file.is_file() else {}
     planned = planned_stages(run_dir) or list(records)
@@ -58,6 +58,8 @@ def report(run_dir: str) -> int:
             "their sections read 'not run'. `medrl reproduce` with the same --plan and --out finishes it.",
             file=sys.stderr,
         )
+    from medrl.report import build_report  # matplotlib and torch: not for `medrl report --help`
+
     path = build_report(run_dir, unfinished=unfinished)
     print(f"wrote {path} and {path.parent / 'figures'}/")
     return 0
