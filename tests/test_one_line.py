@@ -103,7 +103,7 @@ def test_resuming_grpo_with_other_options_is_refused_naming_them(medmnist, tiny_
     changed = ["--model.init_args.sampling.num_generations=8", "--model.init_args.loss.aggregation=dr_grpo"]
     assert main([*rl, "--trainer.max_steps=2", *changed, "--ckpt_path", str(ckpt)]) == 2
     (line,) = _medrl_lines(capsys)
-    assert "sampling.num_generations 4.0 -> 8.0" in line and "loss.aggregation grpo -> dr_grpo" in line
+    assert "sampling.num_generations 4 -> 8" in line and "loss.aggregation grpo -> dr_grpo" in line
     assert torch.load(ckpt, weights_only=True, mmap=True)["global_step"] == 1  # nothing was trained over it
 
 

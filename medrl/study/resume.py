@@ -88,7 +88,12 @@ def _differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
             if key in given and given[key] is not None and key not in _BOOKKEEPING:
                 out += _differences(saved[key], given[key], f"{prefix}{key}.")
         return out
-    return [] if saved == given else [f"{prefix.rstrip('.')} {saved} -> {given}"]
+    return [] if saved == given else [f"{prefix.rstrip('.')} {_shown(saved)} -> {_shown(given)}"]
+
+
+def _shown(value: Any) -> str:
+    """A compared value as the user wrote it: ``4``, not the ``4.0`` it was compared as."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def check_resume(ckpt_path: str | os.PathLike, model: Any, resuming: bool = True) -> None:
