@@ -28,6 +28,7 @@ from typing import Any
 from medrl.core.env import show_progress
 from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.tables import markdown_table
+from medrl.data.collate import item_images
 from medrl.metrics.intervals import Questions, image_reliance
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
 from medrl.rollout.engine import Engine
@@ -49,12 +50,6 @@ def question_id(item: Item, position: int) -> str:
     return str(item.get("id", position))
 
 
-def _images_of(item: Item) -> list[Any]:
-    if item.get("images") is not None:
-        return list(item["images"])
-    return [item["image"]] if item.get("image") is not None else []
-
-
 def _gold_text(item: Item) -> str:
     options = item.get("options") or {}
     return str(options.get(item.get("answer"), item.get("answer")))
@@ -68,7 +63,7 @@ def swap_images(items: Sequence[Item], seed: int = 0) -> list[Item]:
     the item's text, options and gold stay. ``swapped_from`` names the donor's position.
     """
     rng = random.Random(seed)
-    counts = [len(_images_of(it)) for it in items]
+    counts = [len(item_images(it)) for it in items]
     golds = [_gold_text(it) for it in items]
     out: list[Item] = []
     for i, item in enumerate(items):
@@ -81,7 +76,7 @@ def swap_images(items: Sequence[Item], seed: int = 0) -> list[Item]:
         if donor is None:  # every other item shares the answer (or the image count): any other one
             others = [j for j in range(len(items)) if j != i and counts[j] == counts[i]]
             donor = rng.choice(others) if others else i
-        images = _images_of(items[donor])
+        images = item_images(items[donor])
         swapped = {**item, "swapped_from": donor}
         if item.get("images") is not None:
             swapped["images"] = images

@@ -19,6 +19,7 @@ that exposes ``model`` (a transformers model, PEFT-wrapped or not) and ``process
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -90,8 +91,10 @@ class HFCheckpoint(Checkpoint):
         if model is None or not hasattr(model, "save_pretrained"):
             raise TypeError(f"{type(module).__name__} has no `model` with save_pretrained: nothing to export")
 
+        facts = card_facts(module, trainer, "model")  # gathered once (git, data hash) for every part's card
+
         def card(kind: str) -> str:
-            return render_card(card_facts(module, trainer, kind))
+            return render_card(replace(facts, kind=kind))
 
         if is_peft(model):
             adapter = save_pretrained(model, out / "adapter", processor, card("adapter"))

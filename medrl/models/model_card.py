@@ -56,7 +56,9 @@ class CardFacts:
 
 
 def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+    from medrl.models.hub import is_hub_id  # torch comes with it: not at import, for `medrl export --help`
+
+    return is_hub_id(name) and not Path(name).exists()
 
 
 def public_name(base: str) -> str:
