@@ -90,6 +90,10 @@ class LossArgs:
         entropy_coef: entropy bonus: the loss minus this times the mean entropy of the completion tokens.
         top_entropy_quantile: only the tokens in this top share of entropy carry the policy gradient (1: all).
         mask_truncated_completions: a completion that hit max_completion_length without ending carries no loss.
+        share_prompt: forward each group's prompt (question and image) once per micro-batch in every pass over
+            the rollouts (update, old-policy, KL reference, CARE's scorer), its completions attending to its
+            key/value cache; equal to the unshared passes (docs/grpo.md). Gradient checkpointing falls back to
+            the unshared passes, said once.
     """
 
     aggregation: Aggregation = "grpo"
@@ -112,6 +116,7 @@ class LossArgs:
     entropy_coef: float = 0.0
     top_entropy_quantile: float = 1.0
     mask_truncated_completions: bool = False
+    share_prompt: bool = True
 
     def correction_for(self, engine: str) -> Correction:
         """The mismatch correction in force with ``engine`` (the null default resolved)."""

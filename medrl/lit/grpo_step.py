@@ -212,7 +212,7 @@ class GRPOStep:
 
     def care_bonus(self, traj: Trajectory, accuracy: Tensor) -> tuple[Tensor, Tensor]:
         """``[N]`` CARE bonus, and the reference confidences of the samples that could earn it."""
-        ctx, micro = self.ctx, self.ctx.optim.micro_batch_size
+        ctx, micro, share = self.ctx, self.ctx.optim.micro_batch_size, self.ctx.loss.share_prompt
         acc = as_groups(accuracy, traj.group_size)
         selected = ((acc > 0) & (acc >= acc.mean(dim=1, keepdim=True))).flatten()
         rows = selected.nonzero().flatten().tolist()
@@ -223,9 +223,9 @@ class GRPOStep:
         if rows or padding:
             # Only samples that can earn the bonus are scored: the others never need a confidence.
             with eval_mode(ctx.policy), ctx.ema.swapped_in(ctx.policy):
-                ref = batched_logprobs(ctx.policy, traj, micro, rows).cpu()
+                ref = batched_logprobs(ctx.policy, traj, micro, rows, share).cpu()
                 for _ in range(padding):
-                    batched_logprobs(ctx.policy, traj, 1, [0])
+                    batched_logprobs(ctx.policy, traj, 1, [0], share)
             if rows:
                 mask = answer_window_mask(ctx.processor.tokenizer, traj, rows)
                 confidence[rows] = answer_confidence(ref, mask, ctx.care.confidence_cap)
@@ -277,10 +277,14 @@ class GRPOStep:
         if traj.old_logprobs is None and loss.mu > 1:
             # With mu == 1 the update's own log-probs, detached, are exactly the sampling policy's: no extra pass.
             with eval_mode(ctx.policy):
-                traj.old_logprobs = batched_logprobs(ctx.policy, traj, ctx.optim.micro_batch_size).cpu()
+                traj.old_logprobs = batched_logprobs(
+                    ctx.policy, traj, ctx.optim.micro_batch_size, share_prompt=loss.share_prompt
+                ).cpu()
         if loss.beta > 0:
             with ctx.reference() as ref_model:
-                traj.ref_logprobs = batched_logprobs(ref_model, traj, ctx.optim.micro_batch_size).cpu()
+                traj.ref_logprobs = batched_logprobs(
+                    ref_model, traj, ctx.optim.micro_batch_size, share_prompt=loss.share_prompt
+                ).cpu()
         return traj
 
     # ------------------------------------------------------------------ update
@@ -350,7 +354,9 @@ class GRPOStep:
         sums: Metrics = defaultdict(float)
         for start in range(0, n, ctx.optim.micro_batch_size):
             rows = list(range(start, min(n, start + ctx.optim.micro_batch_size)))
-            logp, entropy = forward_logprobs(ctx.policy, traj, rows, entropy=True, entropy_grad=loss.entropy_coef > 0)
+            logp, entropy = forward_logprobs(
+                ctx.policy, traj, rows, entropy=True, entropy_grad=loss.entropy_coef > 0, share_prompt=loss.share_prompt
+            )
             mask = loss_mask[rows].to(ctx.device)
             old = logp.detach() if traj.old_logprobs is None else traj.old_logprobs[rows].to(ctx.device)
             ref = None if traj.ref_logprobs is None else traj.ref_logprobs[rows].to(ctx.device)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from medrl.data.collate import encode_chat, item_images
+from medrl.lit.shared_prompt import checked_groups, prompt_groups, say_once, shared_logits, to_window, unshareable
 from medrl.rl.logprobs import token_entropy, token_logprobs
 from medrl.rl.rewards import answer_mask, answer_token_span
 from medrl.rl.types import Trajectory
@@ -113,14 +114,25 @@ def forward_logprobs(
     rows: Sequence[int] | None = None,
     entropy: bool = False,
     entropy_grad: bool = False,
+    share_prompt: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[n, L]`` of the completion tokens of ``rows`` (all rows by default) under ``model``.
 
-    Gradients flow when enabled by the caller. Only the last ``L + 1`` positions' logits are computed
-    (``logits_to_keep``), which is where the completion is. With ``entropy`` also returns the per-token
-    entropy ``[n, L]`` (with gradient when ``entropy_grad``: the entropy bonus), else None.
+    Gradients flow when enabled by the caller. With ``entropy`` also returns the per-token entropy ``[n, L]``
+    (with gradient when ``entropy_grad``: the entropy bonus), else None. Values before a row's completion
+    (its left padding inside the window) carry no meaning.
+
+    With ``share_prompt`` each distinct prompt of ``rows`` is forwarded once and its completions attend to its
+    key/value cache (:mod:`medrl.lit.shared_prompt`); a model that cannot (gradient checkpointing) takes the
+    unshared pass, said once. Unshared, only the last ``L + 1`` positions' logits are computed.
     """
-    sub = traj if rows is None else traj.select_rows(list(rows))
+    rows = list(range(traj.num_rows)) if rows is None else list(rows)
+    if share_prompt:
+        reason = unshareable(model)
+        if reason is None:
+            return _shared_logprobs(model, traj, rows, entropy, entropy_grad)
+        say_once(reason)
+    sub = traj.select_rows(rows)
     window = sub.completion_length
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -135,11 +147,33 @@ def forward_logprobs(
     return logp, ent
 
 
+def _shared_logprobs(
+    model: nn.Module, traj: Trajectory, rows: list[int], entropy: bool, entropy_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`forward_logprobs` with each prompt forwarded once, in the trajectory's right-aligned layout."""
+    sub = traj.select_rows(rows)
+    groups = checked_groups(sub, prompt_groups(traj, rows))
+    logits, ids, lengths = shared_logits(model, sub, groups)
+    window = sub.completion_length
+    logp = to_window(token_logprobs(logits, ids), lengths, window)
+    ent = to_window(token_entropy(logits, grad=entropy_grad), lengths, window) if entropy else None
+    return logp, ent
+
+
 @torch.no_grad()
-def batched_logprobs(model: nn.Module, traj: Trajectory, micro_batch: int, rows: Sequence[int] | None = None) -> Tensor:
-    """``[n, L]`` log-probs without gradients, ``micro_batch`` rows per forward."""
+def batched_logprobs(
+    model: nn.Module,
+    traj: Trajectory,
+    micro_batch: int,
+    rows: Sequence[int] | None = None,
+    share_prompt: bool = False,
+) -> Tensor:
+    """``[n, L]`` log-probs without gradients, ``micro_batch`` rows per forward (see :func:`forward_logprobs`)."""
     rows = list(range(traj.num_rows)) if rows is None else list(rows)
-    out = [forward_logprobs(model, traj, rows[i : i + micro_batch])[0] for i in range(0, len(rows), micro_batch)]
+    out = [
+        forward_logprobs(model, traj, rows[i : i + micro_batch], share_prompt=share_prompt)[0]
+        for i in range(0, len(rows), micro_batch)
+    ]
     if not out:
         return torch.zeros(0, traj.completion_length)
     return torch.cat(out)
