@@ -4,10 +4,14 @@ The GRPO and sampling comparisons run once per size (``grpo@20m``, ``sampling@10
 model of that size from :mod:`bench.sizes`); the probe rows are size-free. Rows of a size are built by the
 one-size table code on a view of that size's sides, then tagged with the size.
 
-Achieved FLOP/s use the usual counts: an update costs about 6 x language-model parameters x tokens trained (a
-forward and a backward over every prompt and completion token) plus 2 x vision parameters x image patches (the
-frozen tower's forward); generation about 2 x language-model parameters per new token. Both are read against
-this machine's sustained fp32 matmul rate at the sides' thread count (:mod:`bench.flops`).
+Achieved FLOP/s count the positions each side actually computes: an update costs about 6 x language-model
+parameters per token position forwarded and backpropagated plus 2 x vision parameters per image patch through
+the frozen tower. Unshared (TRL, ``medrl-hf-unshared``) every completion carries its own copy of the prompt and
+image: G x (prompt + completion) positions and G towers a group; shared (medrl's default) a group computes one
+prompt, one tower and G completions. Generation costs about 2 x language-model parameters per new token. The
+useful-token rate (distinct positions a group trains on, one prompt plus G completions, per second of update)
+is the same count for every side, so it compares them directly. Both are read against this machine's sustained
+fp32 matmul rate at the sides' thread count (:mod:`bench.flops`).
 """
 
 from __future__ import annotations
@@ -72,22 +76,31 @@ def flops_rows(sides: dict[str, Any], settings: dict[str, Any], sizes: list[str]
         if not g:
             continue
         counts, tokens = parameters(size), prompt_tokens(size, g["prompts"])
-        sequences = g["prompts"] * g["generations"]
+        prompts, sequences = g["prompts"], g["prompts"] * g["generations"]
         completion = _median_stage(view_sides, "grpo/medrl-hf", "completion_tokens_mean") or g["completion_length"]
-        update = 6 * counts["language"] * sequences * (tokens["prompt"] + completion)
-        update += 2 * counts["vision"] * g["prompts"] * tokens["patches"]
+        useful = prompts * tokens["prompt"] + sequences * completion  # distinct positions of the batch
+        computed = {  # (language positions, image towers) each update computes
+            True: (useful, prompts),
+            False: (sequences * (tokens["prompt"] + completion), sequences),
+        }
         generate = 2 * counts["language"] * sequences * completion
-        for side, update_key, generate_key in (("medrl-hf", "update", "generate"), ("medrl-vllm", "update", "generate"),
-                                               ("trl", None, "transformers.generate")):  # fmt: skip
+        for side, update_key, generate_key, shared in (
+            ("medrl-hf", "update", "generate", True), ("medrl-hf-unshared", "update", "generate", False),
+            ("medrl-vllm", "update", "generate", True), ("trl", None, "transformers.generate", False),
+        ):  # fmt: skip
             key = f"grpo/{side}"
             if key not in view_sides or not view_sides[key]["runs"]:
                 continue
+            positions, towers = computed[shared]
+            update = 6 * counts["language"] * positions + 2 * counts["vision"] * towers * tokens["patches"]
             gen_s = _median_stage(view_sides, key, generate_key)
             upd_s = _median_stage(view_sides, key, update_key) if update_key else _trl_update(view_sides, key)
             achieved = update / upd_s if upd_s else None
-            target = side.startswith("medrl") and size == UPDATE_TARGET[0]
+            target = side in ("medrl-hf", "medrl-vllm") and size == UPDATE_TARGET[0]
             rows.append({
                 "size": size, "parameters": counts, "side": side, "tokens_per_sequence": tokens["prompt"] + completion,
+                "positions_computed": positions, "useful_positions": useful,
+                "useful_tokens_per_s": useful / upd_s if upd_s else None,
                 "update_s": upd_s, "update_flops": achieved,
                 "generate_s": gen_s, "generate_flops": generate / gen_s if gen_s else None, "peak_flops": peak,
                 "target": f">= {100 * UPDATE_TARGET[1]:.0f}% of peak" if target else None,
@@ -116,17 +129,25 @@ def render_flops(rows: list[dict[str, Any]]) -> list[str]:
     peak = rows[0]["peak_flops"]
     lines = ["", "## Against the machine's limit", "",
              f"Sustained fp32 matmul peak at the sides' thread count: **{peak / 1e9:.0f} GFLOP/s** (bench/flops.py). "
-             "Update: 6 x language parameters x tokens trained + 2 x vision parameters x patches; generation: "
-             "2 x language parameters per new token (TRL's token counts are taken as medrl's: same prompts, same "
-             "completion cap).", "",
-             "| size (parameters) | side | update s | update GFLOP/s (% of peak) | generation s | "
-             "generation GFLOP/s (% of peak) | target |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "Update: 6 x language parameters x token positions the side computes + 2 x vision parameters x patches "
+             "of the towers it runs (unshared: every completion with its own prompt and image; shared: one prompt "
+             "and tower a group); generation: 2 x language parameters per new token (TRL's token counts are taken "
+             "as medrl's: same prompts, same completion cap). Useful tokens: the batch's distinct positions (each "
+             "prompt once, every completion) per second of update, the same count for every side.", "",
+             "| size (parameters) | side | update s | positions computed / useful | update GFLOP/s (% of peak) | "
+             "useful tokens/s | generation s | generation GFLOP/s (% of peak) | target |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
+        useful = row.get("useful_tokens_per_s")
         cells = []
         for stage in ("update", "generate"):
             seconds, flops = row[f"{stage}_s"], row[f"{stage}_flops"]
             cells += ["-" if seconds is None else f"{seconds:.3g}",
                       "-" if flops is None else f"{flops / 1e9:.1f} ({100 * flops / peak:.0f}%)"]  # fmt: skip
+            if stage == "update":
+                positions = f"{row['positions_computed']:,.0f} / {row['useful_positions']:,.0f}"
+                cells[1:1] = [positions]
+                cells.append("-" if useful is None else f"{useful:,.0f}")
         verdict = "-" if row["target"] is None else f"{row['target']}: {'met' if row['met'] else 'missed'}"
         lines.append(f"| {row['size']} ({row['parameters']['total'] / 1e6:.1f}M) | {row['side']} | " + " | ".join(cells)
                      + f" | {verdict} |")  # fmt: skip

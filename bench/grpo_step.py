@@ -35,8 +35,11 @@ def _items(n: int) -> list[dict]:
     return [data.dataset("train")[i] for i in range(n)]
 
 
-def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, float]] | None = None) -> list[float]:
-    """Seconds of each timed optimizer step; ``stages``, when given, receives each step's stage seconds."""
+def run_medrl(
+    args: argparse.Namespace, engine: str, stages: list[dict[str, float]] | None = None, share_prompt: bool = True
+) -> list[float]:
+    """Seconds of each timed optimizer step; ``stages``, when given, receives each step's stage seconds.
+    ``share_prompt`` False runs the update with every completion's own copy of its prompt (the unshared pass)."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
@@ -66,7 +69,8 @@ def run_medrl(args: argparse.Namespace, engine: str, stages: list[dict[str, floa
         rewards={"accuracy": 1.0, "format": 1.0},
         care=CareArgs(enabled=False),  # TRL has no CARE bonus
         optim=OptimArgs(lr=1e-5, micro_batch_size=args.prompts * args.generations),
-        loss=LossArgs(old_logprobs="recompute"),  # as TRL with one iteration: no extra log-prob pass
+        # as TRL with one iteration: no extra log-prob pass
+        loss=LossArgs(old_logprobs="recompute", share_prompt=share_prompt),
     )
     items = _items(args.prompts * (args.steps + args.warmup))
     loader = DataLoader(items, batch_size=args.prompts, shuffle=False, collate_fn=list)

@@ -47,7 +47,7 @@ from bench.settings import FULL, QUICK  # noqa: E402
 from bench.table import build_rows, stats  # noqa: E402
 from medrl.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-SIDES = {"grpo": ("medrl-hf", "medrl-vllm", "trl"), "sampling": ("per-sample", "hf", "vllm"),
+SIDES = {"grpo": ("medrl-hf", "medrl-hf-unshared", "medrl-vllm", "trl"), "sampling": ("per-sample", "hf", "vllm"),
          "probe": ("reextract", "cached")}  # fmt: skip
 VLLM_SIDES = {"grpo/medrl-vllm", "sampling/vllm"}
 

@@ -33,7 +33,8 @@ def grpo_side(side: str, settings: dict[str, Any], workdir: str) -> dict[str, An
     if side == "trl":
         seconds = run_trl(args, stages)
     else:
-        seconds = run_medrl(args, side.removeprefix("medrl-"), stages)
+        engine, _, variant = side.removeprefix("medrl-").partition("-")  # `medrl-hf-unshared`: prompts not shared
+        seconds = run_medrl(args, engine, stages, share_prompt=variant != "unshared")
     return {"seconds": seconds, "stages": stages}
 
 

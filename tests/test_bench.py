@@ -19,7 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 ROOT = Path(__file__).resolve().parents[1]
-HF_ROWS = {"grpo_hf@tiny", "pass_at_k_hf@tiny", "probe_table"}  # the quick mode's one size: tiny
+# the quick mode's one size: tiny
+HF_ROWS = {"grpo_hf@tiny", "grpo_update_shared@tiny", "pass_at_k_hf@tiny", "probe_table"}
 VLLM_ROWS = {"grpo_vllm@tiny", "pass_at_k_vllm@tiny", "throughput_1@tiny", "throughput_2@tiny"}
 
 
@@ -55,7 +56,11 @@ def _check_common(results: dict, out: Path) -> dict[str, dict]:
     # The machine's limit, and each GRPO side's achieved FLOP/s against it.
     assert results["sizes"] == ["tiny"] and results["peak"]["flops"] > 1e8
     flops = {row["side"]: row for row in results["flops"]}
-    assert {"medrl-hf", "trl"} <= set(flops)
+    assert {"medrl-hf", "medrl-hf-unshared", "trl"} <= set(flops)
+    # Shared, a group computes its prompt once: fewer positions than unshared, and exactly the useful ones.
+    shared, unshared = flops["medrl-hf"], flops["medrl-hf-unshared"]
+    assert shared["positions_computed"] == shared["useful_positions"] < unshared["positions_computed"]
+    assert flops["trl"]["positions_computed"] == unshared["positions_computed"]
     assert all(flops[s]["update_flops"] > 0 and flops[s]["generate_flops"] > 0 for s in ("medrl-hf", "trl"))
     markdown = (out / "results.md").read_text()
     for row in results["rows"]:
@@ -73,7 +78,8 @@ def test_quick_mode_runs_every_comparison(real_data_dir: Path, tmp_path: Path) -
     # the throughput rows still carry the hf engine's figures
     assert _measured(rows["throughput_1@tiny"]["peer"]) and rows["throughput_1@tiny"]["peer"]["label"] == "hf engine"
     sides = results["sides"]
-    assert set(sides) == {"grpo@tiny/medrl-hf", "grpo@tiny/trl", "sampling@tiny/per-sample", "sampling@tiny/hf",
+    assert set(sides) == {"grpo@tiny/medrl-hf", "grpo@tiny/medrl-hf-unshared", "grpo@tiny/trl",
+                          "sampling@tiny/per-sample", "sampling@tiny/hf",
                           "probe/reextract", "probe/cached"}  # fmt: skip
     # the sweep's heads are real rows of a probe table: one per learning rate
     cached = sides["probe/cached"]["runs"][0]["result"]
@@ -110,6 +116,8 @@ def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
             [1.0, 2.0, 3.0], stages=[{"generate": 0.5, "update": 0.25, "completion_tokens_mean": 60.0}]
         ),
         "grpo/trl": _side([2.0, 4.0, 6.0], stages=[{"_prepare_inputs": 1.0, "compute_loss": 1.0}]),
+        # the same steps with every completion's own prompt copy: an update of 0.75 s against the shared 0.25 s
+        "grpo/medrl-hf-unshared": _side([2.5], peak=150.0, stages=[{"generate": 0.5, "update": 0.75}]),
         # the vLLM side crashed: its rows say so, and the HF row is untouched
         "grpo/medrl-vllm": {"runs": [], "seconds": [], "peak_rss_mib": 0.0, "failed": "grpo-medrl-vllm-r0 failed"},
         # extracted once 3 s against 2 heads x 12 s of runs: 8x, short of the 10x target by 10 / 8 = 1.25x
@@ -122,6 +130,10 @@ def test_rows_ratios_targets_and_failures_from_hand_made_measurements() -> None:
     assert hf["ratio"] == 0.5 and hf["ratio_spread"] == [1 / 6, 1.5] and hf["met"] is True
     # medrl's step (median 2 s) minus its stages 0.75 s leaves 1.25 s; TRL's 4 s minus its two outer blocks, 2 s
     assert "outside these 1.250" in hf["where_time_goes"] and "outside these 2.000" in hf["where_time_goes"]
+    update = rows["grpo_update_shared"]
+    assert update["ratio"] == 3.0 and update["met"] is None and update["medrl"]["median"] == 0.25
+    assert update["medrl"]["peak_rss_mib"] == 100.0 and update["peer"]["peak_rss_mib"] == 150.0
+    assert "prompt not shared 2.500 s/step" in update["where_time_goes"]
     vllm = rows["grpo_vllm"]
     assert vllm["ratio"] is None and vllm["met"] is None and vllm["note"].startswith("grpo-medrl-vllm-r0 failed")
     probe = rows["probe_table"]

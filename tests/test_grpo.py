@@ -25,6 +25,7 @@ from medrl.lit.grpo import GRPOModule
 from medrl.lit.grpo_args import MOVED_OPTIONS
 from medrl.lit.grpo_step import STAGES, eval_mode
 from medrl.lit.trajectory import answer_window_mask, build_trajectory
+from medrl.models.lora import LoRAConfig
 from medrl.rl.ema import EMAReference
 from medrl.rl.types import Trajectory
 from medrl.rollout.types import Completion, PromptResult
@@ -329,6 +330,32 @@ def test_the_frontier_options_train_and_log_their_diagnostics(tiny_dir, medmnist
     assert all(float(r["train/entropy_bonus"]) > 0 for r in rows)
     # The hf engine returns its log-probs: the mismatch against the trainer's own is logged (and tiny: fp32 both).
     assert all(float(r["train/engine_logprob_diff"]) < 1e-3 for r in rows)
+
+
+SHARED_CASES = {
+    "defaults": {},  # CARE on: its EMA scorer shares too
+    "frontier": FRONTIER,  # GSPO, the KL reference pass, entropy bonus on the top half
+    "mu2": dict(mu=2, old_logprobs="recompute"),  # the old-policy pass
+    "split": dict(micro_batch_size=3),  # every group of 4 split across micro-batches
+    # LoRA without its dropout: dropout draws its masks per tensor shape, and the shared pass's shapes differ
+    "lora": dict(finetune="lora", lora=LoRAConfig(dropout=0.0), beta=0.04, mask_truncated_completions=True),
+    "dynamic": dict(dynamic_sampling=True, loss_aggregation="dapo"),
+}
+
+
+@pytest.mark.parametrize("options", SHARED_CASES.values(), ids=SHARED_CASES.keys())
+def test_a_step_with_the_shared_prompt_equals_the_unshared_step(tiny_dir, medmnist, toy_rewards, tmp_path, options):
+    rows = {}
+    for share in (False, True):
+        torch.manual_seed(0)  # LoRA's A matrices are drawn at construction
+        module = _module(tiny_dir, rewards={"accuracy": 1.0, toy_rewards: 1.0}, share_prompt=share, **options)
+        _trainer(tmp_path / str(share), max_steps=1).fit(module, _data(medmnist, train_samples=4))
+        rows[share] = [r for r in _metrics(tmp_path / str(share)) if r.get("train/loss")][-1]
+    plain, shared = rows[False], rows[True]
+    assert shared[f"reward/{toy_rewards}"] == plain[f"reward/{toy_rewards}"]  # the same rollouts
+    assert float(shared["train/loss"]) == pytest.approx(float(plain["train/loss"]), abs=1e-6)
+    for key in ("train/grad_norm", "train/entropy", "train/kl", "train/ratio_mean"):
+        assert float(shared[key]) == pytest.approx(float(plain[key]), rel=1e-5, abs=1e-7), key
 
 
 def test_the_completions_table_rescores_to_the_logged_rewards(tiny_dir, medmnist, toy_rewards, tmp_path):
