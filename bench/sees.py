@@ -4,11 +4,16 @@
     python bench/sees.py lookup --order fixed --steps 300         # colour -> letter, options in a fixed order
     python bench/sees.py lookup --order shuffled --steps 1500     # the study's format: find the option, copy its letter
     python bench/sees.py lookup --order text --steps 1500         # the same lookup with the answer word in the question
+    python bench/sees.py recall --fused --filler 120 --curriculum # the lookup alone, in a plain 2-layer text decoder
 
 ``sensitivity`` reads real BloodMNIST validation images ($MEDRL_DATA_DIR): the share of the image features
 that is one direction common to every image, and how far the next-token logits at the answer move between
 images. ``lookup`` trains the random ``tiny`` (``--layers``) from scratch on synthetic colour questions in the
 answer format and prints greedy accuracy on fresh questions every 250 steps against the chance level.
+``recall`` strips the lookup to its bones in a plain 2-layer Qwen2 text decoder with single-token words:
+``[filler] Q w ; A. w1 ; B. w2 ; ... ANS -> letter of w``, the filler a fixed run of tokens standing in for the
+chat template; ``--fused`` makes each ``letter. word`` one token, ``--curriculum`` trains the first half
+without the filler.
 """
 
 from __future__ import annotations
@@ -122,7 +127,19 @@ def accuracy(model: Any, processor: Any, order: str, n: int = 48) -> tuple[float
     return right / n, chance / n
 
 
-def lookup(order: str, steps: int, layers: int, lr: float, batch: int) -> None:
+def fuse_options(model: Any, tokenizer: Any, names: list[str], letters: str = LETTERS[:10]) -> int:
+    """Give every option line ``"X. name"`` one token of its own (the embedding table grows to match); returns
+    how many were added. A letter and its option text in one token make the lookup one attention hop."""
+    from tokenizers import AddedToken
+
+    added = tokenizer.add_tokens(
+        [AddedToken(f"{letter}. {name}", normalized=False, special=False) for letter in letters for name in names]
+    )
+    model.resize_token_embeddings(len(tokenizer))
+    return added
+
+
+def lookup(order: str, steps: int, layers: int, lr: float, batch: int, fused: bool = False) -> None:
     """Train the random ``tiny`` from scratch on colour questions and print its accuracy every 250 steps."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -133,6 +150,8 @@ def lookup(order: str, steps: int, layers: int, lr: float, batch: int) -> None:
     if layers != 2:
         config = tiny_config(processor.tokenizer, layers=layers)
         model = random_model(Qwen2_5_VLForConditionalGeneration, config, 0, processor.tokenizer)
+    if fused:
+        print(f"fused option tokens: {fuse_options(model, processor.tokenizer, list(COLOURS))}", flush=True)
     rng, start = random.Random("train"), time.perf_counter()
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -156,6 +175,54 @@ def lookup(order: str, steps: int, layers: int, lr: float, batch: int) -> None:
             )
 
 
+def recall(fused: bool, filler: int, curriculum: bool, steps: int, layers: int, lr: float) -> None:
+    """Train a plain text decoder on the bare option lookup; print accuracy every 250 steps (with the filler)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sep, dot, ask, answer, first_fill, first_word, words, letters = 5, 6, 7, 8, 9, 20, 10, 5
+    fused_base = first_word + words  # token of "letter i. word w": fused_base + i * words + w
+    fixed = [first_fill + random.Random(0).randrange(11) for _ in range(filler)]
+    config = Qwen2Config(vocab_size=fused_base + letters * words, hidden_size=128, intermediate_size=512,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                         max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+
+    def batch(rng: random.Random, size: int, pad: list[int]) -> tuple[torch.Tensor, ...]:
+        rows, gold, chance = [], [], 0.0
+        for _ in range(size):
+            n = rng.randint(2, letters)
+            picked, g = rng.sample(range(words), n), rng.randrange(n)
+            row = [*pad, ask, first_word + picked[g], sep]
+            for i, w in enumerate(picked):
+                row += [fused_base + i * words + w] if fused else [i, dot, first_word + w]
+                row.append(sep)
+            rows.append([*row, answer])
+            gold.append(g)
+            chance += 1 / n
+        width = max(map(len, rows))
+        ids = torch.zeros(size, width, dtype=torch.long)
+        mask = torch.zeros(size, width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
+        return ids, mask, torch.tensor(gold), torch.tensor(chance / size)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng, start = random.Random(1), time.perf_counter()
+    for step in range(1, steps + 1):
+        ids, mask, gold, _ = batch(rng, 32, [] if curriculum and step <= steps // 2 else fixed)
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits[:, -1], gold)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 250 == 0:
+            with torch.no_grad():
+                ids, mask, gold, chance = batch(random.Random(99), 256, fixed)
+                guess = model(input_ids=ids, attention_mask=mask).logits[:, -1, :letters].argmax(-1)
+            print(f"step {step}: accuracy {(guess == gold).float().mean():.3f} (chance {chance:.3f}), "
+                  f"loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -168,12 +235,23 @@ def main() -> None:
     look.add_argument("--lr", type=float, default=3e-3)
     look.add_argument("--batch", type=int, default=16)
     look.add_argument("--threads", type=int, default=2)
+    look.add_argument("--fused", action="store_true", help="one token per option line (letter and text)")
+    bare = sub.add_parser("recall", help="the bare lookup in a plain text decoder")
+    bare.add_argument("--fused", action="store_true", help="one token per option (letter and word)")
+    bare.add_argument("--filler", type=int, default=0, help="fixed tokens before the question (the chat template)")
+    bare.add_argument("--curriculum", action="store_true", help="the first half of the steps without the filler")
+    bare.add_argument("--steps", type=int, default=2000)
+    bare.add_argument("--layers", type=int, default=2)
+    bare.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     if args.what == "sensitivity":
         sensitivity(args.model)
+    elif args.what == "recall":
+        torch.set_num_threads(1)
+        recall(args.fused, args.filler, args.curriculum, args.steps, args.layers, args.lr)
     else:
         torch.set_num_threads(args.threads)
-        lookup(args.order, args.steps, args.layers, args.lr, args.batch)
+        lookup(args.order, args.steps, args.layers, args.lr, args.batch, args.fused)
 
 
 if __name__ == "__main__":
