@@ -340,6 +340,7 @@ SHARED_CASES = {
     # LoRA without its dropout: dropout draws its masks per tensor shape, and the shared pass's shapes differ
     "lora": dict(finetune="lora", lora=LoRAConfig(dropout=0.0), beta=0.04, mask_truncated_completions=True),
     "dynamic": dict(dynamic_sampling=True, loss_aggregation="dapo"),
+    "mis": dict(mismatch_correction="mis", mismatch_low=0.5, mismatch_level="sequence"),  # engine log-probs
 }
 
 

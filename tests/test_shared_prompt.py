@@ -124,3 +124,10 @@ def test_a_row_with_another_prompt_is_never_shared(tiny, items, caplog, monkeypa
     mask = swapped.completion_mask
     torch.testing.assert_close(shared[mask], plain[mask], rtol=1e-5, atol=1e-5)
     assert any("another prompt" in r.getMessage() for r in caplog.records)
+
+
+def test_a_question_with_several_images_is_refused(tiny, items) -> None:
+    _, processor = tiny
+    two = [{**items[0], "images": [items[0]["image"], items[1]["image"]]}, *items[1:]]
+    with pytest.raises(ValueError, match="one image per question; question 0 of this batch has 2"):
+        _trajectory(processor, two)

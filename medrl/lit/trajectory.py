@@ -35,6 +35,13 @@ def build_trajectory(processor: Any, items: Sequence[Mapping[str, Any]], results
     completions = [c for r in results for c in r.samples]
     messages = [item["messages"] for item in items for _ in range(group)]
     per_item = [item_images(item) for item in items]
+    if several := [i for i, row in enumerate(per_item) if len(row) > 1]:
+        # A trajectory slices its vision tensors one image per row (Trajectory.select_rows); a question with
+        # several images would be cut wrongly, so it is refused rather than trained on the wrong pixels.
+        raise ValueError(
+            f"GRPO rollouts take one image per question; question {several[0]} of this batch has "
+            f"{len(per_item[several[0]])}: keep one image per item (the MedMNIST and PMC-VQA datasets do)"
+        )
     images = [row for row in per_item for _ in range(group)] if all(per_item) else None
     batch = encode_chat(processor, messages, images, completions=[c.token_ids for c in completions])
     lengths = [len(c.token_ids) for c in completions]
