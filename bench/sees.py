@@ -92,10 +92,21 @@ def question(rng: random.Random, order: str) -> tuple[list[dict], str, str, Any]
     return chat_messages(format_prompt(text, options)), LETTERS[gold], "".join(options), _picture(names[gold], rng)
 
 
-def _batch(processor: Any, rng: random.Random, size: int, order: str) -> dict[str, torch.Tensor]:
+def _short(messages: list[dict]) -> str:
+    """The question without the chat template and instruction: image, question, options, then ``<answer>``."""
+    text = messages[-1]["content"][-1]["text"].split("\n\nThink")[0]
+    return f"<|vision_start|><|image_pad|><|vision_end|>{text}\n<answer>"
+
+
+def _batch(processor: Any, rng: random.Random, size: int, order: str, short: bool = False) -> dict[str, torch.Tensor]:
     prompts, fulls, images = [], [], []
     for _ in range(size):
         messages, gold, _, image = question(rng, order)
+        if short:  # the curriculum's first half: the lookup without the 80 tokens of chat template around it
+            prompts.append(_short(messages))
+            fulls.append(f"{prompts[-1]}{gold}</answer>")
+            images.append(image)
+            continue
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompts.append(prompt)
         fulls.append(f"{prompt}<think>{THINK}</think><answer>{gold}</answer><|im_end|>")
@@ -139,7 +150,9 @@ def fuse_options(model: Any, tokenizer: Any, names: list[str], letters: str = LE
     return added
 
 
-def lookup(order: str, steps: int, layers: int, lr: float, batch: int, fused: bool = False) -> None:
+def lookup(
+    order: str, steps: int, layers: int, lr: float, batch: int, fused: bool = False, curriculum: bool = False
+) -> None:
     """Train the random ``tiny`` from scratch on colour questions and print its accuracy every 250 steps."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -159,7 +172,8 @@ def lookup(order: str, steps: int, layers: int, lr: float, batch: int, fused: bo
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:  # linear warm-up over the first 10 %
             group["lr"] = lr * min(1.0, step / max(1, steps // 10))
-        loss = model(**_batch(processor, rng, batch, order)).loss
+        short = curriculum and step <= steps // 2
+        loss = model(**_batch(processor, rng, batch, order, short)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -236,6 +250,7 @@ def main() -> None:
     look.add_argument("--batch", type=int, default=16)
     look.add_argument("--threads", type=int, default=2)
     look.add_argument("--fused", action="store_true", help="one token per option line (letter and text)")
+    look.add_argument("--curriculum", action="store_true", help="the first half of the steps without the template")
     bare = sub.add_parser("recall", help="the bare lookup in a plain text decoder")
     bare.add_argument("--fused", action="store_true", help="one token per option (letter and word)")
     bare.add_argument("--filler", type=int, default=0, help="fixed tokens before the question (the chat template)")
@@ -251,7 +266,7 @@ def main() -> None:
         recall(args.fused, args.filler, args.curriculum, args.steps, args.layers, args.lr)
     else:
         torch.set_num_threads(args.threads)
-        lookup(args.order, args.steps, args.layers, args.lr, args.batch, args.fused)
+        lookup(args.order, args.steps, args.layers, args.lr, args.batch, args.fused, args.curriculum)
 
 
 if __name__ == "__main__":
