@@ -189,12 +189,15 @@ def lookup(
             )
 
 
-def recall(fused: bool, filler: int, curriculum: bool, steps: int, layers: int, lr: float) -> None:
-    """Train a plain text decoder on the bare option lookup; print accuracy every 250 steps (with the filler)."""
+def recall(fused: bool, filler: int, curriculum: bool, steps: int, layers: int, lr: float, pieces: int = 1) -> None:
+    """Train a plain text decoder on the bare option lookup; print accuracy every 250 steps (with the filler).
+    ``pieces`` > 1 writes the question's word as that many tokens (as BPE splits a word), options unchanged."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sep, dot, ask, answer, first_fill, first_word, words, letters = 5, 6, 7, 8, 9, 20, 10, 5
-    fused_base = first_word + words  # token of "letter i. word w": fused_base + i * words + w
+    piece_base = first_word + words  # the question word's pieces, drawn from 40 tokens
+    spelled = [[piece_base + random.Random(w).randrange(40) for _ in range(pieces)] for w in range(words)]
+    fused_base = piece_base + 40  # token of "letter i. word w": fused_base + i * words + w
     fixed = [first_fill + random.Random(0).randrange(11) for _ in range(filler)]
     config = Qwen2Config(vocab_size=fused_base + letters * words, hidden_size=128, intermediate_size=512,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
@@ -207,7 +210,7 @@ def recall(fused: bool, filler: int, curriculum: bool, steps: int, layers: int, 
         for _ in range(size):
             n = rng.randint(2, letters)
             picked, g = rng.sample(range(words), n), rng.randrange(n)
-            row = [*pad, ask, first_word + picked[g], sep]
+            row = [*pad, ask, *(spelled[picked[g]] if pieces > 1 else [first_word + picked[g]]), sep]
             for i, w in enumerate(picked):
                 row += [fused_base + i * words + w] if fused else [i, dot, first_word + w]
                 row.append(sep)
@@ -257,13 +260,14 @@ def main() -> None:
     bare.add_argument("--curriculum", action="store_true", help="the first half of the steps without the filler")
     bare.add_argument("--steps", type=int, default=2000)
     bare.add_argument("--layers", type=int, default=2)
+    bare.add_argument("--pieces", type=int, default=1, help="tokens of the question's word (BPE splits words)")
     bare.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     if args.what == "sensitivity":
         sensitivity(args.model)
     elif args.what == "recall":
         torch.set_num_threads(1)
-        recall(args.fused, args.filler, args.curriculum, args.steps, args.layers, args.lr)
+        recall(args.fused, args.filler, args.curriculum, args.steps, args.layers, args.lr, args.pieces)
     else:
         torch.set_num_threads(args.threads)
         lookup(args.order, args.steps, args.layers, args.lr, args.batch, args.fused, args.curriculum)
