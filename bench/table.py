@@ -211,8 +211,8 @@ def _update_row(sides: dict[str, Any], target: str | None) -> dict[str, Any]:
     """The update stage alone, each prompt forwarded once per group against once per completion."""
     shared, unshared = "grpo/medrl-hf", "grpo/medrl-hf-unshared"
     row = make_row("grpo_update_shared", "GRPO update stage, prompt shared vs not", "s/update",
-                   side_stats(sides, shared, stage_values(sides, shared, "update")) if shared in sides else None,
-                   side_stats(sides, unshared, stage_values(sides, unshared, "update")) if unshared in sides else None,
+                   side_stats(sides, shared, stage_values(sides, shared, "update")),
+                   side_stats(sides, unshared, stage_values(sides, unshared, "update")),
                    SPEED_UP, target)  # fmt: skip
     row["where_time_goes"] = grpo_time(sides, shared, (unshared, "prompt not shared"))
     return row

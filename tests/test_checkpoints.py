@@ -19,12 +19,7 @@ from medrl.study.configs import MedRLCLI
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fit(config: str, tiny_dir: Path, medmnist, out: Path, steps: int, every: int, *extra: str) -> L.Trainer:

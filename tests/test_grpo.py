@@ -33,14 +33,7 @@ from medrl.rollout.types import Completion, PromptResult
 VOWELS = "toy_rewards:vowel_share"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model's matmuls are too small to gain from a second thread, and on a shared, loaded 2-core
-    # machine two spinning threads per process made these runs about 10x slower (1.5 s vs 14 s for 3 steps).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -54,11 +54,6 @@ def prompt_groups(traj: Trajectory, rows: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _per_token(inputs: dict[str, Tensor]) -> list[str]:
-    shape = inputs["input_ids"].shape
-    return [k for k, v in inputs.items() if v.dim() >= 2 and v.shape[:2] == shape]
-
-
 def _prompt_span(sub: Trajectory, pos: int) -> tuple[int, int]:
     """``(start, end)`` columns of row ``pos``'s prompt (rows are left-padded, the completion ends the row)."""
     width = sub.inputs["input_ids"].shape[1]
@@ -66,35 +61,38 @@ def _prompt_span(sub: Trajectory, pos: int) -> tuple[int, int]:
     return end - int(sub.inputs["attention_mask"][pos, :end].sum()), end
 
 
-def _same_prompt(sub: Trajectory, a: int, b: int) -> bool:
-    """True when rows ``a`` and ``b`` hold the same prompt tokens and the same images."""
-    (sa, ea), (sb, eb) = _prompt_span(sub, a), _prompt_span(sub, b)
-    ids = sub.inputs["input_ids"]
-    if not torch.equal(ids[a, sa:ea], ids[b, sb:eb]):
-        return False
-    token_keys = set(_per_token(sub.inputs))
-    first, second = sub.select_rows([a]).inputs, sub.select_rows([b]).inputs
-    return all(torch.equal(first[k], second[k]) for k in first if k not in token_keys)
+def _images(sub: Trajectory, pos: int) -> dict[str, Tensor]:
+    """Row ``pos``'s per-image inputs (pixels, grids), cut out the way micro-batches cut them."""
+    token_keys = set(sub.token_keys())
+    return {k: v for k, v in sub.select_rows([pos]).inputs.items() if k not in token_keys}
 
 
 def checked_groups(sub: Trajectory, groups: list[list[int]]) -> list[list[int]]:
-    """``groups`` (positions in ``sub``) with each member checked to hold its group's first row's prompt; a row
-    that does not gets a group of its own, and this is said (shared wrongly, it would be silently wrong)."""
+    """``groups`` (positions in ``sub``) with each member checked to hold its group's first row's prompt tokens
+    and images; a row that does not gets a group of its own, and this is said (shared wrongly, it would be
+    silently wrong)."""
+    ids = sub.inputs["input_ids"]
     out: list[list[int]] = []
     for group in groups:
-        same = [p for p in group if p == group[0] or _same_prompt(sub, group[0], p)]
-        out.append(same)
-        for p in group:
-            if p not in same:
+        first = group[0]
+        start, end = _prompt_span(sub, first)
+        tokens, images = ids[first, start:end], _images(sub, first)
+        same = [first]
+        for p in group[1:]:
+            s, e = _prompt_span(sub, p)
+            if torch.equal(ids[p, s:e], tokens) and all(torch.equal(v, images[k]) for k, v in _images(sub, p).items()):
+                same.append(p)
+            else:
                 say_once("a row holds another prompt than the first row of its group")
                 out.append([p])
+        out.append(same)
     return out
 
 
 def _prompt_inputs(sub: Trajectory, reps: list[int], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
     """The representatives' prompts as one left-padded batch, with their images."""
     inputs = sub.inputs
-    token_keys = _per_token(inputs)
+    token_keys = sub.token_keys()
     spans = [_prompt_span(sub, r) for r in reps]
     width = max(e - s for s, e in spans)
     ids = inputs["input_ids"]

@@ -133,13 +133,12 @@ def forward_logprobs(
     key/value cache (:mod:`medrl.lit.shared_prompt`); a model that cannot (gradient checkpointing) takes the
     unshared pass, said once. Unshared, only the last ``L + 1`` positions' logits are computed.
     """
-    rows = list(range(traj.num_rows)) if rows is None else list(rows)
     if share_prompt:
         reason = unshareable(model)
         if reason is None:
-            return _shared_logprobs(model, traj, rows, entropy, entropy_grad)
+            return _shared_logprobs(model, traj, range(traj.num_rows) if rows is None else rows, entropy, entropy_grad)
         say_once(reason)
-    sub = traj.select_rows(rows)
+    sub = traj if rows is None else traj.select_rows(list(rows))
     window = sub.completion_length
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -155,10 +154,10 @@ def forward_logprobs(
 
 
 def _shared_logprobs(
-    model: nn.Module, traj: Trajectory, rows: list[int], entropy: bool, entropy_grad: bool
+    model: nn.Module, traj: Trajectory, rows: Sequence[int], entropy: bool, entropy_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`forward_logprobs` with each prompt forwarded once, in the trajectory's right-aligned layout."""
-    sub = traj.select_rows(rows)
+    sub = traj.select_rows(list(rows))
     groups = checked_groups(sub, prompt_groups(traj, rows))
     logits, ids, lengths = shared_logits(model, sub, groups)
     window = sub.completion_length

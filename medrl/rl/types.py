@@ -78,7 +78,8 @@ class Trajectory:
         """``[N, L]`` the last L columns of ``input_ids`` (prompt tokens where the mask is False)."""
         return self.inputs["input_ids"][:, -self.completion_length :]
 
-    def _token_keys(self) -> list[str]:
+    def token_keys(self) -> list[str]:
+        """The per-token inputs (``[N, T]`` like ``input_ids``: mask, token types); the rest are per image."""
         shape = self.inputs["input_ids"].shape
         return [k for k, v in self.inputs.items() if v.shape == shape]
 
@@ -133,7 +134,7 @@ class Trajectory:
         keys = set(parts[0].inputs)
         if any(set(p.inputs) != keys for p in parts):
             raise ValueError("Trajectory.cat: parts carry different model inputs")
-        token_keys = parts[0]._token_keys()
+        token_keys = parts[0].token_keys()
         width = max(p.inputs["input_ids"].shape[1] for p in parts)
         window = max(p.completion_length for p in parts)
 
