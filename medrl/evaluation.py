@@ -29,6 +29,7 @@ from medrl.core.env import show_progress
 from medrl.core.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from medrl.core.tables import markdown_table
 from medrl.data.collate import item_images
+from medrl.metrics.answers import text_options
 from medrl.metrics.intervals import Questions, image_reliance
 from medrl.metrics.pass_at_k import PassAtK, QuestionScore, score_question
 from medrl.rollout.engine import Engine
@@ -135,7 +136,8 @@ def sample_and_score(
                         raise KeyError(f"item {positions[start + offset]} has no {key!r}: evaluation needs VQA items")
                 letters = "".join(item["options"])
                 greedy_text = result.greedy.text if result.greedy is not None else None
-                score = score_question(result.texts, item["answer"], letters, greedy_text)
+                named = text_options(item)
+                score = score_question(result.texts, item["answer"], letters, greedy_text, named)
                 row = {
                     "id": question_id(item, positions[start + offset]),
                     "group": str(item.get("flag", ALL)),
@@ -146,7 +148,8 @@ def sample_and_score(
                 }
                 if control is not None:
                     text = control.greedy.text if control.greedy is not None else None
-                    row["greedy_correct_swapped"] = score_question([], item["answer"], letters, text).greedy_correct
+                    swapped_score = score_question([], item["answer"], letters, text, named)
+                    row["greedy_correct_swapped"] = swapped_score.greedy_correct
                     row["greedy_text_swapped"] = text
                     row["swapped_from"] = swapped[start + offset].get("swapped_from")  # type: ignore[index]
                 tokens += row["new_tokens"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medrl.metrics.answers import UNPARSEABLE, parse_answer
+from medrl.metrics.answers import UNPARSEABLE, parse_answer, text_options
 
 
 def is_correct(text: str, gold: str, letters: str = "ABCD") -> bool:
@@ -58,3 +58,21 @@ def test_letter_outside_options_is_returned_and_scores_wrong() -> None:
 
 def test_is_correct_is_case_insensitive_on_gold() -> None:
     assert is_correct("<answer>b</answer>", "b")
+
+
+def test_an_option_named_by_its_text_counts_only_when_the_question_asked_for_text() -> None:
+    options = {"A": "basophil", "B": "a lesion", "C": "immature granulocytes(myelocytes, metamyelocytes)"}
+    asked = text_options({"options": options, "answer_with": "text"})
+    assert parse_answer("<think>x</think><answer> Basophil. </answer>", "ABC", asked) == "A"
+    assert parse_answer("<answer>a lesion</answer>", "ABC", asked) == "B"  # the text, not the letter "a"
+    assert parse_answer(f"<answer>{options['C']}</answer>", "ABC", asked) == "C"
+    assert parse_answer("<answer>C</answer>", "ABC", asked) == "C"  # a letter is still a letter
+    assert parse_answer("<answer>monocyte</answer>", "ABC", asked) == UNPARSEABLE  # not an option
+    assert parse_answer("<answer>basophil a lesion</answer>", "ABC", asked) == UNPARSEABLE
+    # Letter questions are read as the authors' evaluation reads them: by letter only.
+    assert text_options({"options": options, "answer_with": "letter"}) is None
+    assert parse_answer("<answer>basophil</answer>", "ABC", text_options({"options": options})) == UNPARSEABLE
+
+
+def test_two_options_with_the_same_text_are_not_guessed_between() -> None:
+    assert parse_answer("<answer>duct</answer>", "AB", {"A": "duct", "B": "Duct"}) == UNPARSEABLE

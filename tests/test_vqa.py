@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from medrl.data import vqa
 from medrl.data.medmnist import MedMNISTDataModule
 
@@ -94,3 +96,24 @@ def test_modality_presets_set_their_flag(real_data_dir: Path) -> None:
     dm = PneumoniaMNIST(root=str(real_data_dir), mode="vqa", val_samples=8)
     assert dm.flag == "pneumoniamnist" and len(dm.dataset("val")) == 8
     assert dm.dataset("val")[0]["flag"] == "pneumoniamnist"
+
+
+def test_answer_with_text_asks_for_and_trains_on_the_option_text(tmp_path: Path) -> None:
+    from medrl.core.errors import ConfigError
+    from medrl.data.collate import target_text
+    from medrl.metrics.pass_at_k import score_question
+
+    dm = MedMNISTDataModule(flag="bloodmnist", root=str(tmp_path), synthetic=True, mode="vqa", answer_with="text")
+    item = dm.dataset("val")[0]
+    assert item["answer_with"] == "text" and "ONLY the text of the correct option" in item["prompt"]
+    gold_text = item["options"][item["answer"]]
+    assert target_text(item) == f"<answer>{gold_text}</answer>"
+    wrong = next(t for t in item["options"].values() if t != gold_text)
+    score = score_question([f"<answer>{gold_text}</answer>", f"<answer>{wrong}</answer>", f"<answer>{item['answer']}</answer>"],
+                           item["answer"], "".join(item["options"]), options=item["options"])  # fmt: skip
+    assert score.correct == 2 and score.format_failures == 0  # the text and the letter both name the gold option
+    letter = MedMNISTDataModule(flag="bloodmnist", root=str(tmp_path), synthetic=True, mode="vqa").dataset("val")[0]
+    assert letter["answer_with"] == "letter" and target_text(letter) == f"<answer>{letter['answer']}</answer>"
+    assert letter["options"] == item["options"]  # the same questions, only the instruction and target differ
+    with pytest.raises(ConfigError, match="answer_with"):
+        MedMNISTDataModule(flag="bloodmnist", root=str(tmp_path), synthetic=True, mode="vqa", answer_with="word")

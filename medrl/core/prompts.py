@@ -8,11 +8,32 @@ from __future__ import annotations
 
 import string
 
+from medrl.core.errors import ConfigError
+
 LETTERS = string.ascii_uppercase
 INSTRUCTION = (
     "Think step by step inside <think> </think> tags, then give ONLY the letter of the correct option "
     "inside <answer> </answer> tags."
 )
+# The instruction when a question is answered with the option's text (``answer_with: text``): the answer is
+# then a direct function of the image, with no "find the option, read its letter" hop (see
+# docs/reproducing.md for why the CPU plan asks for it).
+TEXT_INSTRUCTION = (
+    "Think step by step inside <think> </think> tags, then give ONLY the text of the correct option "
+    "inside <answer> </answer> tags."
+)
+ANSWER_WITH = ("letter", "text")
+
+
+def instruction_for(answer_with: str) -> str:
+    """The default instruction for questions answered with the option's ``letter`` or its ``text``.
+
+    >>> instruction_for("text") == TEXT_INSTRUCTION
+    True
+    """
+    if answer_with not in ANSWER_WITH:
+        raise ConfigError(f"answer_with must be one of {ANSWER_WITH}, got {answer_with!r}")
+    return TEXT_INSTRUCTION if answer_with == "text" else INSTRUCTION
 
 
 def format_prompt(question: str, options: dict[str, str], instruction: str = INSTRUCTION) -> str:

@@ -181,10 +181,15 @@ def target_text(item: Mapping[str, Any], think_key: str = "think") -> str:
     '<answer>B</answer>'
     >>> target_text({"answer": "B", "think": " Dense opacity in the left lobe. "})
     '<think>Dense opacity in the left lobe.</think>\\n<answer>B</answer>'
+    >>> target_text({"answer": "B", "options": {"A": "normal", "B": "pneumonia"}, "answer_with": "text"})
+    '<answer>pneumonia</answer>'
     """
     if "answer" not in item:
         raise KeyError(f"a VQA item needs an 'answer' (gold letter) to be a training target; it has {sorted(item)}")
-    answer = f"<answer>{item['answer']}</answer>"
+    gold = item["answer"]
+    if item.get("answer_with") == "text":
+        gold = item["options"][gold]  # asked for the option's text, trained on it
+    answer = f"<answer>{gold}</answer>"
     trace = item.get(think_key)
     if isinstance(trace, str) and trace.strip():
         return f"<think>{trace.strip()}</think>\n{answer}"

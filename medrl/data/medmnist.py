@@ -38,6 +38,7 @@ from medrl.data.resumable import ResumableLoader
 log = logging.getLogger(__name__)
 _SAID: set[tuple[str, int]] = set()  # (flag, num_options) warnings already given
 Mode = Literal["image", "vqa"]
+AnswerWith = Literal["letter", "text"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,20 @@ class VQAOptions:
         question: overrides the modality's question.
         instruction: overrides the think/answer instruction.
         system_prompt: an optional system message.
+        answer_with: what the answer block holds, the option's ``letter`` (the paper's format) or its
+            ``text``; it sets the default instruction and the SFT target.
     """
 
     num_options: int | None = 4
     question: str | None = None
     instruction: str | None = None
     system_prompt: str | None = None
+    answer_with: AnswerWith = "letter"
+
+    @property
+    def instruction_text(self) -> str:
+        """The instruction the prompts end with."""
+        return self.instruction or vqa.instruction_for(self.answer_with)
 
 
 def vqa_collate(batch: list[dict]) -> list[dict]:
@@ -131,9 +140,7 @@ class MedMNISTDataset(Dataset):
         k = len(self.class_names) if opts.num_options is None else min(opts.num_options, len(self.class_names))
         longest = sorted(self.class_names, key=len, reverse=True)[:k]
         options = {chr(ord("A") + i): name for i, name in enumerate(longest)}
-        prompt = vqa.format_prompt(
-            opts.question or vqa.QUESTIONS[self.flag], options, opts.instruction or vqa.INSTRUCTION
-        )
+        prompt = vqa.format_prompt(opts.question or vqa.QUESTIONS[self.flag], options, opts.instruction_text)
         return vqa.readable_text(prompt, opts.system_prompt)
 
     def rgb(self, row: int) -> np.ndarray:
@@ -148,13 +155,14 @@ class MedMNISTDataset(Dataset):
             return {"image": image, "label": torch.from_numpy(self.labels[row]), "index": row}
         question = self.mcq(i)
         opts = self.vqa_options
-        prompt = vqa.format_prompt(question.question, question.options, opts.instruction or vqa.INSTRUCTION)
+        prompt = vqa.format_prompt(question.question, question.options, opts.instruction_text)
         return {
             "image": Image.fromarray(self.rgb(row)),
             "prompt": prompt,
             "messages": vqa.chat_messages(prompt, opts.system_prompt),
             "answer": question.answer,
             "options": question.options,
+            "answer_with": opts.answer_with,
             "label": self.vqa_label(row),
             "index": row,
             "flag": self.flag,
@@ -182,6 +190,8 @@ class MedMNISTDataModule(L.LightningDataModule):
         question: overrides the modality's VQA question.
         instruction: overrides the think/answer instruction.
         system_prompt: an optional system message for VQA.
+        answer_with: the answer block holds the option's ``letter`` (the paper's format) or its ``text``
+            (a direct function of the image: no lookup of the option's letter; the CPU plan uses it).
         seed: seeds subsets, distractors and option order.
     """
 
@@ -203,6 +213,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         question: str | None = None,
         instruction: str | None = None,
         system_prompt: str | None = None,
+        answer_with: AnswerWith = "letter",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -226,7 +237,9 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.root = root
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.samples = {"train": train_samples, "val": val_samples, "test": test_samples}
-        self.vqa_options = VQAOptions(num_options, question, instruction, system_prompt)
+        if answer_with not in ("letter", "text"):
+            raise ConfigError(f"answer_with must be 'letter' or 'text', got {answer_with!r}")
+        self.vqa_options = VQAOptions(num_options, question, instruction, system_prompt, answer_with)
         self.datasets: dict[str, MedMNISTDataset] = {}
         self._arrays: MedMNISTArrays | None = None
 

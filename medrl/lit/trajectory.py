@@ -73,7 +73,7 @@ def completion_rows(
 ) -> list[dict[str, Any]]:
     """JSON rows for the first ``prompts`` prompts' completions: what each wrote, its parsed answer, every
     reward part, the total and the advantage (``traj`` after the reward and advantage stages)."""
-    from medrl.metrics.answers import parse_answer
+    from medrl.metrics.answers import parse_answer, text_options
 
     g = traj.group_size
     rows = []
@@ -82,7 +82,7 @@ def completion_rows(
         letters = "".join(item.get("options") or {}) or "ABCD"
         rows.append({
             "step": step, "prompt": row // g, "image": f"{item.get('flag', '')}/{item.get('index', '')}",
-            "gold": item.get("answer"), "completion": traj.texts[row], "answer": parse_answer(traj.texts[row], letters),
+            "gold": item.get("answer"), "completion": traj.texts[row], "answer": parse_answer(traj.texts[row], letters, text_options(item)),
             "rewards": {k: float(v[row]) for k, v in traj.reward_parts.items()},
             "reward": float(traj.rewards[row]) if traj.rewards is not None else None,
             "advantage": float(traj.advantages[row]) if traj.advantages is not None else None,

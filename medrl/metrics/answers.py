@@ -5,11 +5,16 @@ one counts); an unclosed ``<answer>``; ``answer: X`` or ``final: X``; the first 
 that is one of the options. When a completion contains an ``<answer>`` tag at all, only the tag decides:
 an empty or ambiguous block is a format failure and never falls through to a letter found elsewhere (a
 model could otherwise be rewarded for scattering letters in its reasoning).
+
+Given the question's options, a block holding exactly one option's text (case and surrounding spaces aside)
+names that option: the answer of a question asked with ``answer_with: text``. The text is compared before the
+letter, so an option such as "a lesion" is not read as the letter A.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 UNPARSEABLE = "unparseable"
 
@@ -33,8 +38,38 @@ def _letter_of_block(block: str, letters: str) -> str:
     return letter
 
 
-def parse_answer(text: str, letters: str = "ABCD") -> str:
+def _normal(text: str) -> str:
+    return " ".join(text.split()).strip().rstrip(".").strip().lower()
+
+
+def _read_block(block: str, letters: str, options: Mapping[str, str] | None) -> str:
+    """The letter one answer block names: an option's exact text first (when options are given), then a letter."""
+    if options:
+        wanted = _normal(block)
+        named = [letter for letter, option in options.items() if _normal(option) == wanted]
+        if len(named) == 1:
+            return named[0].upper()
+    return _letter_of_block(block, letters)
+
+
+def text_options(item: Mapping[str, object]) -> Mapping[str, str] | None:
+    """The options an item's answers may name by text: its ``options`` when it was asked with
+    ``answer_with: text``, else None (letter questions are read by letter only, as the authors' evaluation
+    reads them).
+
+    >>> text_options({"options": {"A": "x"}, "answer_with": "text"})
+    {'A': 'x'}
+    >>> text_options({"options": {"A": "x"}}) is None
+    True
+    """
+    options = item.get("options")
+    return options if item.get("answer_with") == "text" and isinstance(options, Mapping) else None
+
+
+def parse_answer(text: str, letters: str = "ABCD", options: Mapping[str, str] | None = None) -> str:
     """The option letter a completion gives, or ``UNPARSEABLE``.
+
+    ``options`` (letter to text) lets an answer block name its option by text as well as by letter.
 
     A letter outside ``letters`` found in an answer block is returned as is (it then scores as wrong);
     the last-resort standalone-letter search only looks for letters among ``letters``.
@@ -51,13 +86,17 @@ def parse_answer(text: str, letters: str = "ABCD") -> str:
     'B'
     >>> parse_answer("I think it is C here", "ABCD")
     'C'
+    >>> parse_answer("<answer> Neutrophil </answer>", "AB", {"A": "monocyte", "B": "neutrophil"})
+    'B'
+    >>> parse_answer("<answer>a lesion</answer>", "AB", {"A": "normal", "B": "a lesion"})
+    'B'
     """
     blocks = _CLOSED.findall(text)
     if blocks:
-        return _letter_of_block(blocks[-1], letters)
+        return _read_block(blocks[-1], letters, options)
     unclosed = _OPEN.search(text)
     if unclosed:
-        return _letter_of_block(unclosed.group(1), letters)
+        return _read_block(unclosed.group(1), letters, options)
     labelled = _LABELLED.findall(text)
     if labelled:
         return labelled[-1].upper()

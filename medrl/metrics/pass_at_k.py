@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -117,16 +117,21 @@ class QuestionScore:
 
 
 def score_question(
-    samples: Sequence[str], gold: str, letters: str = "ABCD", greedy: str | None = None
+    samples: Sequence[str],
+    gold: str,
+    letters: str = "ABCD",
+    greedy: str | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> QuestionScore:
-    """Parse a question's sampled completions (and greedy one) with :func:`parse_answer` and count.
+    """Parse a question's sampled completions (and greedy one) with :func:`parse_answer` and count
+    (``options``: the texts an answer may name its option by, see :func:`~medrl.metrics.answers.text_options`).
 
     >>> s = score_question(["<answer>A</answer>", "<answer>B</answer>", "no idea", "B"], "B", greedy="A")
     >>> s.correct, s.majority, s.unique, s.format_failures, s.greedy_correct
     (2, 'B', 2, 1, False)
     """
     gold = gold.upper()
-    answers = [parse_answer(t, letters) for t in samples]
+    answers = [parse_answer(t, letters, options) for t in samples]
     parsed = [a for a in answers if a != UNPARSEABLE]
     counts = Counter(parsed)
     majority = max(counts, key=lambda a: (counts[a], -parsed.index(a))) if counts else UNPARSEABLE
@@ -134,7 +139,7 @@ def score_question(
         gold=gold,
         answers=answers,
         correct=sum(a == gold for a in answers),
-        greedy=None if greedy is None else parse_answer(greedy, letters),
+        greedy=None if greedy is None else parse_answer(greedy, letters, options),
         majority=majority,
         unique=len(counts),
         format_failures=len(answers) - len(parsed),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from medrl.metrics.answers import UNPARSEABLE, parse_answer
+from medrl.metrics.answers import UNPARSEABLE, parse_answer, text_options
 
 RewardFn = Callable[..., list[float]]
 
@@ -37,9 +37,14 @@ def _letters(options: dict[str, str] | None) -> str:
 
 
 def accuracy_reward(
-    completions: Sequence[str], answer: Sequence[str], options: Sequence[dict[str, str]] | None = None, **_: object
+    completions: Sequence[str],
+    answer: Sequence[str],
+    options: Sequence[dict[str, str]] | None = None,
+    answer_with: Sequence[str | None] | None = None,
+    **_: object,
 ) -> list[float]:
-    """1.0 when the last closed ``<answer>`` block names the gold letter, else 0.0.
+    """1.0 when the last closed ``<answer>`` block names the gold option, else 0.0 (by letter; by the option's
+    text too for rows asked with ``answer_with: text``).
 
     The letter is read by :func:`medrl.metrics.answers.parse_answer`; a completion without a closed answer
     block scores 0 (the evaluation's looser fallbacks would pay for letters scattered in the reasoning).
@@ -52,19 +57,23 @@ def accuracy_reward(
     [0.0]
     >>> accuracy_reward(["<answer>E</answer>"], answer=["E"], options=[{"A": "x", "B": "y"}])  # not an option
     [0.0]
+    >>> accuracy_reward(["<answer>y</answer>"] * 2, answer=["B"] * 2, options=[{"A": "x", "B": "y"}] * 2,
+    ...                 answer_with=["text", "letter"])
+    [1.0, 0.0]
     """
     options_rows = list(options) if options is not None else [None] * len(completions)
+    styles = list(answer_with) if answer_with is not None else [None] * len(completions)
     if not (len(completions) == len(answer) == len(options_rows)):
         raise ValueError(
             f"accuracy_reward: {len(completions)} completions, {len(answer)} answers, {len(options_rows)} options"
         )
     out = []
-    for text, gold, opts in zip(completions, answer, options_rows, strict=True):
+    for text, gold, opts, style in zip(completions, answer, options_rows, styles, strict=True):
         letters = _letters(opts)
         if not _CLOSED_BLOCK.search(text):
             out.append(0.0)
             continue
-        letter = parse_answer(text, letters)
+        letter = parse_answer(text, letters, text_options({"options": opts, "answer_with": style}))
         out.append(float(letter != UNPARSEABLE and letter in letters and letter == str(gold).strip().upper()))
     return out
 

@@ -29,6 +29,7 @@ def evaluate_command(
     out: str = "runs/eval",
     keep_texts: bool = False,
     image_ablation: bool = True,
+    answer_with: Literal["letter", "text"] = "letter",
 ) -> int:
     """Acc@1 and Pass@k of a model on MedMNIST multiple-choice VQA, zero-shot.
 
@@ -57,6 +58,8 @@ def evaluate_command(
         image_ablation: also answer each question greedily with another question's image (seeded; one more
             greedy pass) and report image reliance, Acc@1 with the right image minus with the swapped one,
             with its 95 % interval: a model that does not read the image scores 0.
+        answer_with: ask for the option's ``letter`` (the paper's format) or its ``text`` in the answer
+            block (for models trained that way, e.g. the CPU study's); a letter is always read as one.
     """
     # Imported here: torch and Lightning come with them, and `medrl eval --help` needs neither.
     from medrl.data.medmnist import MedMNISTDataModule
@@ -82,6 +85,7 @@ def evaluate_command(
             mode="vqa",
             synthetic=synthetic,
             num_options=num_options,
+            answer_with=answer_with,
             seed=seed,
             **{f"{split}_samples": questions},
         )
@@ -97,7 +101,7 @@ def evaluate_command(
     finally:
         rollout.close()
     meta = {"model": model, "engine": engine, "split": split, "flags": flags, "n": n, "temperature": temperature}
-    meta |= {"top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed}
+    meta |= {"top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "answer_with": answer_with}
     folder = write_outputs(out, rows, summary, ks, meta)
     print((folder / "summary.md").read_text(), end="")
     if image_ablation:

@@ -120,6 +120,9 @@ class StudyPlan:
             questions a random letter has Pass@8 = 0.996) or raw Pass@k (``raw``).
         delta: the equivalence margin of the report's findings: a pooled change whose whole 95 % interval lies
             within +-delta reads "no effect larger than +-delta".
+        answer_with: what the MedMNIST questions ask for in the answer block: the option's ``letter`` (the
+            paper's format) or its ``text`` (no option-to-letter lookup; the CPU plan's choice, see
+            docs/reproducing.md). Training and measuring both use it; a letter is always read as one.
     """
 
     name: str = "study"
@@ -141,6 +144,7 @@ class StudyPlan:
     seeds: list[int] = field(default_factory=list)
     image_options: dict[str, Any] | None = None
     delta: float = 0.05
+    answer_with: Literal["letter", "text"] = "letter"
 
     @property
     def training_seeds(self) -> list[int]:

@@ -134,7 +134,8 @@ class Study:
         self._load_sources()
         return {"class_path": "medrl.data.medmnist.MedMNISTDataModule",
                 "init_args": {"flag": flag, "size": self.plan.size, "root": self.data_root(flag),
-                              "synthetic": self.sources[flag], "mode": "vqa", "seed": self.plan.seed}}  # fmt: skip
+                              "synthetic": self.sources[flag], "mode": "vqa", "seed": self.plan.seed,
+                              "answer_with": self.plan.answer_with}}  # fmt: skip
 
     def evaluate(self, model: str, model_label: str, flag: str) -> None:
         """Acc@1 and Pass@k of ``model`` on ``flag``'s validation questions, written as an evaluation folder."""
