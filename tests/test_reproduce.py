@@ -41,6 +41,7 @@ def _small_plan(tmp_path: Path) -> Path:
     plan.update(
         name="e2e",
         flags=["breastmnist", "dermamnist"],
+        boundary_sft_steps=[2, 4],
         vision={"encoders": ["timm:resnet18,pretrained=false"], "max_epochs": 2, "train_samples": 64,
                 "test_samples": 32},
         support={"n": 4, "ks": [1, 2, 4], "k": 4, "questions": 8, "max_new_tokens": 16, "batch_size": 8},

@@ -23,6 +23,28 @@ def test_tiny_instruct_writes_the_format_and_knows_no_task() -> None:
     assert (folder / "config.json").is_file() and folder.name.startswith("tiny-instruct-")
 
 
+def test_tiny_instruct_image_tokens_are_centred_on_noise() -> None:
+    """What the tokens share is gone, what varies between images is kept (fresh noise, not the build's)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from medrl.models.hub import load_vlm
+
+    model, processor = load_vlm("tiny-instruct", device="cpu", dtype=torch.float32)
+    rng = np.random.default_rng(123)
+    noise = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(32)]
+    inputs = processor.image_processor(images=noise, return_tensors="pt")
+    with torch.no_grad():
+        out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    tokens = (out.pooler_output if hasattr(out, "pooler_output") else out).reshape(-1, model.config.text_config.hidden_size)
+    shared = tokens.mean(0).pow(2).mean().sqrt()
+    varying = (tokens - tokens.mean(0)).pow(2).mean().sqrt()
+    assert shared < 0.2 * varying, (float(shared), float(varying))
+    record = json.loads((resolve_model("tiny-instruct") / "instruct.json").read_text())
+    assert record["centred_rms"] > float(varying)  # the build removed a shared part larger than what varies
+
+
 def test_the_headline_rl_config_learns(medmnist, tmp_path, monkeypatch) -> None:
     """`medrl fit --config configs/rl.yaml` unchanged (40 steps, tiny-instruct, PneumoniaMNIST)."""
     monkeypatch.chdir(tmp_path)
