@@ -182,6 +182,7 @@ def test_findings_read_their_verdicts_from_the_numbers(tmp_path: Path, rl_sft_gr
     assert ("this run supports it" in sft) == (verdict == "this run supports it")
     assert "| SFT then RL (vs SFT) |" in text and "[95% CI]" in text
     assert "interval half-width 0." in first
+    assert "(the Acc@1 change's: 0." in weak and "(the Acc@1 change's: 0." in sft and "and Acc@1 by" in sft
 
 
 def test_a_stand_in_flag_gives_no_verdict(tmp_path: Path) -> None:

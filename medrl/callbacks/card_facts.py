@@ -21,7 +21,9 @@ GRPO_OPTIONS = {
     "care": ("enabled", "bonus"),
     "optim": ("lr", "weight_decay", "warmup_steps", "max_grad_norm"),
 }
-DATA_OPTIONS = ("flag", "size", "mode", "num_options", "train_samples", "val_samples", "seed", "synthetic")
+DATA_OPTIONS = (
+    "flag", "size", "mode", "num_options", "answer_with", "train_samples", "val_samples", "seed", "synthetic",
+)  # fmt: skip
 METHODS = {"SFTModule": "SFT", "GRPOModule": "GRPO", "ProbeModule": "probe"}
 
 

@@ -132,7 +132,9 @@ def render_card(facts: CardFacts) -> str:
         f"Trained with medrl {facts.version or '(unknown version)'}"
         + (f", code revision `{facts.revision}`" if facts.revision else "")
         + (f", {facts.steps} optimizer steps" if facts.steps is not None else "")
-        + ". The answers follow the `<think>...</think><answer>LETTER</answer>` format of multiple-choice VQA.",
+        + ". The answers follow the `<think>...</think><answer>"
+        + ("OPTION TEXT" if facts.options.get("answer_with") == "text" else "LETTER")
+        + "</answer>` format of multiple-choice VQA.",
         "",
         "## Training",
         "",

@@ -12,7 +12,8 @@ Each finding is one paired before/after change on the same questions, with its 9
 A change whose interval lies above zero (below, for finding 2) supports the finding; one on the other side
 contradicts it; an interval that sits wholly inside +-delta (the plan's ``delta``, 0.05 by default) finds no
 effect larger than delta; any other interval that spans zero can't tell. Each finding states its interval's
-half-width, the precision the run had. Flags that ran on a synthetic stand-in are left out of the pooled
+half-width, the precision the run had (and, where it reads support, the half-width of the same change's
+Acc@1, the quantity the plan's power is set for). Flags that ran on a synthetic stand-in are left out of the pooled
 findings: a verdict on synthetic data is no verdict. The sentences are computed, never written by hand.
 """
 
@@ -43,6 +44,7 @@ class Finding:
     half_width: float = float("nan")
     delta: float = DELTA
     why: str = ""  # why the verdict is "can't tell" when the interval alone would say otherwise
+    acc_half_width: float = float("nan")  # the pooled Acc@1 change's, where the finding reads another metric
 
     def sentence(self) -> str:
         """``**claim**: this run supports it: evidence (half-width h).``"""
@@ -54,6 +56,8 @@ class Finding:
             "can't tell": f"this run can't tell ({self.why or spans})",
         }
         width = "" if np.isnan(self.half_width) else f"; interval half-width {self.half_width:.3f}"
+        if not np.isnan(self.acc_half_width):
+            width += f" (the Acc@1 change's: {self.acc_half_width:.3f})"
         return f"**{self.claim}**: {said[self.verdict]}; {self.evidence}{width}."  # fmt: skip
 
 
@@ -156,8 +160,9 @@ def findings(results: RunResults, k: int | str, flags: list[str] | None = None, 
         acc = change(results, "rl_base", "base", "acc@1", flags)
         extra = f", and Acc@1 by {acc[0].text(signed=True)}" if acc is not None else ""
         said = evidence(found, n, support, "RL from the base model") + extra
+        acc_half = _half(acc[0]) if acc is not None else float("nan")
         out.append(Finding("RL on weak support gains little and can lower Pass@k", verdict(found, "down", delta),
-                           said, _half(found), delta))  # fmt: skip
+                           said, _half(found), delta, acc_half_width=acc_half))  # fmt: skip
     sft = change(results, "sft", "base", support, flags)
     if sft is not None:
         found, n = sft
@@ -165,6 +170,10 @@ def findings(results: RunResults, k: int | str, flags: list[str] | None = None, 
         if said == "supports" and out and out[0].verdict != "supports":
             said, why = "can't tell", "support rose, but the RL after it did not reliably help"
         tail = f"; RL after it: {out[0].verdict}" if out and rl_after_sft is not None else ""
+        sft_acc = change(results, "sft", "base", "acc@1", flags)
+        acc_half = _half(sft_acc[0]) if sft_acc is not None else float("nan")
+        if sft_acc is not None:
+            tail = f", and Acc@1 by {sft_acc[0].text(signed=True)}" + tail
         out.append(Finding("SFT raises Pass@k and makes later RL effective", said,
-                           evidence(found, n, support, "SFT") + tail, _half(found), delta, why))  # fmt: skip
+                           evidence(found, n, support, "SFT") + tail, _half(found), delta, why, acc_half))  # fmt: skip
     return out
