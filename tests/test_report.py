@@ -225,6 +225,7 @@ def test_boundary_section_fits_the_datas_tau(tmp_path: Path) -> None:
     assert "## 5b. The support boundary" in text
     finding = next(line for line in text.splitlines() if line.startswith("- **RL helps most when"))
     assert "this run supports it" in finding  # +0.375 from the full SFT start against +0.000 from the base
+    assert "; interval half-width 0." in finding  # every finding states its precision
     # Starting supports (above chance at k=2): base 1 right of 4 -> pass@2 1/2 -> (1/2 - 7/16) / (9/16) = 1/9.
     assert "| base | 80 | 0.111 [0.11, 0.11] | +0.000 [+0.00, +0.00] |" in text
     # From the base RL gains nothing; from SFT 10 steps +0.05 (4 more right, none fewer: the paired interval

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medrl.metrics.intervals import Interval, Questions, bootstrap, interval, paired_change
-from medrl.report.findings import Finding, verdict
+from medrl.report.findings import DELTA, Finding, verdict
 from medrl.report.load import RunResults
 
 
@@ -88,7 +88,7 @@ def estimated_tau(results: list[RungResult]) -> float | None:
     return tau
 
 
-def boundary_finding(results: RunResults, flags: list[str]) -> Finding | None:
+def boundary_finding(results: RunResults, flags: list[str], delta: float = DELTA) -> Finding | None:
     """*RL helps most when the model already has non-trivial support*: RL's Acc@1 gain from the highest-support
     rung minus its gain from the lowest, one paired bootstrap over the shared questions."""
     ladders = [rungs(results, f) for f in flags]
@@ -110,9 +110,11 @@ def boundary_finding(results: RunResults, flags: list[str]) -> Finding | None:
     where = f"{len(flags)} modalit{'y' if len(flags) == 1 else 'ies'}, {len(common)} questions"
     return Finding(
         "RL helps most when the model already has non-trivial support",
-        verdict(found, "up"),
+        verdict(found, "up", delta),
         f"RL's Acc@1 gain from the highest-support start minus its gain from the base is {found.text(signed=True)} "
         f"({where})",
+        (found.hi - found.lo) / 2,
+        delta,
     )
 
 

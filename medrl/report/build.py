@@ -345,7 +345,8 @@ def _boundary(results: RunResults, figs: dict[str, bytes], k: int | str) -> list
     tau = results.plan.get("tau")
     lines = ["## 5b. The support boundary: RL's gain against the starting support", ""]
     flags = [f for f in results.flags if len(boundary.rungs(results, f)) > 2]
-    if (found := boundary.boundary_finding(results, flags)) is not None:
+    delta = float(results.plan.get("delta", DELTA))
+    if (found := boundary.boundary_finding(results, flags, delta)) is not None:
         lines += [f"- {found.sentence()}", ""]
     lines += [
         f"Each rung is a starting model (the base, SFT for a few steps, the full SFT run) and the same GRPO budget "
