@@ -1,4 +1,5 @@
-"""Does a small VLM use its image? The measurements behind docs/reproducing.md ("Why the model does not look").
+"""Does a small VLM use its image? The measurements behind docs/reproducing.md ("How the CPU study's model came
+to see").
 
     python bench/sees.py sensitivity --model tiny-instruct        # how much the answer token hears the image
     python bench/sees.py lookup --order fixed --steps 300         # colour -> letter, options in a fixed order

@@ -159,7 +159,7 @@ def test_the_benchmark_sizes_are_recorded_as_random_weights() -> None:
 
 
 def test_the_vision_use_diagnostic_runs(capsys) -> None:
-    # bench/sees.py: the measurements docs/reproducing.md quotes on why the CPU model does not look.
+    # bench/sees.py: the measurements docs/reproducing.md quotes on why the letter lookup is out of reach.
     sys.path.insert(0, str(REPO))
     from bench.sees import lookup, question
 

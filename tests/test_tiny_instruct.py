@@ -37,7 +37,8 @@ def test_tiny_instruct_image_tokens_are_centred_on_noise() -> None:
     inputs = processor.image_processor(images=noise, return_tensors="pt")
     with torch.no_grad():
         out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    tokens = (out.pooler_output if hasattr(out, "pooler_output") else out).reshape(-1, model.config.text_config.hidden_size)
+    tokens = out.pooler_output if hasattr(out, "pooler_output") else out
+    tokens = tokens.reshape(-1, model.config.text_config.hidden_size)
     shared = tokens.mean(0).pow(2).mean().sqrt()
     varying = (tokens - tokens.mean(0)).pow(2).mean().sqrt()
     assert shared < 0.2 * varying, (float(shared), float(varying))

@@ -109,8 +109,8 @@ def test_answer_with_text_asks_for_and_trains_on_the_option_text(tmp_path: Path)
     gold_text = item["options"][item["answer"]]
     assert target_text(item) == f"<answer>{gold_text}</answer>"
     wrong = next(t for t in item["options"].values() if t != gold_text)
-    score = score_question([f"<answer>{gold_text}</answer>", f"<answer>{wrong}</answer>", f"<answer>{item['answer']}</answer>"],
-                           item["answer"], "".join(item["options"]), options=item["options"])  # fmt: skip
+    texts = [f"<answer>{gold_text}</answer>", f"<answer>{wrong}</answer>", f"<answer>{item['answer']}</answer>"]
+    score = score_question(texts, item["answer"], "".join(item["options"]), options=item["options"])
     assert score.correct == 2 and score.format_failures == 0  # the text and the letter both name the gold option
     letter = MedMNISTDataModule(flag="bloodmnist", root=str(tmp_path), synthetic=True, mode="vqa").dataset("val")[0]
     assert letter["answer_with"] == "letter" and target_text(letter) == f"<answer>{letter['answer']}</answer>"

@@ -15,7 +15,8 @@ import numpy as np
 from medrl.core.errors import ConfigError
 from medrl.core.prompts import INSTRUCTION, LETTERS, TEXT_INSTRUCTION, chat_messages, format_prompt, instruction_for
 
-__all__ = ["INSTRUCTION", "LETTERS", "TEXT_INSTRUCTION", "chat_messages", "format_prompt", "instruction_for"]  # the prompt format lives in core
+# The prompt format lives in core.
+__all__ = ["INSTRUCTION", "LETTERS", "TEXT_INSTRUCTION", "chat_messages", "format_prompt", "instruction_for"]
 
 # The label a multi-label item with no positive finding gets (ChestMNIST); 'ours', the paper is silent.
 NO_FINDING = "no finding"

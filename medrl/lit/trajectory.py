@@ -80,9 +80,10 @@ def completion_rows(
     for row in range(min(prompts, len(items)) * g):
         item = items[row // g]
         letters = "".join(item.get("options") or {}) or "ABCD"
+        answer = parse_answer(traj.texts[row], letters, text_options(item))
         rows.append({
             "step": step, "prompt": row // g, "image": f"{item.get('flag', '')}/{item.get('index', '')}",
-            "gold": item.get("answer"), "completion": traj.texts[row], "answer": parse_answer(traj.texts[row], letters, text_options(item)),
+            "gold": item.get("answer"), "completion": traj.texts[row], "answer": answer,
             "rewards": {k: float(v[row]) for k, v in traj.reward_parts.items()},
             "reward": float(traj.rewards[row]) if traj.rewards is not None else None,
             "advantage": float(traj.advantages[row]) if traj.advantages is not None else None,

@@ -4,9 +4,10 @@ The paper's base models are instruction-tuned VLMs that already answer ``<think>
 random ``tiny`` almost never does, so RL from it gets no reward. ``tiny-instruct`` is ``tiny`` after a short,
 seeded supervised run on *format-only* questions: a modality-free question ("Which option is correct?"),
 2-5 options drawn from a neutral word list, a random-noise image, and a gold letter drawn uniformly at
-random, under the letter instruction or the one that asks for the option's text (half each). It learns to write the format and to name one of the offered letters, but there is nothing to learn
-about any image or task, so its support on a real question is at chance level (measured at build time
-and stored in ``instruct.json`` beside the weights). Asked for an option's text (``answer_with: text``), it
+random, under the letter instruction or the one that asks for the option's text (half each). It learns to
+write the format and to name one of the offered letters, but there is nothing to learn about any image or task,
+so its support on a real question is at chance level (measured at build time and stored in ``instruct.json``
+beside the weights). Asked for an option's text (``answer_with: text``), it
 still answers with a letter, which is read as such: its support there is chance too.
 
 Its image tokens are centred, before and after that run: the projector's output bias loses the mean output
