@@ -253,6 +253,8 @@ class MCQItemsDataset(Dataset):
             "messages": vqa.chat_messages(prompt, self.system_prompt, len(opened) if native else 1),
             "answer": item.answer_label,
             "options": dict(item.options),
+            # Benchmarks and PMC-VQA ask for a letter, as the paper does; the key keeps one item format.
+            "answer_with": "letter",
             "label": list(item.options).index(item.answer_label),
             "index": item.dataset_index,
             "flag": item.benchmark,
