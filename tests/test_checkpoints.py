@@ -14,6 +14,7 @@ import torch
 
 from medrl.callbacks.checkpoint import Checkpoint
 from medrl.callbacks.hf_checkpoint import HFCheckpoint
+from medrl.callbacks.step_exports import StepExports, step_export_dir
 from medrl.study.configs import MedRLCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,12 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fit(config: str, tiny_dir: Path, medmnist, out: Path, steps: int, every: int, *extra: str) -> L.Trainer:
+def _fit(config: str, tiny_dir: Path, medmnist, out: Path, steps: int, every: int, *extra: str, more=()) -> L.Trainer:
     args = ["--config", str(REPO / "configs" / config), f"--model.init_args.model={tiny_dir}", *medmnist.cli(),
             "--data.init_args.train_samples=64", "--data.init_args.val_samples=2", *extra]  # fmt: skip
     cli = MedRLCLI(args=args, run=False)
     ckpt = HFCheckpoint(dirpath=out, every_n_train_steps=every, save_last=True, save_top_k=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, callbacks=[ckpt], logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, callbacks=[ckpt, *more], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)  # fmt: skip
     trainer.fit(cli.model, datamodule=cli.datamodule)
     return trainer
@@ -48,6 +49,27 @@ def _assert_last_is_final(trainer: L.Trainer, out: Path, steps: int) -> None:
 def test_sft_last_is_the_final_step_not_the_last_scheduled_one(tiny_dir, medmnist, tmp_path) -> None:
     trainer = _fit("sft.yaml", tiny_dir, medmnist, tmp_path, 12, 5, "--data.init_args.batch_size=2")
     _assert_last_is_final(trainer, tmp_path, 12)
+
+
+def test_a_step_export_is_the_model_a_run_of_that_many_steps_ends_with(tiny_dir, medmnist, tmp_path) -> None:
+    # The boundary sweep's rungs are read off one SFT run this way instead of being trained anew.
+    exports = StepExports([3], str(tmp_path / "steps"))
+    _fit("sft.yaml", tiny_dir, medmnist, tmp_path / "long", 6, 100, "--data.init_args.batch_size=2", more=[exports])
+    _fit("sft.yaml", tiny_dir, medmnist, tmp_path / "short", 3, 100, "--data.init_args.batch_size=2")
+    assert sorted(p.name for p in (tmp_path / "steps").iterdir()) == ["step-3.hf"]
+    from safetensors.torch import load_file
+
+    cut = load_file(step_export_dir(tmp_path / "steps", 3) / "model" / "model.safetensors")
+    trained = load_file(tmp_path / "short" / "last.hf" / "model" / "model.safetensors")
+    assert cut.keys() == trained.keys() and all(torch.equal(cut[k], trained[k]) for k in cut)
+    # ...and the export is not the start or the end of the long run: three more steps moved the weights.
+    final = load_file(tmp_path / "long" / "last.hf" / "model" / "model.safetensors")
+    assert any(not torch.equal(cut[k], final[k]) for k in cut)
+
+
+def test_step_exports_refuse_a_step_below_one() -> None:
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        StepExports([0, 5], "out")
 
 
 def test_grpo_last_is_the_final_step_not_the_last_scheduled_one(tiny_dir, medmnist, tmp_path) -> None:

@@ -77,6 +77,9 @@ def test_cpu_pipeline_end_to_end_on_synthetic_files(tmp_path: Path, monkeypatch:
     assert all(rec["status"] == "done" for rec in stages.values())
     for label in ("base", "sft_breastmnist", "rl_base_breastmnist", "rl_sft_dermamnist"):
         assert (out / "eval" / label / "breastmnist" / "summary.json").is_file()
+    # The boundary rungs are the SFT run after 2 and 4 steps, not trained again.
+    rung = out / "train" / "boundary-sft2_breastmnist"
+    assert "after optimizer step 2" in (rung / "source.txt").read_text() and not (rung / "fit.log").exists()
     recipe = json.loads((out / "recipe" / "breastmnist" / "recipe.json").read_text())
     assert recipe["decisions"] and recipe["measurements"][0]["label"] == "base"
     # A rerun finds every stage done and trains nothing again.
@@ -144,6 +147,24 @@ def test_redoing_a_training_stage_sets_the_old_run_aside(tmp_path: Path) -> None
     assert not old.parent.exists()  # the stage will train anew...
     (aside,) = (tmp_path / "run" / "replaced").iterdir()  # ...and nothing of the old run is lost
     assert aside.name.startswith("rl_sft_breastmnist-") and (aside / "command.txt").read_text() == "the earlier run"
+
+
+def test_a_boundary_rung_is_cut_from_the_sft_runs_export_when_it_has_one(tmp_path: Path) -> None:
+    from medrl.study.plan import load_plan
+    from medrl.study.stages import STEP_EXPORTS, Study, exported_model
+
+    study = Study(load_plan(_small_plan(tmp_path)), tmp_path / "run")
+    stages = study.boundary_stages("breastmnist")
+    assert [s.name for s in stages][:2] == ["boundary:boundary-sft2_breastmnist", "boundary:boundary-rl2_breastmnist"]
+    assert stages[0].after == ["data", "sft:sft_breastmnist"]  # it waits for the run it is cut from
+    assert not study.cut("boundary-sft2_breastmnist", "sft_breastmnist", 2)  # no export: the rung trains
+    export = study.train_dir("sft_breastmnist") / STEP_EXPORTS / "step-2.hf" / "model"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    assert study.cut("boundary-sft2_breastmnist", "sft_breastmnist", 2)
+    copied = exported_model(study.train_dir("boundary-sft2_breastmnist"))
+    assert copied is not None and (copied / "config.json").read_text() == "{}"
+    assert not list(copied.parent.parent.glob("*.partial"))
 
 
 def test_the_laptop_plan_plans_on_another_model_and_fragment(capsys: pytest.CaptureFixture[str], tmp_path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from medrl.rl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan, merge_nested
 from medrl.study.runner import Stage, child_failure, json_has_keys, run_child
 
+STEP_EXPORTS = "steps"  # a training folder's exports at chosen steps (the boundary sweep's rungs)
 PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
 
 
@@ -198,26 +200,34 @@ class Study:
         start: str,
         extra: dict[str, Any] | None = None,
         seed: int | None = None,
+        exports: list[int] | None = None,
     ) -> None:
         """Run ``medrl fit`` with the plan's config for ``kind`` (sft or rl) on ``flag`` from ``start``;
         ``extra`` is merged over the plan's overrides (e.g. the Pass@k advantage). ``seed`` (default: the
         plan's) seeds the run, the module and the training data's subset and order; evaluations keep the
-        plan's seed, so every seed's model answers the same questions."""
+        plan's seed, so every seed's model answers the same questions. ``exports``: optimizer steps after
+        which the run also exports its model (``steps/step-N.hf``, :class:`StepExports`)."""
         self._load_sources()
         seed = self.plan.seed if seed is None else seed
         train = self.plan.sft if kind == "sft" else self.plan.rl
         folder = self.train_dir(model_label)
+        callbacks: list[dict[str, Any]] = [{
+            "class_path": "medrl.callbacks.hf_checkpoint.HFCheckpoint",
+            "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True, "save_top_k": 0,
+                          "merged": True, "monitor": None, "every_n_train_steps": None},
+        }]  # fmt: skip
+        if exports:
+            callbacks.append({
+                "class_path": "medrl.callbacks.step_exports.StepExports",
+                "init_args": {"steps": list(exports), "dirpath": str(folder / STEP_EXPORTS), "merged": True},
+            })  # fmt: skip
         override = merge_nested(
             merge_nested(train.overrides, extra or {}),
             {
                 "seed_everything": seed,
                 "trainer": {
                     "default_root_dir": str(folder),
-                    "callbacks": [{
-                        "class_path": "medrl.callbacks.hf_checkpoint.HFCheckpoint",
-                        "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True, "save_top_k": 0,
-                                      "merged": True, "monitor": None, "every_n_train_steps": None},
-                    }],
+                    "callbacks": callbacks,
                 },
                 "model": {"init_args": {"model": start, "seed": seed}},
                 "data": merge_nested(self.data_config(flag), {"init_args": {"seed": seed}}),
@@ -242,17 +252,24 @@ class Study:
         start_label: str | None = None,
         extra: dict[str, Any] | None = None,
         seed: int | None = None,
+        cut_from: tuple[str, int] | None = None,
     ) -> Stage:
         """A stage that trains one model (``kind`` sft or rl, from the ``start`` model: base or sft, or from
-        ``start_label``'s model) and measures it on its own flag; ``extra`` goes over the plan's overrides."""
+        ``start_label``'s model) and measures it on its own flag; ``extra`` goes over the plan's overrides.
+
+        ``cut_from=(label, step)``: the model is ``label``'s run after ``step`` optimizer steps, exported by
+        that run (same seed, data order and schedule, so the same weights as training ``step`` steps anew);
+        it trains only when that export is missing. The first seed's SFT run exports the plan's
+        ``boundary_sft_steps``."""
         first = self.plan.training_seeds[0]
         at = first if seed is None else seed
         start_label = start_label or ("base" if start == "base" else seed_label(f"sft_{flag}", at, first))
         label = label or seed_label(f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}", at, first)
+        exports = self.plan.boundary_sft_steps if kind == "sft" and label == f"sft_{flag}" else None
 
         def run() -> None:
-            if exported_model(self.train_dir(label)) is None:
-                self.train(kind, label, flag, self.model_path(start_label), extra, at)
+            if exported_model(self.train_dir(label)) is None and not (cut_from and self.cut(label, *cut_from)):
+                self.train(kind, label, flag, self.model_path(start_label), extra, at, exports)
             self.evaluate(self.model_path(label), label, flag)
 
         def reset() -> None:
@@ -272,19 +289,46 @@ class Study:
             [self.eval_dir(label, flag) / "summary.json"],
             run,
             json_has_keys("metrics", "ks"),
-            after=["data"] + ([] if start_label == "base" else [trained_by(start_label)]),
+            after=["data"]
+            + ([] if start_label == "base" else [trained_by(start_label)])
+            + ([trained_by(cut_from[0])] if cut_from else []),
             reset=reset,
         )
+
+    def cut(self, label: str, source: str, step: int) -> bool:
+        """Give ``label`` the model ``source``'s run exported after ``step`` steps; False when it has none."""
+        from medrl.callbacks.step_exports import step_export_dir  # lightning loads only when a stage needs it
+
+        export = step_export_dir(self.train_dir(source) / STEP_EXPORTS, step)
+        if not any((export / sub / "config.json").is_file() for sub in ("merged", "model")):
+            return False
+        target = self.train_dir(label) / "checkpoints" / "last.hf"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # a copy a killed run left half done
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(export, partial)
+        partial.rename(target)  # whole or absent: a kill mid-copy never leaves a model that looks exported
+        atomic_write_text(
+            self.train_dir(label) / "source.txt",
+            f"the model of {self.train_dir(source)} after optimizer step {step}, exported by that run (the same "
+            f"weights as training {step} steps with its seed, data order and schedule)\n",
+        )
+        return True
 
     # ---- the support-boundary sweep ---------------------------------------------------------------------------
     def boundary_stages(self, flag: str) -> list[Stage]:
         """The ladder of starting supports on ``flag``: SFT for each of the plan's ``boundary_sft_steps`` (the
-        base model and the full SFT run are the ladder's ends), each followed by the study's GRPO budget."""
+        base model and the full SFT run are the ladder's ends), each followed by the study's GRPO budget.
+
+        Each rung is the first seed's SFT run after that many steps, which the run exports as it passes them;
+        a rung trains on its own only when that export is missing (a run from before, or a rung beyond the
+        run's length)."""
         stages = []
         for steps in self.plan.boundary_sft_steps:
             sft_label, rl_label = f"boundary-sft{steps}_{flag}", f"boundary-rl{steps}_{flag}"
             budget = {"trainer": {"max_steps": steps, "max_epochs": None}}
-            stages.append(self.train_stage("sft", flag, label=sft_label, extra=budget))
+            stages.append(self.train_stage("sft", flag, label=sft_label, extra=budget, cut_from=(f"sft_{flag}", steps)))
             stages.append(self.train_stage("rl", flag, label=rl_label, start_label=sft_label))
         return stages
 
