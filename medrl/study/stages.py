@@ -283,9 +283,10 @@ class Study:
                     part.rename(moved)
 
         what = "SFT" if kind == "sft" else f"GRPO from the {start_label} model"
+        cut_note = f" ({cut_from[0]}'s run after step {cut_from[1]}, when it exported it)" if cut_from else ""
         return Stage(
             trained_by(label),
-            f"{what} on {flag}, then Acc@1/Pass@k on {flag}",
+            f"{what} on {flag}{cut_note}, then Acc@1/Pass@k on {flag}",
             [self.eval_dir(label, flag) / "summary.json"],
             run,
             json_has_keys("metrics", "ks"),
