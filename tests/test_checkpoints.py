@@ -62,7 +62,7 @@ def test_a_step_export_is_the_model_a_run_of_that_many_steps_ends_with(tiny_dir,
     cut = load_file(step_export_dir(tmp_path / "steps", 3) / "model" / "model.safetensors")
     trained = load_file(tmp_path / "short" / "last.hf" / "model" / "model.safetensors")
     assert cut.keys() == trained.keys() and all(torch.equal(cut[k], trained[k]) for k in cut)
-    # ...and the export is not the start or the end of the long run: three more steps moved the weights.
+    # ...and it is not the long run's end: its three more steps moved the weights.
     final = load_file(tmp_path / "long" / "last.hf" / "model" / "model.safetensors")
     assert any(not torch.equal(cut[k], final[k]) for k in cut)
 

@@ -41,8 +41,10 @@ class StepExports(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         """Export once the update that makes ``global_step`` one of ``steps`` has been applied."""
         step = trainer.global_step
+        if step not in self.steps or not trainer.is_global_zero:
+            return
         out = step_export_dir(self.dirpath, step)
         # With gradient accumulation several batches end on one step; the first one exports it. A resumed
         # run does not export again what it already wrote.
-        if step in self.steps and trainer.is_global_zero and not out.exists():
+        if not out.exists():
             self._exporter.export(pl_module, out, trainer)

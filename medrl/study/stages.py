@@ -25,6 +25,7 @@ from medrl.rl.recipe import Measurement, run_recipe
 from medrl.study.plan import StudyPlan, merge_nested
 from medrl.study.runner import Stage, child_failure, json_has_keys, run_child
 
+LAST_HF = Path("checkpoints") / "last.hf"  # a training folder's final export (HFCheckpoint's `last`)
 STEP_EXPORTS = "steps"  # a training folder's exports at chosen steps (the boundary sweep's rungs)
 PMC_PREFIX = "pmc:"  # a target ``pmc:<train file>``: PMC-VQA, training on that file (e.g. a pmc-subset JSONL)
 
@@ -265,7 +266,7 @@ class Study:
         at = first if seed is None else seed
         start_label = start_label or ("base" if start == "base" else seed_label(f"sft_{flag}", at, first))
         label = label or seed_label(f"sft_{flag}" if kind == "sft" else f"rl_{start}_{flag}", at, first)
-        exports = self.plan.boundary_sft_steps if kind == "sft" and label == f"sft_{flag}" else None
+        exports = self.plan.boundary_sft_steps if kind == "sft" and label == self.rungs_from(flag) else None
 
         def run() -> None:
             if exported_model(self.train_dir(label)) is None and not (cut_from and self.cut(label, *cut_from)):
@@ -298,18 +299,15 @@ class Study:
 
     def cut(self, label: str, source: str, step: int) -> bool:
         """Give ``label`` the model ``source``'s run exported after ``step`` steps; False when it has none."""
-        from medrl.callbacks.step_exports import step_export_dir  # lightning loads only when a stage needs it
+        # lightning and torch load only when a stage needs them
+        from medrl.callbacks.step_exports import step_export_dir
+        from medrl.models.lora import write_folder
 
         export = step_export_dir(self.train_dir(source) / STEP_EXPORTS, step)
-        if not any((export / sub / "config.json").is_file() for sub in ("merged", "model")):
+        if hf_model(export) is None:
             return False
-        target = self.train_dir(label) / "checkpoints" / "last.hf"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)  # a copy a killed run left half done
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(export, partial)
-        partial.rename(target)  # whole or absent: a kill mid-copy never leaves a model that looks exported
+        # Whole or absent, as every export is: a kill mid-copy never leaves a model that looks exported.
+        write_folder(self.train_dir(label) / LAST_HF, lambda tmp: shutil.copytree(export, tmp, dirs_exist_ok=True))
         atomic_write_text(
             self.train_dir(label) / "source.txt",
             f"the model of {self.train_dir(source)} after optimizer step {step}, exported by that run (the same "
@@ -318,6 +316,10 @@ class Study:
         return True
 
     # ---- the support-boundary sweep ---------------------------------------------------------------------------
+    def rungs_from(self, flag: str) -> str:
+        """The SFT run the boundary rungs on ``flag`` are cut from: the first training seed's."""
+        return f"sft_{flag}"
+
     def boundary_stages(self, flag: str) -> list[Stage]:
         """The ladder of starting supports on ``flag``: SFT for each of the plan's ``boundary_sft_steps`` (the
         base model and the full SFT run are the ladder's ends), each followed by the study's GRPO budget.
@@ -329,7 +331,8 @@ class Study:
         for steps in self.plan.boundary_sft_steps:
             sft_label, rl_label = f"boundary-sft{steps}_{flag}", f"boundary-rl{steps}_{flag}"
             budget = {"trainer": {"max_steps": steps, "max_epochs": None}}
-            stages.append(self.train_stage("sft", flag, label=sft_label, extra=budget, cut_from=(f"sft_{flag}", steps)))
+            cut_from = (self.rungs_from(flag), steps)
+            stages.append(self.train_stage("sft", flag, label=sft_label, extra=budget, cut_from=cut_from))
             stages.append(self.train_stage("rl", flag, label=rl_label, start_label=sft_label))
         return stages
 
@@ -355,5 +358,9 @@ class Study:
 
 def exported_model(folder: Path) -> Path | None:
     """The Hugging Face model a training folder exported (merged LoRA or full), or None before it has."""
-    hf = folder / "checkpoints" / "last.hf"
+    return hf_model(folder / LAST_HF)
+
+
+def hf_model(hf: Path) -> Path | None:
+    """The loadable model in an export folder ``*.hf`` (``merged/`` or ``model/``), or None."""
     return next((hf / sub for sub in ("merged", "model") if (hf / sub / "config.json").is_file()), None)
